@@ -1,0 +1,91 @@
+"""Products of factor chains and their balanced factorisation.
+
+Keras stores a dense kernel as (inputs, units), the transpose of the paper's W. A chain of
+factors F_1, ..., F_N in Keras layout (F_j of shape (n_{j-1}, n_j), input side first) has the
+end-to-end kernel F_1 F_2 ... F_N = (W_N ... W_1)^T, and the paper's balancedness condition
+W_{j+1}^T W_{j+1} = W_j W_j^T (NOTES.md) reads F_{j+1} F_{j+1}^T = F_j^T F_j.
+"""
+
+import numpy as np
+from keras import ops
+
+
+def chain_product(factors):
+    """End-to-end kernel F_1 F_2 ... F_N of a chain of factors (eq. 10).
+
+    The product is taken from the narrower end, so a chain ending in a single unit costs
+    matrix-vector products only. Leading batch dimensions broadcast.
+
+    Args:
+        factors: a non-empty sequence of tensors, F_j of shape (..., n_{j-1}, n_j).
+
+    Returns:
+        The tensor F_1 ... F_N of shape (..., n_0, n_N).
+    """
+    factors = list(factors)
+    if not factors:
+        raise ValueError("`factors` must hold at least one matrix, got an empty sequence.")
+    if factors[-1].shape[-1] <= factors[0].shape[-2]:
+        product = factors[-1]
+        for factor in reversed(factors[:-1]):
+            product = ops.matmul(factor, product)
+    else:
+        product = factors[0]
+        for factor in factors[1:]:
+            product = ops.matmul(product, factor)
+    return product
+
+
+def balanced_factors(kernel, hidden_units, rotation_seed=None):
+    """Factors a kernel into a balanced chain (NOTES.md, "Balanced factors").
+
+    With the thin SVD kernel = A diag(s) B^T of rank r, the chain is F_1 = A S^{1/N},
+    F_j = S^{1/N} (1 < j < N), F_N = S^{1/N} B^T, padded with zeros to the hidden widths, so
+    that F_{j+1} F_{j+1}^T = F_j^T F_j = S^{2/N} (padded) holds exactly. Each hidden space is
+    then turned by a random orthogonal matrix Q_j (F_j <- Q_{j-1}^T F_j Q_j), which keeps the
+    product and the balancedness and avoids a chain of exactly zero columns.
+
+    If a hidden width h is smaller than the rank of the kernel, the chain can only hold the
+    kernel's best rank-h approximation (its top h singular values); that is what it holds.
+
+    Args:
+        kernel: array of shape (inputs, units).
+        hidden_units: sequence of depth - 1 positive ints, the hidden widths.
+        rotation_seed: int or None, seeds the hidden-space rotations.
+
+    Returns:
+        A list of depth float64 NumPy arrays, input side first.
+    """
+    kernel = np.asarray(kernel, dtype=np.float64)
+    if kernel.ndim != 2:
+        raise ValueError(f"`kernel` must be 2-D (inputs, units), got shape {kernel.shape}.")
+    widths = [kernel.shape[0], *[int(h) for h in hidden_units], kernel.shape[1]]
+    depth = len(widths) - 1
+    left, singular_values, right_t = np.linalg.svd(kernel, full_matrices=False)
+    rank = min(len(singular_values), *widths[1:-1]) if depth > 1 else len(singular_values)
+    root = singular_values[:rank] ** (1.0 / depth)
+
+    def embed(block, shape):
+        padded = np.zeros(shape)
+        padded[: block.shape[0], : block.shape[1]] = block
+        return padded
+
+    if depth == 1:
+        return [kernel.copy()]
+    factors = [embed(left[:, :rank] * root, (widths[0], widths[1]))]
+    for j in range(1, depth - 1):
+        factors.append(embed(np.diag(root), (widths[j], widths[j + 1])))
+    factors.append(embed(root[:, None] * right_t[:rank], (widths[-2], widths[-1])))
+
+    rng = np.random.default_rng(rotation_seed)
+    for j in range(1, depth):
+        rotation = _random_orthogonal(widths[j], rng)
+        factors[j - 1] = factors[j - 1] @ rotation
+        factors[j] = rotation.T @ factors[j]
+    return factors
+
+
+def _random_orthogonal(size, rng):
+    """A Haar-distributed random orthogonal matrix (QR with the sign fix of Mezzadri 2007)."""
+    q, r = np.linalg.qr(rng.standard_normal((size, size)))
+    return q * np.sign(np.diag(r))
