@@ -1,0 +1,43 @@
+"""Helpers shared by the experiment scripts: run folders and atomic result files."""
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import tempfile
+
+
+def make_run_dir(out, name):
+    """The output folder of one run: `out` if given, else runs/<name>/<UTC timestamp>/."""
+    if out is None:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        out = pathlib.Path("runs") / name / stamp
+    path = pathlib.Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json_atomic(path, obj):
+    """Writes `obj` (dataclasses allowed) as JSON to `path` through a temp file and os.replace,
+    so a reader never sees a half-written file."""
+    path = pathlib.Path(path)
+
+    def default(value):
+        if dataclasses.is_dataclass(value):
+            return dataclasses.asdict(value)
+        if hasattr(value, "tolist"):
+            return value.tolist()
+        if isinstance(value, pathlib.Path):
+            return str(value)
+        raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(obj, file, indent=2, default=default, allow_nan=True)
+            file.write("\n")
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
