@@ -1,0 +1,8 @@
+"""Data sets used by the experiments."""
+
+from tf_overparam.datasets.gas_sensor import UCI_URL
+from tf_overparam.datasets.gas_sensor import GasSensorData
+from tf_overparam.datasets.gas_sensor import load_ethanol
+from tf_overparam.datasets.gas_sensor import parse_batch_file
+
+__all__ = ["UCI_URL", "GasSensorData", "load_ethanol", "parse_batch_file"]

@@ -1,0 +1,585 @@
+"""Gas Sensor Array Drift Dataset at Different Concentrations (UCI id 270).
+
+The data set holds 13910 measurements of 16 metal-oxide gas sensors exposed
+to six gases at various concentrations, recorded over 36 months and split
+into ten files `batch1.dat` ... `batch10.dat`. Each measurement has 128
+features (16 sensors x 8 features). Following Arora, Cohen & Hazan (2018),
+`load_ethanol()` keeps the Ethanol measurements (gas class 1, 2565 rows in
+the full set) and returns a regression problem: features -> concentration
+(ppmv).
+
+File format, one measurement per line (libsvm style, trailing space):
+
+```
+<gas class>;<concentration> 1:<f1> 2:<f2> ... 128:<f128>
+```
+
+Gas classes: 1 Ethanol, 2 Ethylene, 3 Ammonia, 4 Acetaldehyde, 5 Acetone,
+6 Toluene.
+
+Data set page: https://archive.ics.uci.edu/dataset/270
+(DOI 10.24432/C5MK6M). UCI states that the data is for research use only.
+
+References:
+    - A. Vergara, S. Vembu, T. Ayhan, M. A. Ryan, M. L. Homer, R. Huerta.
+      "Chemical gas sensor drift compensation using classifier ensembles."
+      Sensors and Actuators B: Chemical 166-167 (2012) 320-329.
+    - I. Rodriguez-Lujan, J. Fonollosa, A. Vergara, M. Homer, R. Huerta.
+      "On the calibration of sensor arrays for pattern recognition using the
+      minimal number of experiments." Chemometrics and Intelligent
+      Laboratory Systems 130 (2014) 123-134.
+"""
+
+import argparse
+import dataclasses
+import math
+import os
+import pathlib
+import re
+import shutil
+import urllib.parse
+import warnings
+import zipfile
+
+import numpy as np
+
+UCI_URL = (
+    "https://archive.ics.uci.edu/static/public/270/"
+    "gas+sensor+array+drift+dataset+at+different+concentrations.zip"
+)
+UCI_PAGE = "https://archive.ics.uci.edu/dataset/270"
+ENV_VAR = "TF_OVERPARAM_GAS_SENSOR_DIR"
+
+NUM_FEATURES = 128
+NUM_BATCHES = 10
+BATCH_NAMES = tuple(f"batch{i}" for i in range(1, NUM_BATCHES + 1))
+GAS_CLASSES = {
+    1: "Ethanol",
+    2: "Ethylene",
+    3: "Ammonia",
+    4: "Acetaldehyde",
+    5: "Acetone",
+    6: "Toluene",
+}
+
+_BATCH_FILE_RE = re.compile(r"batch([1-9]|10)\.dat")
+_EXPECTED_INDICES = [str(i) for i in range(1, NUM_FEATURES + 1)]
+# How deep nested zip files inside the downloaded archive are unpacked.
+_MAX_NESTED_ZIP_DEPTH = 3
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GasSensorData:
+    """One gas class of UCI 270 as a regression problem.
+
+    Undo the normalisation with `x * feature_std + feature_mean` and
+    `y * target_std + target_mean` (with `normalize=False` the statistics are
+    the identity: means 0, stds 1).
+
+    Attributes:
+        x: float32 array `(rows, 128)`, the sensor features.
+        y: float32 array `(rows, 1)`, the concentration (ppmv).
+        batches: names of the batch files read, in numeric order,
+            e.g. `("batch1", "batch2", ...)`.
+        rows_per_batch: dict batch name -> number of rows it contributed.
+        missing_batches: names among `batch1` ... `batch10` not found.
+        feature_mean: float64 array `(128,)`, subtracted from each feature.
+        feature_std: float64 array `(128,)`, each feature was divided by it.
+        target_mean: float, subtracted from the target.
+        target_std: float, the target was divided by it.
+        source: the directory the batch files were read from.
+        gas_class: the gas class kept (1 = Ethanol).
+        normalized: whether features and target were z-scored.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    batches: tuple
+    rows_per_batch: dict
+    missing_batches: tuple
+    feature_mean: np.ndarray
+    feature_std: np.ndarray
+    target_mean: float
+    target_std: float
+    source: str
+    gas_class: int = 1
+    normalized: bool = True
+
+    @property
+    def num_rows(self):
+        return int(self.x.shape[0])
+
+    @property
+    def description(self):
+        """One-line human summary of what was loaded."""
+        used = _compact_batch_list(self.batches)
+        where = f"({used}; missing {', '.join(self.missing_batches)})"
+        if not self.missing_batches:
+            where = f"({used})"
+        scaling = (
+            "features and target z-scored"
+            if self.normalized
+            else "raw features and target (not normalised)"
+        )
+        return (
+            f"UCI 270 {GAS_CLASSES[self.gas_class]}: {self.num_rows} rows "
+            f"from {len(self.batches)} of {NUM_BATCHES} batches {where}, "
+            f"{scaling}"
+        )
+
+
+def parse_batch_file(path):
+    """Parses one `batch<N>.dat` file of UCI 270.
+
+    Blank lines are skipped. Every other line must be
+    `<class>;<concentration>` followed by exactly the features `1:` to
+    `128:` in order, each with a finite float value.
+
+    Args:
+        path: path of the file.
+
+    Returns:
+        A tuple `(classes, concentrations, features)`: int64 array `(rows,)`,
+        float64 array `(rows,)` (ppmv) and float64 array `(rows, 128)`.
+
+    Raises:
+        ValueError: for a malformed line; the message names the file, the
+            1-based line number and what was wrong.
+
+    Example:
+
+    >>> classes, conc, feats = parse_batch_file("data/batch1.dat")
+    >>> feats.shape
+    (445, 128)
+    """
+    path = pathlib.Path(path)
+    classes, concentrations, features = [], [], []
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            where = f"{path}, line {line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{where}: not valid UTF-8 text ({e})"
+                ) from None
+            tokens = line.split()
+            if not tokens:
+                continue
+            gas, conc = _parse_head(tokens[0], where)
+            classes.append(gas)
+            concentrations.append(conc)
+            features.append(_parse_features(tokens[1:], where))
+    return (
+        np.asarray(classes, dtype=np.int64),
+        np.asarray(concentrations, dtype=np.float64),
+        np.asarray(features, dtype=np.float64).reshape(-1, NUM_FEATURES),
+    )
+
+
+def _parse_head(token, where):
+    gas_text, sep, conc_text = token.partition(";")
+    if not sep:
+        raise ValueError(
+            f"{where}: expected '<gas class>;<concentration>' at the start "
+            f"of the line, got {token!r}"
+        )
+    try:
+        gas = int(gas_text)
+    except ValueError:
+        raise ValueError(
+            f"{where}: gas class {gas_text!r} is not an integer"
+        ) from None
+    if gas not in GAS_CLASSES:
+        raise ValueError(
+            f"{where}: gas class {gas} is not one of {sorted(GAS_CLASSES)}"
+        )
+    try:
+        conc = float(conc_text)
+    except ValueError:
+        conc = math.nan
+    if not math.isfinite(conc):
+        raise ValueError(
+            f"{where}: concentration {conc_text!r} is not a finite float"
+        )
+    return gas, conc
+
+
+def _parse_features(tokens, where):
+    pairs = [token.partition(":") for token in tokens]
+    indices = [index for index, _, _ in pairs]
+    if indices != _EXPECTED_INDICES:
+        _diagnose_indices(pairs, where)
+    try:
+        values = [float(text) for _, _, text in pairs]
+    except ValueError:
+        values = None
+    if values is None or not all(map(math.isfinite, values)):
+        _raise_bad_value(pairs, where)
+    return values
+
+
+def _raise_bad_value(pairs, where):
+    for index, _, text in pairs:
+        try:
+            ok = math.isfinite(float(text))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{where}: value {text!r} of feature {index} is not a "
+                "finite float"
+            )
+
+
+def _diagnose_indices(pairs, where):
+    """Raises for bad feature indices; returns if they are merely spelled
+    differently (e.g. `01:`) but are 1..128 in order."""
+    indices = []
+    for index, sep, _ in pairs:
+        if not sep:
+            raise ValueError(
+                f"{where}: feature token {index!r} is not of the form "
+                "<index>:<value>"
+            )
+        try:
+            indices.append(int(index))
+        except ValueError:
+            raise ValueError(
+                f"{where}: feature index {index!r} is not an integer"
+            ) from None
+    bad = [i for i in indices if not 1 <= i <= NUM_FEATURES]
+    if bad:
+        raise ValueError(
+            f"{where}: feature index {bad[0]} is out of range "
+            f"1..{NUM_FEATURES}"
+        )
+    seen, duplicated = set(), []
+    for i in indices:
+        if i in seen and i not in duplicated:
+            duplicated.append(i)
+        seen.add(i)
+    if duplicated:
+        raise ValueError(
+            f"{where}: feature index {_join(duplicated)} duplicated"
+        )
+    missing = sorted(set(range(1, NUM_FEATURES + 1)) - seen)
+    if missing:
+        raise ValueError(
+            f"{where}: feature index {_join(missing)} missing "
+            f"({len(indices)} of {NUM_FEATURES} features present)"
+        )
+    for previous, current in zip(indices, indices[1:]):
+        if current < previous:
+            raise ValueError(
+                f"{where}: feature indices out of order "
+                f"({current} comes after {previous})"
+            )
+
+
+def _join(numbers, limit=8):
+    shown = ", ".join(str(n) for n in numbers[:limit])
+    if len(numbers) > limit:
+        shown += f", ... ({len(numbers)} in all)"
+    return shown
+
+
+def load_ethanol(
+    data_dir=None,
+    *,
+    gas_class=1,
+    normalize=True,
+    download=False,
+    cache_dir=None,
+    origin=UCI_URL,
+):
+    """Loads the Ethanol rows of UCI 270 as a regression problem.
+
+    The batch files are looked for, in order, in: `data_dir`; the directory
+    in the environment variable `TF_OVERPARAM_GAS_SENSOR_DIR`; and, only if
+    `download=True`, the UCI archive fetched with `keras.utils.get_file`
+    into `cache_dir` and extracted. A directory is used if it, or a
+    subdirectory of it, holds `batch<N>.dat` files; any subset of `batch1`
+    ... `batch10` is accepted, read in numeric order.
+
+    Normalisation (`normalize=True`): each feature is z-scored over the rows
+    returned (mean 0, population std 1; a constant feature gets std 1, so it
+    becomes 0), and the target, the concentration in ppmv, is z-scored the
+    same way. The statistics are returned so the scaling can be undone.
+    `normalize=False` returns the raw values.
+
+    Args:
+        data_dir: directory holding the batch files, or `None`.
+        gas_class: gas class to keep, an int in 1..6 (1 = Ethanol,
+            2 Ethylene, 3 Ammonia, 4 Acetaldehyde, 5 Acetone, 6 Toluene).
+        normalize: whether to z-score features and target.
+        download: whether to download the UCI archive when no local copy
+            is found.
+        cache_dir: where `keras.utils.get_file` stores the archive
+            (default: the Keras cache, `~/.keras`).
+        origin: URL of the archive.
+
+    Returns:
+        A `GasSensorData`.
+
+    Raises:
+        FileNotFoundError: if no batch file is found.
+        ValueError: if `gas_class` is invalid, a file is malformed or no row
+            has the requested class.
+
+    Example:
+
+    >>> data = load_ethanol("/data/gas_sensor")
+    >>> data.x.shape, data.y.shape
+    ((1316, 128), (1316, 1))
+    >>> print(data.description)
+    UCI 270 Ethanol: 1316 rows from 8 of 10 batches (batch1..6, batch8,
+    batch9; missing batch7, batch10), features and target z-scored
+    """
+    if (
+        isinstance(gas_class, bool)
+        or not isinstance(gas_class, (int, np.integer))
+        or int(gas_class) not in GAS_CLASSES
+    ):
+        raise ValueError(
+            f"`gas_class` must be an int in 1..6 "
+            f"({', '.join(f'{k} {v}' for k, v in GAS_CLASSES.items())}); "
+            f"received gas_class={gas_class!r}"
+        )
+    gas_class = int(gas_class)
+    source, files = _locate(data_dir, download, cache_dir, origin)
+
+    xs, ys, rows_per_batch = [], [], {}
+    for name, path in files.items():
+        classes, concentrations, features = parse_batch_file(path)
+        keep = classes == gas_class
+        xs.append(features[keep])
+        ys.append(concentrations[keep])
+        rows_per_batch[name] = int(keep.sum())
+    x = np.concatenate(xs, axis=0)
+    y = np.concatenate(ys, axis=0).reshape(-1, 1)
+    if x.shape[0] == 0:
+        raise ValueError(
+            f"no rows of gas class {gas_class} ({GAS_CLASSES[gas_class]}) "
+            f"in {', '.join(files)} under {source}"
+        )
+
+    if normalize:
+        feature_mean, feature_std = _zscore_stats(x)
+        target_mean, target_std = _zscore_stats(y)
+        x = (x - feature_mean) / feature_std
+        y = (y - target_mean) / target_std
+        target_mean, target_std = float(target_mean[0]), float(target_std[0])
+    else:
+        feature_mean = np.zeros(NUM_FEATURES)
+        feature_std = np.ones(NUM_FEATURES)
+        target_mean, target_std = 0.0, 1.0
+
+    return GasSensorData(
+        x=x.astype(np.float32),
+        y=y.astype(np.float32),
+        batches=tuple(files),
+        rows_per_batch=rows_per_batch,
+        missing_batches=tuple(n for n in BATCH_NAMES if n not in files),
+        feature_mean=feature_mean,
+        feature_std=feature_std,
+        target_mean=target_mean,
+        target_std=target_std,
+        source=str(source),
+        gas_class=gas_class,
+        normalized=bool(normalize),
+    )
+
+
+def _zscore_stats(a):
+    """Per-column mean and population std; a constant column gets its value
+    as mean and std 1, so it maps exactly to 0."""
+    mean = a.mean(axis=0)
+    std = a.std(axis=0)
+    constant = a.max(axis=0) == a.min(axis=0)
+    mean = np.where(constant, a[0], mean)
+    std = np.where(constant, 1.0, std)
+    return mean, std
+
+
+def _locate(data_dir, download, cache_dir, origin):
+    """Returns `(directory, {batch name: path})` of the first place that
+    holds batch files."""
+    tried = []
+    if data_dir is not None:
+        found = find_batch_files(data_dir)
+        if found:
+            return found
+        tried.append(f"data_dir={os.fspath(data_dir)!r}")
+        warnings.warn(
+            f"no batch<N>.dat files under data_dir={os.fspath(data_dir)!r}; "
+            f"trying ${ENV_VAR}" + (" and the download" if download else ""),
+            stacklevel=3,
+        )
+    env_dir = os.environ.get(ENV_VAR)
+    if env_dir:
+        found = find_batch_files(env_dir)
+        if found:
+            return found
+        tried.append(f"${ENV_VAR}={env_dir!r}")
+    else:
+        tried.append(f"${ENV_VAR} (not set)")
+    if download:
+        extracted = _download_and_extract(origin, cache_dir)
+        found = find_batch_files(extracted)
+        if found:
+            return found
+        tried.append(f"the archive downloaded from {origin} (extracted to "
+                     f"{extracted!s})")
+    else:
+        tried.append("no download (download=False)")
+    raise FileNotFoundError(
+        "UCI 270 gas sensor data not found: looked for files "
+        f"batch1.dat ... batch10.dat (any subset) in {'; '.join(tried)}. "
+        f"Get the data set from {UCI_PAGE} (archive: {UCI_URL}), unpack it, "
+        "and pass the directory holding the batch files as `data_dir` "
+        f"(`--data-dir` on the command line) or set {ENV_VAR} to it; "
+        "or call with `download=True` to fetch and extract it into the "
+        "Keras cache."
+    )
+
+
+def find_batch_files(directory):
+    """Finds the `batch<N>.dat` files of UCI 270 under `directory`.
+
+    The directory itself is checked first; otherwise it is searched
+    recursively and the subdirectory holding the most batch files is used
+    (ties: the shallowest, then the first in sorted order).
+
+    Args:
+        directory: directory to search.
+
+    Returns:
+        `None` if no batch file is found, else a tuple
+        `(directory holding them, {"batch<N>": path})`, sorted by N.
+    """
+    root = pathlib.Path(directory).expanduser()
+    if not root.is_dir():
+        return None
+    groups = {}
+    for path in sorted(root.rglob("batch*.dat")):
+        match = _BATCH_FILE_RE.fullmatch(path.name)
+        if match and path.is_file() and "__MACOSX" not in path.parts:
+            groups.setdefault(path.parent, {})[int(match.group(1))] = path
+    if not groups:
+        return None
+    best = groups.get(root) or None
+    if best is None:
+        parent = min(
+            groups, key=lambda p: (-len(groups[p]), len(p.parts), str(p))
+        )
+        best = groups[parent]
+    else:
+        parent = root
+    return parent, {f"batch{n}": best[n] for n in sorted(best)}
+
+
+def _download_and_extract(origin, cache_dir):
+    """Downloads the archive at `origin` with `keras.utils.get_file` and
+    extracts it (and, if needed, zip files inside it) next to it."""
+    from keras.utils import get_file  # Lazy: TensorFlow is slow to import.
+
+    fname = os.path.basename(urllib.parse.urlsplit(origin).path)
+    fname = re.sub(r"[^A-Za-z0-9._+-]", "_", urllib.parse.unquote(fname))
+    if not fname.strip("._"):
+        fname = "gas_sensor_uci270.zip"
+    if cache_dir is not None:
+        # get_file silently falls back to /tmp/.keras if cache_dir does not
+        # exist yet (it tests it with os.access), so create it first.
+        cache_dir = pathlib.Path(cache_dir).expanduser()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    archive = pathlib.Path(
+        get_file(
+            fname=fname,
+            origin=origin,
+            cache_dir=None if cache_dir is None else os.fspath(cache_dir),
+            cache_subdir="datasets",
+        )
+    )
+    target = archive.with_name(archive.name.removesuffix(".zip") + "_extracted")
+    if not target.is_dir():
+        _extract_zip(archive, target)
+    for _ in range(_MAX_NESTED_ZIP_DEPTH):
+        if find_batch_files(target):
+            break
+        nested = [
+            p for p in sorted(target.rglob("*.zip"))
+            if not p.with_name(p.name[:-4] + "_extracted").exists()
+        ]
+        if not nested:
+            break
+        for inner in nested:
+            _extract_zip(inner, inner.with_name(inner.name[:-4] + "_extracted"))
+    return target
+
+
+def _extract_zip(archive, target):
+    """Extracts `archive` into `target` atomically, refusing members that
+    would land outside it."""
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for member in zf.namelist():
+                parts = pathlib.PurePosixPath(member.replace("\\", "/")).parts
+                if member.startswith(("/", "\\")) or ".." in parts or (
+                    parts and ":" in parts[0]
+                ):
+                    raise ValueError(
+                        f"{archive}: unsafe member path {member!r}"
+                    )
+            zf.extractall(tmp)
+    except zipfile.BadZipFile as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(
+            f"{archive} is not a valid zip archive ({e}); delete it to "
+            "download it again"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.replace(tmp, target)
+
+
+def _compact_batch_list(names):
+    """("batch1", ..., "batch6", "batch8") -> "batch1..6, batch8"."""
+    numbers = [int(n.removeprefix("batch")) for n in names]
+    runs = []
+    for n in numbers:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    parts = []
+    for run in runs:
+        if len(run) >= 3:
+            parts.append(f"batch{run[0]}..{run[-1]}")
+        else:
+            parts.extend(f"batch{n}" for n in run)
+    return ", ".join(parts)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--gas-class", type=int, default=1)
+    parser.add_argument("--download", action="store_true")
+    parser.add_argument("--cache-dir", default=None)
+    args = parser.parse_args(argv)
+    data = load_ethanol(
+        args.data_dir,
+        gas_class=args.gas_class,
+        download=args.download,
+        cache_dir=args.cache_dir,
+    )
+    print(data.description)
+    print(f"source: {data.source}")
+
+
+if __name__ == "__main__":
+    main()
