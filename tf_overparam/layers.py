@@ -143,13 +143,19 @@ class OverparamDense(keras.layers.Layer):
         return chain_product([ops.convert_to_tensor(f) for f in self.factors])
 
     def call(self, inputs):
-        kernel = self.kernel
-        if self.kernel_regularizer is not None:
-            self.add_loss(self.kernel_regularizer(kernel))
-        outputs = ops.matmul(inputs, ops.cast(kernel, self.compute_dtype))
+        outputs = ops.matmul(inputs, ops.cast(self.kernel, self.compute_dtype))
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
         return self.activation(outputs) if self.activation is not None else outputs
+
+    def _get_own_losses(self):
+        # The end-to-end penalty is computed from the current factors whenever losses are
+        # collected, as Dense computes its kernel penalty (`add_loss` in `call` would be missing
+        # before the first call and leave a traced tensor behind after `fit`).
+        losses = super()._get_own_losses()
+        if self.kernel_regularizer is not None and self.built:
+            losses.append(self.kernel_regularizer(self.kernel))
+        return losses
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)

@@ -1,0 +1,325 @@
+"""Tests for `tf_overparam.OverparamDense` (tf_overparam/layers.py)."""
+
+import functools
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+import tf_overparam as to
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _factors(layer):
+    return [np.asarray(f.numpy(), dtype=np.float64) for f in layer.factors]
+
+
+def _numpy_forward(layer, x):
+    """x @ F_1 ... F_N + bias, in float64 NumPy, independent of `chain_product`."""
+    kernel = functools.reduce(np.matmul, _factors(layer))
+    out = np.asarray(x, np.float64) @ kernel
+    if layer.use_bias:
+        out = out + layer.bias.numpy().astype(np.float64)
+    return out
+
+
+# --- forward pass -------------------------------------------------------------------------------
+
+
+def test_depth_one_equals_dense_exactly():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 5)).astype("float32")
+    deep = to.OverparamDense(3, depth=1, activation="tanh", factor_initializer=keras.initializers.RandomNormal(seed=0))
+    dense = keras.layers.Dense(3, activation="tanh")
+    deep.build((None, 5))
+    dense.build((None, 5))
+    assert len(deep.factors) == 1
+    dense.kernel.assign(deep.factors[0].numpy())
+    deep.bias.assign(rng.normal(size=3).astype("float32"))
+    dense.bias.assign(deep.bias.numpy())
+    # Same weights, same ops: bit-for-bit equal (tolerance 0).
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(deep(x)), keras.ops.convert_to_numpy(dense(x)))
+
+
+@pytest.mark.parametrize(
+    "depth, hidden_units, input_shape",
+    [
+        (2, None, (6, 5)),
+        (3, 4, (6, 5)),
+        (4, [3, 7, 2], (6, 5)),
+        (3, [1, 8], (2, 3, 5)),  # ND input: the kernel acts on the last axis
+        (2, [2], (2, 2, 3, 5)),
+    ],
+)
+def test_depth_n_output_is_input_times_factor_product_plus_bias(depth, hidden_units, input_shape):
+    rng = np.random.default_rng(depth)
+    layer = to.OverparamDense(
+        4,
+        depth=depth,
+        hidden_units=hidden_units,
+        factor_initializer=keras.initializers.RandomNormal(stddev=0.7, seed=depth),
+        bias_initializer=keras.initializers.RandomNormal(seed=1),
+        dtype="float64",
+    )
+    x = rng.normal(size=input_shape)
+    out = keras.ops.convert_to_numpy(layer(x))
+    widths = [5] + ([4] * (depth - 1) if hidden_units is None else
+                    [hidden_units] * (depth - 1) if isinstance(hidden_units, int) else hidden_units) + [4]
+    assert [tuple(f.shape) for f in layer.factors] == list(zip(widths[:-1], widths[1:]))
+    assert out.shape == input_shape[:-1] + (4,)
+    np.testing.assert_allclose(out, _numpy_forward(layer, x), rtol=1e-12, atol=1e-12)
+    # `.kernel` is the end-to-end product too.
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(layer.kernel), functools.reduce(np.matmul, _factors(layer)), rtol=1e-12, atol=1e-14
+    )
+
+
+def test_activation_and_no_bias():
+    x = np.random.default_rng(1).normal(size=(5, 3))
+    layer = to.OverparamDense(2, depth=3, use_bias=False, activation="relu", dtype="float64",
+                              factor_initializer=keras.initializers.RandomNormal(seed=3))
+    out = keras.ops.convert_to_numpy(layer(x))
+    assert layer.bias is None and len(layer.weights) == 3
+    np.testing.assert_allclose(out, np.maximum(_numpy_forward(layer, x), 0.0), rtol=1e-12, atol=1e-14)
+
+
+def test_to_dense_computes_the_same_function():
+    x = np.random.default_rng(2).normal(size=(8, 6)).astype("float32")
+    layer = to.OverparamDense(3, depth=3, hidden_units=[5, 4], activation="sigmoid",
+                              factor_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=0),
+                              bias_initializer="ones")
+    expected = keras.ops.convert_to_numpy(layer(x))
+    dense = layer.to_dense()
+    assert type(dense) is keras.layers.Dense
+    assert dense.units == 3 and dense.get_config()["activation"] == "sigmoid"
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(dense.kernel), keras.ops.convert_to_numpy(layer.kernel),
+                               rtol=0, atol=0)
+    # Same kernel and bias: the outputs agree to float32 rounding of the matmul (tolerance 1e-6).
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(dense(x)), expected, rtol=1e-6, atol=1e-6)
+
+
+# --- argument checks ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [0, -1, 2.0, "3", True, None])
+def test_bad_depth_raises(depth):
+    with pytest.raises(ValueError, match="depth"):
+        to.OverparamDense(2, depth=depth)
+
+
+@pytest.mark.parametrize("hidden_units", [[3], [3, 3, 3], [3, 0], [-1, 2], 0, -2, [2.0, 3], [True, 3]])
+def test_bad_hidden_units_raise(hidden_units):
+    with pytest.raises(ValueError, match="hidden_units"):
+        to.OverparamDense(2, depth=3, hidden_units=hidden_units)
+
+
+@pytest.mark.parametrize("units", [0, -3, 1.5, True])
+def test_bad_units_raise(units):
+    with pytest.raises(ValueError, match="units"):
+        to.OverparamDense(units, depth=2)
+
+
+# --- regularizers -------------------------------------------------------------------------------
+
+
+def _losses(model):
+    return sorted(float(keras.ops.convert_to_numpy(loss)) for loss in model.losses)
+
+
+def test_kernel_regularizer_acts_on_end_to_end_kernel_and_factor_regularizer_on_each_factor():
+    x = np.random.default_rng(3).normal(size=(4, 5))
+    layer = to.OverparamDense(
+        3, depth=3, hidden_units=[4, 2], dtype="float64",
+        factor_initializer=keras.initializers.RandomNormal(stddev=0.8, seed=5),
+        kernel_regularizer=keras.regularizers.L2(0.125),
+        factor_regularizer=keras.regularizers.L1(0.0625),
+        bias_regularizer=keras.regularizers.L2(0.25),
+        bias_initializer="ones",
+    )
+    # Coefficients are powers of 2, exact in float32 (Keras keeps them as float32 constants), so
+    # the float64 penalties can be compared at rtol 1e-12.
+    model = keras.Sequential([keras.Input((5,)), layer])
+    factors = _factors(layer)
+    kernel = functools.reduce(np.matmul, factors)
+    expected = sorted(
+        [0.125 * np.sum(kernel**2), 0.25 * 3.0] + [0.0625 * np.sum(np.abs(f)) for f in factors]
+    )
+    # Like Dense's kernel penalty, the end-to-end penalty is there before any call ...
+    np.testing.assert_allclose(_losses(model), expected, rtol=1e-12)
+    model(x)
+    model(x)  # ... and counted once, however often the model is called.
+    np.testing.assert_allclose(_losses(model), expected, rtol=1e-12)
+    # The penalty is not the sum of per-factor L2 penalties (the two regularizers differ).
+    assert abs(0.125 * np.sum(kernel**2) - sum(0.125 * np.sum(f**2) for f in factors)) > 1e-3
+
+
+@pytest.fixture
+def floatx64():
+    """Runs a test with floatx float64 (Keras adds float64 penalties to a floatx loss)."""
+    keras.backend.set_floatx("float64")
+    keras.mixed_precision.set_global_policy("float64")
+    yield
+    keras.backend.set_floatx("float32")
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_kernel_regularizer_tracks_training_and_matches_collapse(floatx64):
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(16, 5)), rng.normal(size=(16, 2))
+    layer = to.OverparamDense(2, depth=2, kernel_regularizer=keras.regularizers.L2(0.25),
+                              factor_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=1))
+    model = keras.Sequential([keras.Input((5,)), layer])
+    model.compile(keras.optimizers.SGD(0.05), loss="mse")
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    kernel = functools.reduce(np.matmul, _factors(layer))
+    # After training, `model.losses` is the penalty of the current kernel (a number, not a
+    # tensor left over from the traced train step).
+    np.testing.assert_allclose(_losses(model), [0.25 * np.sum(kernel**2)], rtol=1e-12)
+    # collapse keeps the same penalty (Dense's kernel regularizer on the same kernel).
+    np.testing.assert_allclose(_losses(to.collapse(model)), [0.25 * np.sum(kernel**2)], rtol=1e-12)
+    # The training loss includes the penalty: evaluate = mse + penalty.
+    pred = _numpy_forward(layer, x)
+    np.testing.assert_allclose(
+        model.evaluate(x, y, batch_size=16, verbose=0), np.mean((pred - y) ** 2) + 0.25 * np.sum(kernel**2), rtol=1e-10
+    )
+
+
+# --- training on real data ----------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _ethanol(directory):
+    """Class-1 rows of the UCI gas sensor batches: (z-scored features, z-scored concentration)."""
+    xs, ys = [], []
+    for path in sorted(pathlib.Path(directory).glob("batch*.dat")):
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            head, *features = line.split()
+            gas, concentration = head.split(";")
+            if int(gas) != 1:
+                continue
+            xs.append([float(token.split(":")[1]) for token in features])
+            ys.append(float(concentration))
+    x, y = np.asarray(xs), np.asarray(ys)[:, None]
+    assert x.shape[1] == 128 and len(x) > 500
+    return (x - x.mean(0)) / x.std(0), (y - y.mean()) / y.std()
+
+
+def test_fit_lowers_loss_on_gas_sensor_regression(gas_sensor_dir):
+    x, y = _ethanol(str(gas_sensor_dir))
+    x, y = x.astype("float32"), y.astype("float32")
+    model = keras.Sequential([
+        keras.Input((128,)),
+        to.OverparamDense(1, depth=3, factor_initializer=to.initializers.Balanced(seed=0)),
+    ])
+    model.compile(keras.optimizers.SGD(0.01), loss=to.LpLoss(2))
+    history = model.fit(x, y, epochs=8, batch_size=64, verbose=0)
+    final = model.evaluate(x, y, batch_size=len(x), verbose=0)
+    # y is z-scored, so the near-zero start has loss ~ mean(y^2)/2 = 0.5; the least-squares fit
+    # (with intercept) is the lowest loss any affine model can reach.
+    design = np.hstack([x, np.ones((len(x), 1), np.float32)]).astype(np.float64)
+    coef = np.linalg.lstsq(design, y.astype(np.float64), rcond=None)[0]
+    optimum = 0.5 * np.mean((design @ coef - y) ** 2)
+    assert history.history["loss"][0] < 0.5 + 1e-3
+    assert final < 0.25, final  # at least halves the loss of the zero predictor
+    assert final >= optimum - 1e-5
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+# --- mixed precision ----------------------------------------------------------------------------
+
+
+def test_mixed_float16_keeps_float32_factors_and_trains():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    y = (x @ rng.normal(size=(6, 2))).astype("float32")
+    layer = to.OverparamDense(2, depth=3, factor_initializer=to.initializers.Balanced(
+        keras.initializers.RandomNormal(stddev=0.3, seed=0), seed=0))
+    model = keras.Sequential([keras.Input((6,)), layer])
+    model.compile(keras.optimizers.SGD(0.05), loss="mse")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert [f.dtype for f in layer.factors] == ["float32"] * 3
+    assert layer.bias.dtype == "float32"
+    out = model(x[:4])
+    assert keras.backend.standardize_dtype(out.dtype) == "float16"
+    # float16 output of the float32 kernel: agrees with NumPy to float16 precision (rtol 1e-2).
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out).astype(np.float64),
+                               _numpy_forward(layer, x[:4]), rtol=1e-2, atol=1e-2)
+    before = model.evaluate(x, y, verbose=0)
+    history = model.fit(x, y, epochs=10, batch_size=16, verbose=0)
+    assert [f.dtype for f in layer.factors] == ["float32"] * 3
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert model.evaluate(x, y, verbose=0) < 0.5 * before
+
+
+# --- serialization ------------------------------------------------------------------------------
+
+
+def test_keras_save_and_load_in_fresh_process_gives_identical_predictions(tmp_path):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(10, 4)).astype("float32")
+    inputs = keras.Input((4,))
+    hidden = to.OverparamDense(
+        5, depth=3, hidden_units=[6, 2], activation="relu",
+        factor_initializer=to.initializers.Balanced(keras.initializers.RandomNormal(stddev=0.5, seed=2), seed=2),
+        kernel_regularizer=keras.regularizers.L2(0.01), factor_regularizer=keras.regularizers.L2(0.001),
+        bias_initializer="ones",
+    )(inputs)
+    outputs = to.OverparamDense(2, depth=2, factor_initializer=to.initializers.Identity(0.9))(hidden)
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.SGD(0.01), loss=to.LpLoss(4))
+    model.fit(x, rng.normal(size=(10, 2)).astype("float32"), epochs=2, verbose=0)  # weights differ from init
+    path = tmp_path / "model.keras"
+    model.save(path)
+    np.save(tmp_path / "x.npy", x)
+    script = textwrap.dedent(
+        f"""
+        import numpy as np, keras, tf_overparam
+        model = keras.saving.load_model({str(path)!r})
+        layer = model.layers[1]
+        assert type(layer).__name__ == "OverparamDense" and layer.depth == 3, layer
+        assert layer.hidden_units == [6, 2], layer.hidden_units
+        assert model.loss.p == 4.0
+        np.save({str(tmp_path / "pred.npy")!r}, model.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "pred.npy"), model.predict(x, verbose=0))
+
+
+@pytest.mark.parametrize(
+    "initializer",
+    [
+        to.initializers.NearZero(stddev=0.1, seed=3),
+        to.initializers.Identity(gain=0.7),
+        to.initializers.Balanced(to.initializers.NearZero(0.2, seed=4), seed=5),
+        to.initializers.Balanced(seed=6),
+        keras.initializers.RandomNormal(stddev=0.5, seed=7),
+    ],
+    ids=["near_zero", "identity", "balanced", "balanced_default", "random_normal"],
+)
+def test_from_config_rebuilds_identical_initial_factors(initializer):
+    layer = to.OverparamDense(3, depth=4, hidden_units=[3, 3, 3], factor_initializer=initializer,
+                              kernel_regularizer="l2", name="deep")
+    layer.build((None, 3))
+    clone = to.OverparamDense.from_config(layer.get_config())
+    clone.build((None, 3))
+    assert clone.get_config() == layer.get_config()
+    for original, rebuilt in zip(layer.factors, clone.factors):
+        np.testing.assert_array_equal(rebuilt.numpy(), original.numpy())
+    if not isinstance(initializer, to.initializers.Identity):
+        # Factors of equal shape are not all the same draw.
+        values = [f.numpy() for f in layer.factors]
+        for i in range(len(values)):
+            for j in range(i + 1, len(values)):
+                assert not np.allclose(values[i], values[j])
