@@ -10,6 +10,18 @@ import numpy as np
 from keras import ops
 
 
+def _matmul(a, b, transpose_a=False):
+    """a @ b (or a^T @ b), as a broadcast product where a contracted or kept size is 1: the
+    width-1 chains of the paper then cost element-wise ops instead of tiny batched matmuls."""
+    if transpose_a and a.shape[-1] == 1 and b.shape[-1] == 1:
+        return ops.sum(a * b, axis=-2, keepdims=True)
+    if transpose_a:
+        a = ops.swapaxes(a, -1, -2)
+    if a.shape[-1] == 1:
+        return a * b
+    return ops.matmul(a, b)
+
+
 def chain_product(factors):
     """End-to-end kernel F_1 F_2 ... F_N of a chain of factors (eq. 10).
 
@@ -28,12 +40,39 @@ def chain_product(factors):
     if factors[-1].shape[-1] <= factors[0].shape[-2]:
         product = factors[-1]
         for factor in reversed(factors[:-1]):
-            product = ops.matmul(factor, product)
+            product = _matmul(factor, product)
     else:
         product = factors[0]
         for factor in factors[1:]:
-            product = ops.matmul(product, factor)
+            product = _matmul(product, factor)
     return product
+
+
+def chain_gradients(factors, kernel_gradient):
+    """Gradients of the factors from the gradient G of the end-to-end kernel (eq. 14).
+
+    In Keras layout eq. 14 reads dL/dF_j = (F_1 ... F_{j-1})^T G (F_{j+1} ... F_N)^T. It is
+    evaluated as v_j S_{j+1}^T with v_1 = G, v_{j+1} = F_j^T v_j and S_j = F_j S_{j+1}, so a
+    chain ending in a single unit costs matrix-vector products only. Batch dims broadcast.
+
+    Args:
+        factors: sequence of tensors F_j of shape (..., n_{j-1}, n_j).
+        kernel_gradient: tensor (..., n_0, n_N), the gradient of the loss at F_1 ... F_N.
+
+    Returns:
+        A list with the gradient of each factor.
+    """
+    factors = list(factors)
+    suffixes = [None] * (len(factors) + 1)  # suffixes[j] = F_{j+1} ... F_N (0-based), None = I
+    for j in range(len(factors) - 1, 0, -1):
+        suffixes[j] = factors[j] if suffixes[j + 1] is None else _matmul(factors[j], suffixes[j + 1])
+    gradients, projected = [], kernel_gradient
+    for j, factor in enumerate(factors):
+        suffix = suffixes[j + 1]
+        gradients.append(projected if suffix is None else _matmul(projected, ops.swapaxes(suffix, -1, -2)))
+        if j + 1 < len(factors):
+            projected = _matmul(factor, projected, transpose_a=True)
+    return gradients
 
 
 def balanced_factors(kernel, hidden_units, rotation_seed=None):

@@ -1,0 +1,344 @@
+"""A fast full-batch trainer for linear chains over a whole learning-rate grid.
+
+The paper's regression experiments run full-batch gradient descent for up to 10^6 iterations
+per learning rate. `model.fit` pays a Python round trip per epoch; here every point of a grid
+(learning rates x seeds) advances together inside one compiled TensorFlow loop: the grid's
+end-to-end kernels are stacked into one (inputs, grid x units) matrix, so a step costs two
+matmuls with the data, whatever the grid size.
+
+The maths is the library's: `chain_product` for the end-to-end kernel, `LpLoss`'s
+(1/p)|y_hat - y|^p, and `end_to_end_direction` for the end-to-end update rule (eq. 24). The
+optimizers follow Keras' update rules and default hyper-parameters, so that a grid point
+reproduces `model.fit` on the same Keras model (tested).
+
+A grid point whose loss becomes inf/NaN, or exceeds `blowup` times its initial loss, is
+marked diverged at that iteration and reported as NaN from then on; the others go on.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from tf_overparam.diagnostics import chain_balancedness
+from tf_overparam.factorization import chain_gradients, chain_product
+from tf_overparam.initializers import initialize_chain
+from tf_overparam.layers import check_depth, resolve_hidden_units
+from tf_overparam.preconditioning import end_to_end_direction
+
+OPTIMIZERS = ("gd", "adagrad", "adadelta", "adam")
+UNROLL = 8  # steps per iteration of the compiled loop: fewer loop round trips
+UPDATES = ("chain", "end_to_end")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainSpec:
+    """One configuration of a linear model trained full batch.
+
+    Args:
+        depth: int >= 1, the depth N (of the chain, or emulated by the end-to-end rule).
+        hidden_units: hidden width of the chain (an int for all hidden layers).
+        update: "chain" (the optimizer on every factor of a depth-N chain) or "end_to_end"
+            (a single matrix moved by eq. 24 for depth N, then the optimizer).
+        optimizer: "gd", "adagrad", "adadelta" or "adam" (Keras' rules and defaults).
+        initializer: chain initializer (instance, name or config) of the factors.
+        p: exponent of the l_p loss (1/p)|y_hat - y|^p.
+        weight_decay: lambda >= 0: lambda W_j is added to each factor's gradient (eq. 11);
+            for "end_to_end", lambda N W_e (eq. 24).
+    """
+
+    depth: int = 1
+    hidden_units: int = 1
+    update: str = "chain"
+    optimizer: str = "gd"
+    initializer: object = "near_zero"
+    p: float = 2.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        check_depth(self.depth)
+        if self.update not in UPDATES:
+            raise ValueError(f"`update` must be one of {UPDATES}, got {self.update!r}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        if not self.p >= 1:
+            raise ValueError(f"`p` must be >= 1, got {self.p!r}.")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay!r}.")
+
+    def factor_shapes(self, inputs, units):
+        """Shapes of the trained matrices: the chain's factors, or the single end-to-end kernel."""
+        if self.update == "end_to_end" or self.depth == 1:
+            return [(inputs, units)]
+        widths = [inputs, *resolve_hidden_units(self.hidden_units, self.depth, units), units]
+        return list(zip(widths[:-1], widths[1:]))
+
+
+@dataclasses.dataclass
+class GridResult:
+    """Loss curves of a grid, logged at `iterations` (iteration 0 is the initial loss).
+
+    `losses[t, g]` is grid point g's full-batch loss after `iterations[t]` steps (NaN once it
+    diverged); `diverged_at[g]` is the iteration at which it diverged, or -1.
+    """
+
+    learning_rates: np.ndarray
+    seeds: np.ndarray
+    iterations: np.ndarray
+    losses: np.ndarray
+    diverged_at: np.ndarray
+    kernels: np.ndarray
+
+
+def log_schedule(iterations, points=400):
+    """Iterations at which to log: log-spaced early, linear later, always 0 and `iterations`."""
+    geometric = np.unique(np.round(np.geomspace(1, iterations, points // 2)).astype(np.int64))
+    linear = np.linspace(0, iterations, points // 2 + 1).astype(np.int64)
+    return np.unique(np.concatenate([[0], geometric, linear]))
+
+
+class FullBatchTrainer:
+    """Trains one `ChainSpec` on (x, y) for a grid of learning rates and seeds at once.
+
+    Args:
+        x: (examples, inputs) array; y: (examples, units) array.
+        spec: the `ChainSpec`.
+        learning_rates: sequence of positive floats.
+        seeds: sequence of ints; each seed draws its own initial chain.
+        blowup: a loss above blowup x the initial loss counts as diverged.
+        dtype: float dtype of the computation.
+
+    Example:
+
+    >>> x = np.eye(2, dtype="float32"); y = np.array([[1.0], [0.5]], "float32")
+    >>> trainer = FullBatchTrainer(x, y, ChainSpec(depth=1), learning_rates=[0.1, 1.0])
+    >>> result = trainer.run(100)
+    >>> result.losses.shape[1]
+    2
+    """
+
+    def __init__(self, x, y, spec, learning_rates, seeds=(0,), blowup=1e6, dtype="float32"):
+        self.spec = spec
+        self.dtype = tf.as_dtype(dtype)
+        self.x = tf.constant(np.asarray(x), dtype=self.dtype)
+        self.y = tf.constant(np.asarray(y), dtype=self.dtype)
+        if self.x.shape.rank != 2 or self.y.shape.rank != 2 or self.x.shape[0] != self.y.shape[0]:
+            raise ValueError(f"`x` and `y` must be 2-D with equal rows, got {self.x.shape} and {self.y.shape}.")
+        rates = np.asarray(learning_rates, dtype=np.float64)
+        if rates.ndim != 1 or rates.size == 0 or not np.all(rates > 0):
+            raise ValueError(f"`learning_rates` must be a non-empty list of positive floats, got {learning_rates!r}.")
+        self.learning_rates = np.tile(rates, len(seeds))
+        self.seeds = np.repeat(np.asarray(seeds, dtype=np.int64), rates.size)
+        self.grid = self.learning_rates.size
+        (examples, inputs), self.units = self.x.shape, self.y.shape[1]
+        # The gradient matmul uses x / (examples * units): the mean of the loss, folded in once.
+        self._x_mean = self.x / (examples * self.units)
+        chains = [_initial_chain(spec, int(seed), inputs, self.units) for seed in self.seeds]
+        self.factors = [
+            tf.Variable(np.stack([chain[j] for chain in chains]), dtype=self.dtype, name=f"factor_{j + 1}")
+            for j in range(len(chains[0]))
+        ]
+        self._slots = [self._make_slots(f) for f in self.factors]
+        self._step_count = tf.Variable(0, dtype=tf.int64)
+        self._rates = tf.constant(self.learning_rates.reshape(-1, 1, 1), dtype=self.dtype)
+        self._diverged_at = tf.Variable(-tf.ones(self.grid, dtype=tf.int64))
+        self._bound = tf.constant(blowup * self.loss().numpy(), dtype=self.dtype)
+        self._run_chunk = tf.function(self._chunk)
+
+    def _make_slots(self, factor):
+        zeros = lambda: tf.Variable(tf.zeros_like(factor))  # noqa: E731
+        return {
+            "gd": (),
+            "adagrad": (tf.Variable(tf.fill(factor.shape, tf.constant(0.1, self.dtype))),),
+            "adadelta": (zeros(), zeros()),
+            "adam": (zeros(), zeros()),
+        }[self.spec.optimizer]
+
+    def kernel(self):
+        """The grid's end-to-end kernels, (grid, inputs, units)."""
+        return chain_product([tf.convert_to_tensor(f) for f in self.factors])
+
+    def _to_rows(self, kernels):
+        """(grid, inputs, units) -> (grid * units, inputs): one row per output of a grid point."""
+        if self.units > 1:
+            kernels = tf.transpose(kernels, [0, 2, 1])
+        return tf.reshape(kernels, [self.grid * self.units, -1])
+
+    def _from_rows(self, rows):
+        """The inverse of `_to_rows`."""
+        if self.units == 1:
+            return tf.reshape(rows, [self.grid, -1, 1])
+        return tf.transpose(tf.reshape(rows, [self.grid, self.units, -1]), [0, 2, 1])
+
+    def _residuals(self, kernel):
+        """Predictions minus targets, (examples, grid * units): one matmul for the whole grid."""
+        predictions = tf.matmul(self.x, self._to_rows(kernel), transpose_b=True)
+        return predictions - tf.tile(self.y, [1, self.grid]) if self.units > 1 else predictions - self.y
+
+    def _grid_mean(self, values):
+        """Mean over examples and units of an (examples, grid * units) tensor, per grid point."""
+        return tf.reduce_mean(tf.reshape(values, [-1, self.grid, self.units]), axis=(0, 2))
+
+    def loss(self):
+        """Current full-batch loss of every grid point, (grid,), as `LpLoss` computes it."""
+        return self._grid_mean(_abs_power(self._residuals(self.kernel()), self.spec.p)) / self.spec.p
+
+    def _gradients(self, factors):
+        """Losses and factor gradients, by hand: two matmuls with the data for the end-to-end
+        gradient, then eq. 14 along the chain (fewer ops than autodiff in this hot loop)."""
+        p = self.spec.p
+        residual = self._residuals(chain_product(factors))
+        losses = self._grid_mean(_abs_power(residual, p)) / p
+        slope = _abs_power(residual, p - 1, signed=True)
+        kernel_gradient = self._from_rows(tf.matmul(slope, self._x_mean, transpose_a=True))
+        gradients = chain_gradients(factors, kernel_gradient)
+        decay = self.spec.weight_decay
+        if self.spec.update == "end_to_end":
+            direction = end_to_end_direction(factors[0], gradients[0], self.spec.depth)
+            gradients = [direction + (decay * self.spec.depth) * factors[0]] if decay else [direction]
+        elif decay:
+            gradients = [g + decay * f for g, f in zip(gradients, factors)]
+        return losses, gradients
+
+    def _apply(self, factor, gradient, slots, count):
+        """One optimizer update (Keras' rule and defaults); returns the new factor and slots."""
+        rate, optimizer, epsilon = self._rates, self.spec.optimizer, 1e-7
+        if optimizer == "gd":
+            return factor - rate * gradient, slots
+        if optimizer == "adagrad":
+            (accumulator,) = slots
+            accumulator = accumulator + tf.square(gradient)
+            return factor - rate * gradient / tf.sqrt(accumulator + epsilon), (accumulator,)
+        if optimizer == "adadelta":
+            grad_sq, delta_sq = slots
+            grad_sq = 0.95 * grad_sq + 0.05 * tf.square(gradient)
+            delta = tf.sqrt(delta_sq + epsilon) / tf.sqrt(grad_sq + epsilon) * gradient
+            return factor - rate * delta, (grad_sq, 0.95 * delta_sq + 0.05 * tf.square(delta))
+        first, second = slots  # adam
+        first = first + (gradient - first) * 0.1
+        second = second + (tf.square(gradient) - second) * 0.001
+        step = tf.cast(count + 1, self.dtype)
+        alpha = rate * tf.sqrt(1 - tf.pow(0.999, step)) / (1 - tf.pow(0.9, step))
+        return factor - alpha * first / (tf.sqrt(second) + epsilon), (first, second)
+
+    def _step(self, state):
+        """One step of every grid point. Grid points never mix (column g of X K and of X^T R
+        depends on grid point g alone), so a diverged point needs no masking: it is only
+        marked, at the first iteration its loss is NaN or above the blow-up bound."""
+        factors, slots, diverged_at, count = state
+        losses, gradients = self._gradients(list(factors))
+        healthy = (losses <= self._bound) | (diverged_at >= 0)  # False for NaN losses
+        diverged_at = tf.where(healthy, diverged_at, count)
+        updates = [self._apply(f, g, s, count) for f, g, s in zip(factors, gradients, slots)]
+        return tuple(u[0] for u in updates), tuple(u[1] for u in updates), diverged_at, count + 1
+
+    def _chunk(self, steps):
+        state = (
+            tuple(tf.convert_to_tensor(f) for f in self.factors),
+            tuple(tuple(tf.convert_to_tensor(v) for v in slots) for slots in self._slots),
+            tf.convert_to_tensor(self._diverged_at),
+            tf.convert_to_tensor(self._step_count),
+        )
+        for _ in tf.range(steps // UNROLL):
+            for _ in range(UNROLL):
+                state = self._step(state)
+        for _ in tf.range(steps % UNROLL):
+            state = self._step(state)
+        factors, slots, diverged_at, count = state
+        for variable, value in zip(self.factors, factors):
+            variable.assign(value)
+        for variables, values in zip(self._slots, slots):
+            for variable, value in zip(variables, values):
+                variable.assign(value)
+        self._diverged_at.assign(diverged_at)
+        self._step_count.assign(count)
+        return self._reported(self.loss(), diverged_at)
+
+    def _reported(self, losses, diverged_at):
+        """Losses with NaN where a grid point diverged (also where this loss is the bad one)."""
+        healthy = (diverged_at < 0) & (losses <= self._bound)
+        return tf.where(healthy, losses, tf.constant(math.nan, self.dtype))
+
+    def advance(self, steps):
+        """Runs `steps` iterations; returns the grid's losses after them (NaN where diverged)."""
+        return self._run_chunk(tf.constant(steps, tf.int64)).numpy()
+
+    @property
+    def iteration(self):
+        return int(self._step_count.numpy())
+
+    def diagnostics(self):
+        """Per grid point: end-to-end singular values (grid, min(inputs, units)), the effective
+        learning-rate factor ||W_e||^{2-2/N} of eq. 27 (spectral norm), and the relative
+        balancedness of the chain (0 for a single matrix)."""
+        singular_values = tf.linalg.svd(self.kernel(), compute_uv=False).numpy()
+        effective = singular_values[:, 0] ** (2.0 - 2.0 / self.spec.depth)
+        _, relative = chain_balancedness([tf.cast(f, tf.float64) for f in self.factors])
+        return singular_values, effective, relative.numpy()
+
+    def run(self, iterations, schedule=None, on_log=None):
+        """Trains for `iterations` steps, logging at `schedule` (default `log_schedule`).
+
+        `on_log(trainer, iteration, losses)` is called at each logged iteration (for progress
+        bars and TensorBoard). Returns a `GridResult`.
+        """
+        schedule = log_schedule(iterations) if schedule is None else np.asarray(schedule)
+        logged = []
+        for target in schedule:
+            if target > self.iteration:
+                losses = self.advance(int(target) - self.iteration)
+            else:
+                losses = self._reported(self.loss(), self._diverged_at).numpy()
+            logged.append(losses)
+            if on_log is not None:
+                on_log(self, int(target), losses)
+        return GridResult(
+            learning_rates=self.learning_rates,
+            seeds=self.seeds,
+            iterations=np.asarray(schedule, dtype=np.int64),
+            losses=np.asarray(logged, dtype=np.float64),
+            diverged_at=self._diverged_at.numpy(),
+            kernels=self.kernel().numpy(),
+        )
+
+
+def _abs_power(values, p, signed=False):
+    """|values|^p, or sign(values) |values|^p if `signed`; an integer p multiplies, which is
+    several times faster than `tf.pow`."""
+    if float(p) != int(p):
+        result = tf.pow(tf.abs(values), p)
+        return result * tf.sign(values) if signed else result
+    p = int(p)
+    natural = (p % 2 == 1) == signed  # values^p is already the wanted value
+    result, base = None, values if natural else tf.abs(values)
+    while p:
+        if p & 1:
+            result = base if result is None else result * base
+        p >>= 1
+        if p:
+            base = base * base
+    result = tf.ones_like(values) if result is None else result
+    return result if natural or not signed else result * tf.sign(values)
+
+
+def _seeded(initializer, seed):
+    """A copy of a (serialisable) initializer with `seed`, if it takes one."""
+    from tf_overparam import initializers
+
+    initializer = initializers.get(initializer)
+    config = initializer.get_config()
+    if "seed" in config:
+        return initializer.__class__.from_config({**config, "seed": seed})
+    return initializer
+
+
+def _initial_chain(spec, seed, inputs, units):
+    """The initial matrices of one grid point: the chain's factors, or for the end-to-end
+    rule the end-to-end kernel of the chain it emulates (float64 NumPy arrays)."""
+    widths = [inputs, *resolve_hidden_units(spec.hidden_units, spec.depth, units), units]
+    chain = initialize_chain(_seeded(spec.initializer, seed), list(zip(widths[:-1], widths[1:])), dtype="float64")
+    chain = [np.asarray(f) for f in chain]
+    if spec.update == "end_to_end" and spec.depth > 1:
+        return [np.asarray(chain_product(chain))]
+    return chain
