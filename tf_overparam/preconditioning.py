@@ -60,9 +60,19 @@ def _singular_value_powers(s, depth):
     return tf.pow(s[tf.newaxis], tf.reshape(exponents, [depth] + [1] * s.shape.rank))
 
 
+def _without_rounding_noise(s, rows, cols):
+    """Singular values below the rounding level (max(a, b) eps s_max, NumPy's rank tolerance)
+    taken as exact zeros, as `_psd_power` does: a fractional power s^{2/N} would blow their
+    rounding error up (to ~eps^{1/4} relative at depth 8)."""
+    eps = tf.experimental.numpy.finfo(s.dtype.as_numpy_dtype).eps
+    noise = max(rows, cols) * eps * tf.reduce_max(s, axis=-1, keepdims=True)
+    return tf.where(s > noise, s, tf.zeros_like(s))
+
+
 def _svd_direction(kernel, grad, depth):
     rows, cols = kernel.shape[-2], kernel.shape[-1]
     s, u, v = tf.linalg.svd(kernel, full_matrices=False)
+    s = _without_rounding_noise(s, rows, cols)
     powers = _singular_value_powers(s, depth)  # powers[j-1] = s^{2(j-1)/N}
     weights = tf.reduce_sum(powers[:, ..., :, tf.newaxis] * powers[::-1, ..., tf.newaxis, :], axis=0)
     u_t_grad = tf.linalg.matmul(u, grad, adjoint_a=True)
@@ -87,7 +97,7 @@ def preconditioner_eigenvalues(kernel, depth):
     depth = check_depth(depth)
     kernel = tf.convert_to_tensor(kernel)
     rows, cols = kernel.shape[-2], kernel.shape[-1]
-    s = tf.linalg.svd(kernel, compute_uv=False)
+    s = _without_rounding_noise(tf.linalg.svd(kernel, compute_uv=False), rows, cols)
     pad = [[0, 0]] * (s.shape.rank - 1)
     left = _singular_value_powers(tf.pad(s, pad + [[0, rows - s.shape[-1]]]), depth)
     right = _singular_value_powers(tf.pad(s, pad + [[0, cols - s.shape[-1]]]), depth)

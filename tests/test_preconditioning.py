@@ -1,0 +1,257 @@
+"""Tests for tf_overparam.preconditioning (the end-to-end update direction, eq. 24, and the
+preconditioner of eq. 26), against an independent NumPy evaluation of
+
+    sum_{j=1..N} [W W^T]^{(j-1)/N} G [W^T W]^{(N-j)/N}
+
+through eigendecompositions of W W^T and W^T W (0^0 = 1 on null spaces)."""
+
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_overparam.preconditioning import (
+    _single_output_direction,
+    _svd_direction,
+    end_to_end_direction,
+    preconditioner_eigenvalues,
+    preconditioner_matrix,
+)
+
+# --- independent NumPy reference ---------------------------------------------------------------
+
+
+def psd_power(matrix, exponent):
+    """matrix^exponent of a symmetric PSD matrix; ^0 is the identity, also on the null space.
+
+    Eigenvalues below 1e-10 of the largest are exact zeros (the test kernels are built so that
+    every true non-zero squared singular value is far above that)."""
+    if exponent == 0:
+        return np.eye(len(matrix))
+    values, vectors = np.linalg.eigh(matrix)
+    values = np.where(values > 1e-10 * max(values.max(), 0.0), values, 0.0)
+    return (vectors * values**exponent) @ vectors.T
+
+
+def reference_direction(w, g, depth):
+    left, right = w @ w.T, w.T @ w
+    return sum(
+        psd_power(left, (j - 1) / depth) @ g @ psd_power(right, (depth - j) / depth) for j in range(1, depth + 1)
+    )
+
+
+def reference_eigenvalues(w, depth):
+    """lambda[r, r'] = sum_j s_r^{2(j-1)/N} s'_{r'}^{2(N-j)/N}, s and s' padded with zeros."""
+    a, b = w.shape
+    s = np.linalg.svd(w, compute_uv=False)
+    s = np.where(s > 1e-10 * max(s.max(), 0.0), s, 0.0)
+    left, right = np.zeros(a), np.zeros(b)
+    left[: len(s)], right[: len(s)] = s, s
+    # NumPy's 0.0 ** 0 is 1.
+    return sum(
+        left[:, None] ** (2 * (j - 1) / depth) * right[None, :] ** (2 * (depth - j) / depth)
+        for j in range(1, depth + 1)
+    )
+
+
+def _rank_deficient(rng, shape, rank):
+    return rng.normal(size=(shape[0], rank)) @ rng.normal(size=(rank, shape[1]))
+
+
+def _kernels():
+    """Named (a, b) kernels: single/multi output, square/wide/tall, rank-deficient, zero."""
+    rng = np.random.default_rng(0)
+    return {
+        "scalar": rng.normal(size=(1, 1)),
+        "column": rng.normal(size=(5, 1)),  # a Keras single-output kernel (inputs, 1)
+        "row": rng.normal(size=(1, 4)),
+        "square": rng.normal(size=(3, 3)),
+        "wide": rng.normal(size=(2, 5)),
+        "tall": rng.normal(size=(5, 2)),
+        "tall_rank1": _rank_deficient(rng, (4, 3), 1),
+        "wide_rank2": _rank_deficient(rng, (3, 5), 2),
+        "square_rank2": _rank_deficient(rng, (4, 4), 2),
+        "zero_multi": np.zeros((3, 4)),
+        "zero_single": np.zeros((4, 1)),
+        "repeated_singular_values": np.diag([2.0, 2.0, 0.5])[:, :2],
+    }
+
+
+KERNELS = _kernels()
+DEPTHS = [1, 2, 3, 4]
+
+
+def _grad(shape, seed=1):
+    return np.random.default_rng(seed).normal(size=shape)
+
+
+# --- direction vs reference vs explicit preconditioner ------------------------------------------
+# (Depths are looped inside the tests: each test item pays for conftest's clear_session.)
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_direction_matrix_and_eigenvalues_match_numpy_reference(name):
+    w = KERNELS[name]
+    g = _grad(w.shape)
+    u, _, vt = np.linalg.svd(w)  # full SVD: eigenvectors vec(u_r v_r'^T) of P
+    for depth in DEPTHS:
+        msg = f"{name}, depth {depth}"
+        expected = reference_direction(w, g, depth)
+        scale = max(np.abs(expected).max(), 1e-300)
+        direction = end_to_end_direction(tf.constant(w), tf.constant(g), depth).numpy()
+        # float64 throughout: agreement to 1e-12 relative to the direction's size.
+        np.testing.assert_allclose(direction, expected, rtol=0, atol=1e-12 * scale, err_msg=msg)
+
+        matrix = preconditioner_matrix(tf.constant(w), depth).numpy()
+        # Row-major vec: vec(direction) = P vec(G).
+        np.testing.assert_allclose((matrix @ g.reshape(-1)).reshape(w.shape), expected, rtol=0, atol=1e-12 * scale,
+                                   err_msg=msg)
+        size = max(np.abs(matrix).max(), 1.0)
+        # P is symmetric positive semidefinite.
+        np.testing.assert_allclose(matrix, matrix.T, atol=1e-12 * size, err_msg=msg)
+
+        eigenvalues = preconditioner_eigenvalues(tf.constant(w), depth).numpy()
+        assert eigenvalues.shape == w.shape
+        np.testing.assert_allclose(eigenvalues, reference_eigenvalues(w, depth), rtol=1e-12, atol=1e-12, err_msg=msg)
+        assert eigenvalues.min() >= 0
+        np.testing.assert_allclose(np.sort(eigenvalues.reshape(-1)), np.linalg.eigvalsh(matrix), rtol=0,
+                                   atol=1e-10 * size, err_msg=msg)
+        for r, rp in itertools.product(range(w.shape[0]), range(w.shape[1])):
+            vector = np.outer(u[:, r], vt[rp]).reshape(-1)
+            np.testing.assert_allclose(matrix @ vector, eigenvalues[r, rp] * vector, atol=1e-10 * size, err_msg=msg)
+
+
+def test_hand_computed_directions():
+    g = np.array([[1.0]])
+    # 1x1 kernel w = 4, depth 2: sum_j w^{2(j-1)/2} g w^{2(2-j)/2} = (4 + 4) g = 8 g.
+    np.testing.assert_allclose(end_to_end_direction(tf.constant([[4.0]], tf.float64), g, 2).numpy(), [[8.0]], rtol=1e-15)
+    # depth 3: 3 * 4^{4/3}.
+    np.testing.assert_allclose(end_to_end_direction(tf.constant([[4.0]], tf.float64), g, 3).numpy(),
+                               [[3 * 4 ** (4 / 3)]], rtol=1e-14)
+    # W = diag(4, 1), depth 2: entry [r, r'] of G is scaled by s_r + s_r' -> [[8, 5], [5, 2]].
+    w = np.diag([4.0, 1.0])
+    np.testing.assert_allclose(end_to_end_direction(tf.constant(w), tf.ones((2, 2), tf.float64), 2).numpy(),
+                               [[8.0, 5.0], [5.0, 2.0]], rtol=1e-14)
+    # W = [[4], [0]] (tall, rank 1), depth 2: the left null space e_2 gets weight s^{2(N-1)/N} = 4.
+    np.testing.assert_allclose(
+        end_to_end_direction(tf.constant([[4.0, 0.0]], tf.float64), tf.constant([[1.0, 1.0]], tf.float64), 2).numpy(),
+        [[8.0, 4.0]], rtol=1e-14)
+
+
+# --- structure ----------------------------------------------------------------------------------
+
+
+def test_transpose_consistency():
+    for name, depth in itertools.product(["column", "row", "wide", "tall", "tall_rank1", "square"], [2, 3, 4]):
+        w, g = KERNELS[name], _grad(KERNELS[name].shape, seed=2)
+        forward = end_to_end_direction(tf.constant(w), tf.constant(g), depth).numpy()
+        transposed = end_to_end_direction(tf.constant(w.T), tf.constant(g.T), depth).numpy()
+        np.testing.assert_allclose(transposed, forward.T, rtol=1e-12, atol=1e-12 * np.abs(forward).max(),
+                                   err_msg=f"{name}, depth {depth}")
+
+
+def test_depth_one_is_the_gradient():
+    w, g = KERNELS["wide"], _grad((2, 5))
+    np.testing.assert_array_equal(end_to_end_direction(tf.constant(w), tf.constant(g), 1).numpy(), g)
+    np.testing.assert_allclose(preconditioner_matrix(tf.constant(w), 1).numpy(), np.eye(10), atol=0)
+    np.testing.assert_array_equal(preconditioner_eigenvalues(tf.constant(w), 1).numpy(), np.ones((2, 5)))
+
+
+def test_single_output_closed_form_equals_svd_path():
+    for depth, shape in itertools.product([2, 3, 4], [(6, 1), (1, 6)]):
+        rng = np.random.default_rng(depth)
+        w, g = rng.normal(size=shape), rng.normal(size=shape)
+        closed = end_to_end_direction(tf.constant(w), tf.constant(g), depth).numpy()
+        svd = _svd_direction(tf.constant(w), tf.constant(g), depth).numpy()
+        np.testing.assert_allclose(closed, svd, rtol=1e-12, atol=1e-12 * np.abs(svd).max())
+        # Eq. 27 written out: ||w||^{2-2/N} (g + (N-1) <g, w>/||w||^2 w).
+        norm2 = np.sum(w**2)
+        eq27 = norm2 ** (1 - 1 / depth) * (g + (depth - 1) * np.sum(g * w) / norm2 * w)
+        np.testing.assert_allclose(closed, eq27, rtol=1e-13)
+        np.testing.assert_allclose(closed, reference_direction(w, g, depth), rtol=1e-12)
+
+
+def test_zero_kernel_is_a_fixed_point():
+    for depth, shape in itertools.product([2, 3, 4], [(5, 1), (1, 5), (1, 1), (3, 4)]):
+        g = _grad(shape)
+        direction = end_to_end_direction(tf.zeros(shape, tf.float64), tf.constant(g), depth).numpy()
+        np.testing.assert_array_equal(direction, np.zeros(shape))
+        assert np.all(np.isfinite(direction))
+    np.testing.assert_array_equal(_single_output_direction(tf.zeros((5, 1), tf.float64), tf.ones((5, 1), tf.float64), 2),
+                                  np.zeros((5, 1)))
+
+
+def test_non_finite_kernel_gives_nan_direction():
+    for shape, bad, depth in itertools.product([(4, 1), (1, 1), (3, 4)], [np.inf, -np.inf, np.nan], [2, 3]):
+        w = _grad(shape, seed=5)
+        w[0, 0] = bad
+        direction = end_to_end_direction(tf.constant(w), tf.constant(_grad(shape)), depth).numpy()
+        assert np.all(np.isnan(direction)), (shape, bad, depth)
+
+
+def test_batched_kernels_match_per_item_directions():
+    rng = np.random.default_rng(3)
+    for shape in [(2, 3, 4, 2), (3, 5, 1), (2, 1, 4), (4, 3, 3)]:
+        w, g = rng.normal(size=shape), rng.normal(size=shape)
+        w[0] = 0.0  # one zero kernel in the batch
+        if len(shape) == 4:
+            w[1, 1] = _rank_deficient(rng, shape[-2:], 1)
+        w[-1] *= 1e-3  # and a small one
+        for depth in [1, 2, 3, 4]:
+            direction = end_to_end_direction(tf.constant(w), tf.constant(g), depth).numpy()
+            eigenvalues = preconditioner_eigenvalues(tf.constant(w), depth).numpy()
+            assert direction.shape == shape and eigenvalues.shape == shape
+            for index in np.ndindex(*shape[:-2]):
+                expected = reference_direction(w[index], g[index], depth)
+                np.testing.assert_allclose(direction[index], expected, rtol=0,
+                                           atol=1e-12 * max(np.abs(expected).max(), 1e-300))
+                np.testing.assert_allclose(eigenvalues[index], reference_eigenvalues(w[index], depth), rtol=1e-12,
+                                           atol=1e-15)
+    # A non-finite kernel poisons only its own batch entry.
+    w, g = rng.normal(size=(3, 4, 2)), rng.normal(size=(3, 4, 2))
+    w[1, 0, 0] = np.inf
+    direction = end_to_end_direction(tf.constant(w), tf.constant(g), 3).numpy()
+    assert np.all(np.isnan(direction[1])) and np.all(np.isfinite(direction[[0, 2]]))
+    np.testing.assert_allclose(direction[2], reference_direction(w[2], g[2], 3), rtol=1e-12)
+
+
+def test_direction_is_linear_in_the_gradient():
+    w = KERNELS["tall"]
+    g1, g2 = _grad(w.shape, 1), _grad(w.shape, 2)
+    for depth in [2, 3]:
+        d = lambda g: end_to_end_direction(tf.constant(w), tf.constant(g), depth).numpy()  # noqa: E731
+        np.testing.assert_allclose(d(2.5 * g1 - g2), 2.5 * d(g1) - d(g2), rtol=1e-12, atol=1e-12)
+
+
+def test_float32_and_tf_function():
+    w, g = KERNELS["wide_rank2"], _grad((3, 5))
+    expected = reference_direction(w, g, 4)
+    fn = tf.function(lambda w, g: end_to_end_direction(w, g, 4))
+    direction = fn(tf.constant(w, tf.float32), tf.constant(g, tf.float32))
+    assert direction.dtype == tf.float32
+    # float32: agreement to 1e-5 of the direction's size, also for a rank-deficient kernel.
+    np.testing.assert_allclose(direction.numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    matrix = preconditioner_matrix(tf.constant(w, tf.float32), 4).numpy()
+    np.testing.assert_allclose((matrix @ g.reshape(-1)).reshape(w.shape), expected, rtol=0,
+                               atol=1e-5 * np.abs(expected).max())
+
+
+def test_rank_deficient_kernel_at_depth_8_is_accurate():
+    # s^{2/8} of a singular value at the rounding level (1e-16) would be 1e-4: rounding noise
+    # in the null space must count as zero, as in the exact maths.
+    w, g = KERNELS["tall_rank1"], _grad((4, 3))
+    expected = reference_direction(w, g, 8)
+    direction = end_to_end_direction(tf.constant(w), tf.constant(g), 8).numpy()
+    np.testing.assert_allclose(direction, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+    np.testing.assert_allclose(preconditioner_eigenvalues(tf.constant(w), 8).numpy(), reference_eigenvalues(w, 8),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="depth"):
+        end_to_end_direction(tf.ones((2, 2)), tf.ones((2, 2)), 0)
+    with pytest.raises(ValueError, match="depth"):
+        preconditioner_eigenvalues(tf.ones((2, 2)), 1.5)
+    with pytest.raises(ValueError, match="kernel"):
+        preconditioner_matrix(tf.ones((2, 2, 2)), 2)
