@@ -1,0 +1,126 @@
+"""The l_p toy of Section 7: GD's stability bound, its slow second coordinate, and the CLI."""
+
+import json
+import numpy as np
+import pytest
+
+from experiments import lp_toy
+
+
+def scalar_gd(p, eta, y, iterations):
+    """Delta <- Delta - (eta/2) Delta^{p-1} from Delta = -y, by hand (the averaged loss's GD)."""
+    deltas, delta = [], -y
+    for _ in range(iterations):
+        delta = delta - (eta / 2) * delta ** (p - 1)
+        deltas.append(delta)
+        if abs(delta) > 1e30:  # diverged; stop before overflowing
+            break
+    return np.array(deltas)
+
+
+def run_gd(config, rates):
+    rates = np.array(rates)
+    return lp_toy.run_method("gd", config, rates, lp_toy.log_checkpoints(config.iterations, 10))
+
+
+@pytest.mark.parametrize("p, y1", [(2, 10.0), (4, 10.0), (6, 10.0), (4, 30.0)])
+def test_gd_converges_just_below_the_bound_and_diverges_just_above(p, y1):
+    bound = 4.0 / y1 ** (p - 2)  # (eta/2) y1^{p-2} < 2, derived in the module docstring
+    assert lp_toy.stability_bound(p, y1) == pytest.approx(bound, rel=1e-15)
+    config = lp_toy.Config(p=p, y1=y1, y2=1.0, target=0.1, iterations=2000)
+    below, above = (1 - 1e-2) * bound, (1 + 1e-2) * bound
+    outcome = run_gd(config, [below, above])
+
+    assert outcome["diverged_at"][0] == -1
+    assert 0 < outcome["iterations_to_target"][0, 0] < config.iterations  # w1 gets and stays within 10%
+    expected = abs(scalar_gd(p, below, y1, config.iterations)[-1]) / y1
+    np.testing.assert_allclose(outcome["final_error"][0, 0], expected, rtol=1e-9, atol=1e-12)
+
+    assert outcome["diverged_at"][1] > 0
+    # By hand: |Delta_1| grows at every step above the bound (by 1.02 per step for p = 2).
+    assert np.all(np.diff(np.abs(scalar_gd(p, above, y1, 50))) > 0)
+    assert outcome["diverged_at"][1] < (400 if p == 2 else 10)
+    assert np.isnan(outcome["final_error"][1]).all()
+
+
+def test_second_coordinate_is_slow_at_the_largest_stable_rate():
+    config = lp_toy.Config(p=4, y1=10.0, y2=1.0, target=0.1, iterations=4000)
+    eta = 0.99 * lp_toy.stability_bound(4, 10.0)
+    outcome = run_gd(config, [eta])
+    first, second = outcome["iterations_to_target"][0]
+    by_hand = int(np.argmax(np.abs(scalar_gd(4, eta, 1.0, 10_000)) <= 0.1)) + 1
+    assert second == by_hand
+    assert second == pytest.approx(lp_toy.predicted_slow_iterations(4, eta, 1.0, 0.1), rel=0.01)
+    assert second > 50 * first  # w1 settles in a few dozen steps, w2 needs ~2500
+
+
+def test_end_to_end_rule_tracks_balanced_depth2_gd_at_a_small_rate():
+    config = lp_toy.Config(p=4, y1=10.0, y2=1.0, target=0.1, iterations=5000)
+    rates = np.array([3e-4])
+    checkpoints = lp_toy.log_checkpoints(config.iterations, 20)
+    depth2 = lp_toy.run_method("depth2", config, rates, checkpoints)
+    end_to_end = lp_toy.run_method("end_to_end", config, rates, checkpoints)
+    # The O(eta^2) per-step gap shifts the fast transient by a few steps; afterwards they agree.
+    np.testing.assert_allclose(end_to_end["history"][-4:], depth2["history"][-4:], rtol=0.01)
+    assert end_to_end["iterations_to_target"][0, 0] == pytest.approx(depth2["iterations_to_target"][0, 0], rel=0.02)
+
+
+def test_diverging_rates_are_recorded_not_raised():
+    config = lp_toy.Config(p=4, y1=10.0, y2=1.0, target=0.1, iterations=200)
+    outcome = lp_toy.run_method("end_to_end", config, np.array([10.0, 1e3]), lp_toy.log_checkpoints(200, 10))
+    assert (outcome["diverged_at"] > 0).all()
+    assert (outcome["iterations_to_target"] == -1).all()
+
+
+def test_cli_quick_writes_consistent_results(tmp_path):
+    results = lp_toy.main(["--quick", "--out", str(tmp_path)])
+    assert (tmp_path / "lp_toy.png").stat().st_size > 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    saved = json.loads((tmp_path / "results.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+    assert saved["bound"] == pytest.approx(4.0 / config["y1"] ** (config["p"] - 2))
+    assert saved["stability"]["below"]["diverged_at"] is None
+    assert saved["stability"]["above"]["diverged_at"] is not None
+    for method in lp_toy.METHODS:
+        summary = saved["methods"][method]
+        best = summary["best"]
+        assert best["iterations"] == max(best["iterations_per_coordinate"])
+        assert summary["iterations_to_target"][best["index"]] == best["iterations"]
+        assert best["iterations"] == min(n for n in summary["iterations_to_target"] if n is not None)
+        assert summary["diverged_at"][best["index"]] is None
+        curve = np.array(saved["curves"][method])
+        assert curve.shape == (2, len(saved["curves"]["iterations"]))
+        assert curve[:, -1].max() <= config["target"]
+    assert saved["methods"]["end_to_end"]["best"]["iterations"] < saved["methods"]["gd"]["best"]["iterations"]
+    assert saved["methods"]["gd"]["best"]["iterations"] == results["methods"]["gd"]["best"]["iterations"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"p": 3}, "p"),
+        ({"p": 0}, "p"),
+        ({"p": 4.0}, "p"),
+        ({"y1": 1.0, "y2": 2.0}, "y1"),
+        ({"y1": 1.0, "y2": 1.0}, "y1"),
+        ({"y2": 0.0}, "y2"),
+        ({"rates": (0.01, 0.0)}, "rates"),
+        ({"rates": (-1e-3,)}, "rates"),
+        ({"target": 0.0}, "target"),
+        ({"iterations": 0}, "iterations"),
+    ],
+)
+def test_bad_config_raises_naming_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        lp_toy.Config(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "argv, name",
+    [(["--p", "5"], "p"), (["--y1", "1", "--y2", "3"], "y1"), (["--rates", "0.01", "-0.1"], "rates")],
+)
+def test_bad_cli_arguments_exit_through_the_parser(argv, name, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lp_toy.main([*argv, "--out", str(tmp_path / "never")])
+    assert exit_info.value.code == 2
+    assert f"`{name}`" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
