@@ -30,9 +30,22 @@ def mnist_dir():
     return _shared_data_dir("mnist", "TF_OVERPARAM_MNIST_DIR")
 
 
+def _reset_keras():
+    keras.backend.clear_session()
+    keras.backend.set_floatx("float32")
+    keras.config.set_dtype_policy("float32")
+
+
 @pytest.fixture(autouse=True)
 def _clean_keras_state():
-    keras.backend.clear_session()
-    keras.mixed_precision.set_global_policy("float32")
+    _reset_keras()
     yield
-    keras.mixed_precision.set_global_policy("float32")
+    _reset_keras()
+
+
+@pytest.fixture
+def float64():
+    """Keras in float64 (floatx and the dtype policy) for sharp numerical comparisons."""
+    keras.backend.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    yield

@@ -28,7 +28,7 @@ from tf_overparam.layers import check_depth, resolve_hidden_units
 from tf_overparam.preconditioning import end_to_end_direction
 
 OPTIMIZERS = ("gd", "adagrad", "adadelta", "adam")
-UNROLL = 8  # steps per iteration of the compiled loop: fewer loop round trips
+UNROLL = 4  # steps per iteration of the compiled loop: fewer loop round trips, short traces
 UPDATES = ("chain", "end_to_end")
 
 
@@ -143,7 +143,7 @@ class FullBatchTrainer:
         self._step_count = tf.Variable(0, dtype=tf.int64)
         self._rates = tf.constant(self.learning_rates.reshape(-1, 1, 1), dtype=self.dtype)
         self._diverged_at = tf.Variable(-tf.ones(self.grid, dtype=tf.int64))
-        self._bound = tf.constant(blowup * self.loss().numpy(), dtype=self.dtype)
+        self.divergence_bound = tf.constant(blowup * self.loss().numpy(), dtype=self.dtype)
         self._run_chunk = tf.function(self._chunk)
 
     def _make_slots(self, factor):
@@ -219,7 +219,8 @@ class FullBatchTrainer:
         first = first + (gradient - first) * 0.1
         second = second + (tf.square(gradient) - second) * 0.001
         step = tf.cast(count + 1, self.dtype)
-        alpha = rate * tf.sqrt(1 - tf.pow(0.999, step)) / (1 - tf.pow(0.9, step))
+        beta_1, beta_2 = tf.constant(0.9, self.dtype), tf.constant(0.999, self.dtype)
+        alpha = rate * tf.sqrt(1 - tf.pow(beta_2, step)) / (1 - tf.pow(beta_1, step))
         return factor - alpha * first / (tf.sqrt(second) + epsilon), (first, second)
 
     def _step(self, state):
@@ -228,7 +229,7 @@ class FullBatchTrainer:
         marked, at the first iteration its loss is NaN or above the blow-up bound."""
         factors, slots, diverged_at, count = state
         losses, gradients = self._gradients(list(factors))
-        healthy = (losses <= self._bound) | (diverged_at >= 0)  # False for NaN losses
+        healthy = (losses <= self.divergence_bound) | (diverged_at >= 0)  # False for NaN losses
         diverged_at = tf.where(healthy, diverged_at, count)
         updates = [self._apply(f, g, s, count) for f, g, s in zip(factors, gradients, slots)]
         return tuple(u[0] for u in updates), tuple(u[1] for u in updates), diverged_at, count + 1
@@ -257,7 +258,7 @@ class FullBatchTrainer:
 
     def _reported(self, losses, diverged_at):
         """Losses with NaN where a grid point diverged (also where this loss is the bad one)."""
-        healthy = (diverged_at < 0) & (losses <= self._bound)
+        healthy = (diverged_at < 0) & (losses <= self.divergence_bound)
         return tf.where(healthy, losses, tf.constant(math.nan, self.dtype))
 
     def advance(self, steps):
@@ -272,7 +273,10 @@ class FullBatchTrainer:
         """Per grid point: end-to-end singular values (grid, min(inputs, units)), the effective
         learning-rate factor ||W_e||^{2-2/N} of eq. 27 (spectral norm), and the relative
         balancedness of the chain (0 for a single matrix)."""
-        singular_values = tf.linalg.svd(self.kernel(), compute_uv=False).numpy()
+        kernel = self.kernel()
+        finite = tf.reduce_all(tf.math.is_finite(kernel), axis=(1, 2))
+        safe = tf.where(finite[:, tf.newaxis, tf.newaxis], kernel, tf.zeros_like(kernel))
+        singular_values = tf.where(finite[:, tf.newaxis], tf.linalg.svd(safe, compute_uv=False), math.nan).numpy()
         effective = singular_values[:, 0] ** (2.0 - 2.0 / self.spec.depth)
         _, relative = chain_balancedness([tf.cast(f, tf.float64) for f in self.factors])
         return singular_values, effective, relative.numpy()

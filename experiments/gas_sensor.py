@@ -1,0 +1,408 @@
+"""Reproduces the paper's regression figures on the UCI gas sensor Ethanol problem.
+
+    python -m experiments.gas_sensor --data-dir ../shared/data/gas_sensor [--figure all]
+
+Figures (Arora, Cohen & Hazan 2018, Section 8 and the authors' blog; NOTES.md):
+- depth:      l2 and l4 loss, depths 1-4 with hidden width 1 and a wide one, and next to
+              depths 2 and 3 the end-to-end update rule (eq. 24) on a single matrix;
+- lr-grid:    for every configuration, the final loss over the learning-rate grid, and the
+              best rate (the fastest to the shared target loss);
+- optimizers: l4: GD depth 1/2/3, AdaGrad, AdaDelta, Adam depth 1 and 2, each at its best rate;
+- init:       l4: near-zero versus identity (linear residual) initialisation of deep chains.
+
+All runs are full-batch, no bias (features and target are z-scored), and train every point
+of the learning-rate grid together (`tf_overparam.fullbatch`). A run folder holds
+config.json, results.json (rewritten atomically after every configuration), one PNG per
+figure and TensorBoard logs (`tensorboard --logdir <run folder>/tensorboard`).
+"""
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+
+import keras
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from experiments._common import make_run_dir, write_json_atomic  # noqa: E402
+from tf_overparam import initializers  # noqa: E402
+from tf_overparam.datasets import gas_sensor  # noqa: E402
+from tf_overparam.fullbatch import ChainSpec, FullBatchTrainer, log_schedule  # noqa: E402
+
+FIGURES = ("depth", "lr-grid", "optimizers", "init")
+TARGET_FACTORS = (4.0, 2.0, 1.0)  # targets: these multiples of depth-1 GD's best final loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """What to run. `iterations` is the horizon of every run (the paper's l4 figure: 10^6)."""
+
+    figures: tuple = FIGURES
+    iterations: int = 1_000_000
+    grid_points: int = 9
+    # log10 range of the learning-rate grid per (optimizer, loss p); the stable GD rates end
+    # near 2 / curvature: ~3e-2 for l2 and ~5e-3 for l4 on this data.
+    grid_decades: tuple = (
+        ("gd", 2, -3.0, -1.0),
+        ("gd", 4, -4.0, -2.0),
+        ("adagrad", 4, -4.0, 0.0),
+        ("adam", 4, -4.0, 0.0),
+        ("adadelta", 4, -2.0, 2.0),
+    )
+    seeds: tuple = (0,)
+    depths: tuple = (1, 2, 3, 4)
+    wide_units: int = 16
+    init_stddev: float = 0.01
+    log_points: int = 600
+    data_dir: str = None
+    out: str = None
+
+    @classmethod
+    def quick(cls, **overrides):
+        """CI scale: a short horizon and a coarse grid."""
+        quick = dict(iterations=2000, grid_points=4, depths=(1, 2), wide_units=4, log_points=40)
+        return cls(**{**quick, **overrides})
+
+    def learning_rates(self, spec):
+        """The log grid of learning rates for a configuration."""
+        for optimizer, p, low, high in self.grid_decades:
+            if optimizer == spec.optimizer and p == spec.p:
+                return np.logspace(low, high, self.grid_points)
+        raise ValueError(f"no learning-rate grid for optimizer {spec.optimizer!r} with l{spec.p:g} loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One configuration: a named `ChainSpec` under loss l_p."""
+
+    name: str
+    label: str
+    spec: ChainSpec
+
+
+def configurations(config):
+    """Every configuration the selected figures need, keyed by figure, in run order."""
+    near_zero = initializers.NearZero(config.init_stddev)
+    deep = [d for d in config.depths if d > 1]
+
+    def gd(p, depth, width=1, update="chain", optimizer="gd", init=near_zero, tag=""):
+        kind = {"chain": optimizer, "end_to_end": "e2e"}[update]
+        width_tag = f"-w{width}" if depth > 1 and update == "chain" else ""
+        name = f"l{p:g}/{kind}-d{depth}{width_tag}{tag}"
+        label = f"{'eq. 24 ' if update == 'end_to_end' else optimizer.upper() + ' '}depth {depth}"
+        label += f", width {width}" if width_tag else ""
+        label += tag.replace("-", ", ")
+        spec = ChainSpec(depth=depth, hidden_units=width, update=update, optimizer=optimizer, initializer=init, p=p)
+        return RunConfig(name, label, spec)
+
+    figures = {}
+    if "depth" in config.figures or "lr-grid" in config.figures:
+        figures["depth"] = [
+            run
+            for p in (2, 4)
+            for run in [gd(p, 1)]
+            + [gd(p, d, w) for w in (1, config.wide_units) for d in deep]
+            + [gd(p, d, update="end_to_end") for d in deep[:2]]
+        ]
+    if "optimizers" in config.figures:
+        figures["optimizers"] = [gd(4, 1)] + [gd(4, d) for d in deep[:2]] + [
+            gd(4, 1, optimizer="adagrad"),
+            gd(4, 1, optimizer="adadelta"),
+            gd(4, 1, optimizer="adam"),
+            gd(4, 2, optimizer="adam"),
+        ]
+    if "init" in config.figures:
+        identity = initializers.Identity()
+        figures["init"] = [gd(4, 1)] + [
+            run for d in deep for run in (gd(4, d), gd(4, d, init=identity, tag="-identity"))
+        ]
+    return figures
+
+
+def iterations_to_reach(iterations, losses, target):
+    """The first logged iteration at which `losses` <= `target`, or None."""
+    reached = np.flatnonzero(np.nan_to_num(losses, nan=np.inf) <= target)
+    return int(iterations[reached[0]]) if reached.size else None
+
+
+def summarize(result, targets):
+    """Per-configuration summary of a `GridResult`: best rate (fastest to the last reachable
+    target, ties and misses by final loss), final losses and iterations to each target."""
+    final = result.losses[-1]
+    finite = np.isfinite(final)
+    if not finite.any():
+        return {"diverged": True, "best_learning_rate": None, "final_loss": None, "iterations_to_target": {}}
+
+    def rank(g):
+        reached = [iterations_to_reach(result.iterations, result.losses[:, g], t) for t in targets]
+        hardest = next((i for i in range(len(targets) - 1, -1, -1) if reached[i] is not None), -1)
+        return (-hardest, reached[hardest] if hardest >= 0 else 0, final[g])
+
+    best = min(np.flatnonzero(finite), key=rank)
+    curve = result.losses[:, best]
+    return {
+        "diverged": False,
+        "best_learning_rate": float(result.learning_rates[best]),
+        "best_seed": int(result.seeds[best]),
+        "final_loss": float(final[best]),
+        "iterations_to_target": {f"{t:.6g}": iterations_to_reach(result.iterations, curve, t) for t in targets},
+    }
+
+
+def _grid_table(result):
+    return {
+        "learning_rates": result.learning_rates,
+        "seeds": result.seeds,
+        "final_losses": [None if not math.isfinite(v) else float(v) for v in result.losses[-1]],
+        "diverged_at": [None if v < 0 else int(v) for v in result.diverged_at],
+    }
+
+
+class TensorBoardLogger:
+    """Writes one TensorBoard run per grid point: loss, effective learning rate
+    eta ||W_e||^{2-2/N} (eq. 27), relative balancedness, and W_e's singular values."""
+
+    def __init__(self, root, run, learning_rates, seeds, diagnostics_every):
+        self.writers = [
+            tf.summary.create_file_writer(str(root / run.name / f"lr_{rate:.3g}_seed_{seed}"))
+            for rate, seed in zip(learning_rates, seeds)
+        ]
+        self.learning_rates = learning_rates
+        self.diagnostics_every = diagnostics_every
+        self.calls = 0
+
+    def __call__(self, trainer, iteration, losses):
+        with_diagnostics = self.calls % self.diagnostics_every == 0
+        self.calls += 1
+        if with_diagnostics:
+            singular_values, effective, balancedness = trainer.diagnostics()
+        for g, writer in enumerate(self.writers):
+            if not math.isfinite(losses[g]):
+                continue
+            with writer.as_default(step=iteration):
+                tf.summary.scalar("loss", losses[g])
+                if with_diagnostics:
+                    tf.summary.scalar("effective_learning_rate", self.learning_rates[g] * effective[g])
+                    tf.summary.scalar("balancedness", balancedness[g])
+                    tf.summary.histogram("end_to_end_singular_values", singular_values[g])
+
+    def close(self):
+        for writer in self.writers:
+            writer.close()
+
+
+def run_configuration(run, data, config, run_dir, progress):
+    """Trains one configuration over the whole grid; returns its `GridResult`."""
+    trainer = FullBatchTrainer(data.x, data.y, run.spec, config.learning_rates(run.spec), seeds=config.seeds)
+    schedule = log_schedule(config.iterations, config.log_points)
+    logger = TensorBoardLogger(
+        run_dir / "tensorboard", run, trainer.learning_rates, trainer.seeds, max(1, len(schedule) // 50)
+    )
+    last = [0]
+
+    def on_log(trainer, iteration, losses):
+        logger(trainer, iteration, losses)
+        progress.update(iteration - last[0])
+        last[0] = iteration
+
+    try:
+        return trainer.run(config.iterations, schedule=schedule, on_log=on_log)
+    finally:
+        logger.close()
+
+
+def plot_curves(path, title_runs, results, summaries):
+    """One panel per (title, runs): each configuration's curve at its best learning rate."""
+    fig, axes = plt.subplots(1, len(title_runs), figsize=(7 * len(title_runs), 5), squeeze=False)
+    for ax, (title, runs) in zip(axes[0], title_runs):
+        for i, run in enumerate(runs):
+            summary = summaries[run.name]
+            if summary["diverged"]:
+                continue
+            result = results[run.name]
+            g = _best_index(result, summary)
+            style = "--" if "-w" in run.name and not run.name.endswith("-w1") else ":" if "e2e" in run.name else "-"
+            ax.plot(
+                result.iterations[1:], result.losses[1:, g], style, color=f"C{i % 10}",
+                label=f"{run.label} (lr {summary['best_learning_rate']:.2g})",
+            )
+        ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("training loss")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_lr_grid(path, title_runs, results):
+    """Final loss against learning rate for every configuration; diverged rates marked x."""
+    fig, axes = plt.subplots(1, len(title_runs), figsize=(7 * len(title_runs), 5), squeeze=False)
+    for ax, (title, runs) in zip(axes[0], title_runs):
+        for i, run in enumerate(runs):
+            result = results[run.name]
+            rates, final = result.learning_rates, result.losses[-1]
+            ax.plot(rates, final, "o-", color=f"C{i % 10}", label=run.label, markersize=4)
+            diverged = ~np.isfinite(final)
+            if diverged.any():
+                top = np.nanmax(result.losses[0]) * 1.5
+                ax.plot(rates[diverged], np.full(diverged.sum(), top), "x", color=f"C{i % 10}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("learning rate (x: diverged)")
+        ax.set_ylabel("final training loss")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _best_index(result, summary):
+    return int(
+        np.flatnonzero(
+            (result.learning_rates == summary["best_learning_rate"]) & (result.seeds == summary["best_seed"])
+        )[0]
+    )
+
+
+def add_targets_and_ratios(summaries, results, runs_by_loss):
+    """Shared targets per loss (multiples of depth-1 GD's best final loss) and every
+    configuration's acceleration ratio: depth-1 iterations / its iterations, per target."""
+    table = {}
+    for p, runs in runs_by_loss.items():
+        baseline = f"l{p:g}/gd-d1"
+        if baseline not in results:
+            continue
+        finals = results[baseline].losses[-1]
+        if not np.isfinite(finals).any():
+            continue
+        targets = [factor * float(np.nanmin(finals)) for factor in TARGET_FACTORS]
+        for run in runs:
+            summaries[run.name].update(summarize(results[run.name], targets))
+        base_iterations = summaries[baseline]["iterations_to_target"]
+        for run in runs:
+            own = summaries[run.name]["iterations_to_target"]
+            summaries[run.name]["acceleration_vs_depth1"] = {
+                key: (base_iterations[key] / own[key]) if own.get(key) and base_iterations.get(key) else None
+                for key in base_iterations
+            }
+        table[f"l{p:g}"] = targets
+    return table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--figure", choices=FIGURES + ("all",), default="all", help="which figure (default all)")
+    parser.add_argument("--iterations", type=int, help="full-batch iterations per run (default 1e6)")
+    parser.add_argument("--seeds", type=int, default=1, help="number of initialisation seeds (default 1)")
+    parser.add_argument("--out", help="output folder (default runs/gas_sensor/<UTC time>)")
+    parser.add_argument("--data-dir", help=f"folder of UCI batch*.dat files (or set {gas_sensor.ENV_VAR})")
+    parser.add_argument("--download", action="store_true", help="download the UCI archive if no data is found")
+    parser.add_argument("--quick", action="store_true", help="CI scale: a short horizon and a coarse grid")
+    args = parser.parse_args(argv)
+    if args.iterations is not None and args.iterations < 1:
+        parser.error(f"--iterations must be a positive int, got {args.iterations}")
+    if args.seeds < 1:
+        parser.error(f"--seeds must be a positive int, got {args.seeds}")
+
+    overrides = dict(
+        figures=FIGURES if args.figure == "all" else (args.figure,),
+        seeds=tuple(range(args.seeds)), data_dir=args.data_dir, out=args.out,
+    )
+    if args.iterations is not None:
+        overrides["iterations"] = args.iterations
+    config = Config.quick(**overrides) if args.quick else Config(**overrides)
+
+    data = gas_sensor.load_ethanol(config.data_dir, download=args.download)
+    run_dir = make_run_dir(config.out, "gas_sensor")
+    print(f"data: {data.description}\nfrom: {data.source}\noutput: {run_dir}")
+    write_json_atomic(run_dir / "config.json", {**_jsonable(config), "data": data.description})
+
+    figures = configurations(config)
+    runs = list({run.name: run for figure_runs in figures.values() for run in figure_runs}.values())
+    runs_by_loss = {p: [r for r in runs if r.spec.p == p] for p in sorted({r.spec.p for r in runs})}
+    results, summaries, started = {}, {}, time.time()
+    progress = tqdm(total=config.iterations * len(runs), unit="it", unit_scale=True, file=sys.stdout, mininterval=5)
+    for run in runs:
+        progress.set_description(run.name)
+        run_started = time.time()
+        results[run.name] = run_configuration(run, data, config, run_dir, progress)
+        summaries[run.name] = {
+            "label": run.label, "loss_p": run.spec.p, "spec": _jsonable(run.spec),
+            "grid": _grid_table(results[run.name]), "seconds": time.time() - run_started,
+        }
+        targets = add_targets_and_ratios(summaries, results, {p: [r for r in rs if r.name in results] for p, rs in runs_by_loss.items()})
+        _write_results(run_dir, data, config, summaries, targets, results, time.time() - started)
+    progress.close()
+
+    _plot_figures(run_dir, config, figures, results, summaries)
+    _print_summary(summaries, targets, time.time() - started)
+    return run_dir
+
+
+def _write_results(run_dir, data, config, summaries, targets, results, seconds):
+    curves = {}
+    for name, summary in summaries.items():
+        if summary.get("best_learning_rate") is not None:
+            g = _best_index(results[name], summary)
+            curves[name] = {"iterations": results[name].iterations, "loss": results[name].losses[:, g]}
+    write_json_atomic(
+        run_dir / "results.json",
+        {
+            "data": data.description, "batches": list(data.batches), "rows": int(data.x.shape[0]),
+            "iterations": config.iterations, "targets": targets, "seconds": seconds,
+            "configurations": summaries, "best_curves": curves,
+        },
+    )
+
+
+def _plot_figures(run_dir, config, figures, results, summaries):
+    def by_loss(runs):
+        return [(f"l{p} loss", [r for r in runs if r.spec.p == p]) for p in (2, 4) if any(r.spec.p == p for r in runs)]
+
+    if "depth" in config.figures and "depth" in figures:
+        plot_curves(run_dir / "depth.png", by_loss(figures["depth"]), results, summaries)
+    if "lr-grid" in config.figures:
+        plot_lr_grid(run_dir / "lr_grid.png", by_loss(figures["depth"]), results)
+    if "optimizers" in figures:
+        plot_curves(run_dir / "optimizers.png", [("l4 loss: optimizers", figures["optimizers"])], results, summaries)
+    if "init" in figures:
+        plot_curves(run_dir / "init.png", [("l4 loss: near-zero vs identity init", figures["init"])], results, summaries)
+
+
+def _print_summary(summaries, targets, seconds):
+    print(f"\n{'configuration':28s} {'best lr':>9s} {'final loss':>11s}  acceleration vs depth 1 at targets")
+    for name, s in summaries.items():
+        if s.get("diverged") or s.get("best_learning_rate") is None:
+            print(f"{name:28s} {'diverged':>9s}")
+            continue
+        ratios = " ".join("-" if r is None else f"{r:6.2f}" for r in s.get("acceleration_vs_depth1", {}).values())
+        print(f"{name:28s} {s['best_learning_rate']:9.2g} {s['final_loss']:11.4g}  {ratios}")
+    for loss, values in targets.items():
+        print(f"targets {loss}: " + ", ".join(f"{v:.4g}" for v in values))
+    print(f"total time: {seconds:.0f} s")
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, keras.initializers.Initializer):
+        return keras.initializers.serialize(obj)
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+if __name__ == "__main__":
+    main()
