@@ -106,7 +106,7 @@ def configurations(config):
     if "depth" in config.figures or "lr-grid" in config.figures:
         figures["depth"] = [
             run
-            for p in (2, 4)
+            for p in (4, 2)  # the headline (l4) first
             for run in [gd(p, 1)]
             + [gd(p, d, w) for w in (1, config.wide_units) for d in deep]
             + [gd(p, d, update="end_to_end") for d in deep[:2]]
