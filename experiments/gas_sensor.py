@@ -80,11 +80,12 @@ class Config:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """One configuration: a named `ChainSpec` under loss l_p."""
+    """One configuration: a named `ChainSpec` (its loss l_p inside), a label and a line style."""
 
     name: str
     label: str
     spec: ChainSpec
+    style: str = "-"
 
 
 def configurations(config):
@@ -100,7 +101,8 @@ def configurations(config):
         label += f", width {width}" if width_tag else ""
         label += tag.replace("-", ", ")
         spec = ChainSpec(depth=depth, hidden_units=width, update=update, optimizer=optimizer, initializer=init, p=p)
-        return RunConfig(name, label, spec)
+        style = ":" if update == "end_to_end" else "--" if width_tag and width > 1 else "-"
+        return RunConfig(name, label, spec, style)
 
     figures = {}
     if "depth" in config.figures or "lr-grid" in config.figures:
@@ -218,54 +220,51 @@ def run_configuration(run, data, config, run_dir, progress):
         logger.close()
 
 
-def plot_curves(path, title_runs, results, summaries):
-    """One panel per (title, runs): each configuration's curve at its best learning rate."""
+def _plot_panels(path, title_runs, draw_run, xlabel, ylabel, log_x=False):
+    """One panel per (title, runs); `draw_run(ax, color, run)` draws one configuration."""
     fig, axes = plt.subplots(1, len(title_runs), figsize=(7 * len(title_runs), 5), squeeze=False)
     for ax, (title, runs) in zip(axes[0], title_runs):
         for i, run in enumerate(runs):
-            summary = summaries[run.name]
-            if summary["diverged"]:
-                continue
-            result = results[run.name]
-            g = _best_index(result, summary)
-            style = "--" if "-w" in run.name and not run.name.endswith("-w1") else ":" if "e2e" in run.name else "-"
-            ax.plot(
-                result.iterations[1:], result.losses[1:, g], style, color=f"C{i % 10}",
-                label=f"{run.label} (lr {summary['best_learning_rate']:.2g})",
-            )
+            draw_run(ax, f"C{i % 10}", run)
+        if log_x:
+            ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("training loss")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_lr_grid(path, title_runs, results):
-    """Final loss against learning rate for every configuration; diverged rates marked x."""
-    fig, axes = plt.subplots(1, len(title_runs), figsize=(7 * len(title_runs), 5), squeeze=False)
-    for ax, (title, runs) in zip(axes[0], title_runs):
-        for i, run in enumerate(runs):
-            result = results[run.name]
-            rates, final = result.learning_rates, result.losses[-1]
-            ax.plot(rates, final, "o-", color=f"C{i % 10}", label=run.label, markersize=4)
-            diverged = ~np.isfinite(final)
-            if diverged.any():
-                top = np.nanmax(result.losses[0]) * 1.5
-                ax.plot(rates[diverged], np.full(diverged.sum(), top), "x", color=f"C{i % 10}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("learning rate (x: diverged)")
-        ax.set_ylabel("final training loss")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_curves(path, title_runs, results, summaries):
+    """Each configuration's loss curve at its best learning rate."""
+
+    def draw(ax, color, run):
+        summary = summaries[run.name]
+        if summary.get("best_learning_rate") is None:
+            return
+        result, g = results[run.name], _best_index(results[run.name], summary)
+        label = f"{run.label} (lr {summary['best_learning_rate']:.2g})"
+        ax.plot(result.iterations[1:], result.losses[1:, g], run.style, color=color, label=label)
+
+    _plot_panels(path, title_runs, draw, "iteration", "training loss")
+
+
+def plot_lr_grid(path, title_runs, results):
+    """Final loss against learning rate for every configuration; diverged rates marked x."""
+
+    def draw(ax, color, run):
+        result = results[run.name]
+        rates, final = result.learning_rates, result.losses[-1]
+        ax.plot(rates, final, "o" + run.style, color=color, label=run.label, markersize=4)
+        diverged = ~np.isfinite(final)
+        if diverged.any():
+            ax.plot(rates[diverged], np.full(diverged.sum(), 1.5 * np.nanmax(result.losses[0])), "x", color=color)
+
+    _plot_panels(path, title_runs, draw, "learning rate (x: diverged)", "final training loss", log_x=True)
 
 
 def _best_index(result, summary):
