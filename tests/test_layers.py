@@ -104,6 +104,46 @@ def test_to_dense_computes_the_same_function():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(dense(x)), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("initializer", ["balanced", "near_zero", "identity"])
+def test_works_inside_a_subclassed_model(initializer):
+    # A subclassed model builds its layers inside a traced call (shape inference): the chain must
+    # still be drawn once, eagerly, and be the one the variables hold.
+    initializer = {"balanced": to.initializers.Balanced(keras.initializers.RandomNormal(stddev=0.5)),
+                   "near_zero": to.initializers.NearZero(0.3), "identity": to.initializers.Identity(0.9)}[initializer]
+
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.deep = to.OverparamDense(3, depth=3, hidden_units=[4, 4], factor_initializer=initializer)
+
+        def call(self, inputs):
+            return self.deep(inputs)
+
+    model = Sub()
+    x = np.random.default_rng(7).normal(size=(5, 6)).astype("float32")
+    out = keras.ops.convert_to_numpy(model(x))
+    np.testing.assert_allclose(out, _numpy_forward(model.deep, x), rtol=1e-5, atol=1e-6)
+    if isinstance(initializer, to.initializers.Balanced):
+        # An unseeded Balanced draw, yet one chain: balanced to float32 rounding.
+        assert to.diagnostics.balancedness(model.deep).relative < 1e-5
+    if isinstance(initializer, to.initializers.Identity):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(model.deep.kernel), 0.9**3 * np.eye(6, 3), rtol=1e-6)
+    model.compile(keras.optimizers.SGD(0.01), loss="mse")
+    before = model.evaluate(x, 0 * x[:, :3], verbose=0)
+    model.fit(x, 0 * x[:, :3], epochs=3, verbose=0)
+    assert model.evaluate(x, 0 * x[:, :3], verbose=0) < before
+
+
+@pytest.mark.parametrize("initializer", ["near_zero", "glorot_uniform", keras.initializers.RandomNormal()])
+def test_unseeded_initializers_draw_each_factor_independently(initializer):
+    layer = to.OverparamDense(3, depth=4, factor_initializer=initializer)
+    layer.build((None, 3))
+    values = [f.numpy() for f in layer.factors]  # four 3x3 factors
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not np.allclose(values[i], values[j]), (i, j)
+
+
 # --- argument checks ----------------------------------------------------------------------------
 
 

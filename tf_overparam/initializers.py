@@ -159,6 +159,8 @@ def initialize_chain(initializer, shapes, dtype=None):
 
     A `ChainInitializer` draws the whole chain. A plain Keras initializer draws each factor
     on its own; a seeded one gets seed + j for factor j, so equal shapes get different values.
+    An unseeded Keras initializer fixes a random seed when it is made (every call gives the same
+    values), so each factor gets a fresh instance.
     """
     initializer = get(initializer)
     if isinstance(initializer, ChainInitializer):
@@ -168,5 +170,7 @@ def initialize_chain(initializer, shapes, dtype=None):
     for j, shape in enumerate(shapes):
         if isinstance(config.get("seed"), int):
             initializer = initializer.__class__.from_config({**config, "seed": config["seed"] + j})
+        elif j > 0 and "seed" in config and config["seed"] is None:
+            initializer = initializer.__class__.from_config(config)
         values.append(initializer(shape, dtype=dtype))
     return values

@@ -1,6 +1,7 @@
 """`OverparamDense`: a `Dense` layer whose kernel is a product of `depth` factor matrices."""
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from tf_overparam import initializers as chain_initializers
@@ -111,18 +112,29 @@ class OverparamDense(keras.layers.Layer):
             raise ValueError("The last dimension of the inputs to `OverparamDense` must be known.")
         widths = [input_dim, *self.hidden_units, self.units]
         shapes = list(zip(widths[:-1], widths[1:]))
-        values = chain_initializers.initialize_chain(
-            self.factor_initializer, shapes, dtype=self.variable_dtype
-        )
+        chain = []
+
+        def initial_value(j, dtype):
+            # The whole chain is drawn at once, by the first factor's initializer, and kept for
+            # the others. Keras runs initializers eagerly when it creates the variables, and
+            # also inside a traced call that only infers shapes (a subclassed model's first
+            # call builds its layers there): a draw made in a graph is not kept.
+            values = chain or chain_initializers.initialize_chain(
+                self.factor_initializer, shapes, dtype=self.variable_dtype
+            )
+            if not chain and tf.executing_eagerly():
+                chain.extend(values)
+            return ops.cast(values[j], dtype)
+
         self.factors = [
             self.add_weight(
                 name=f"factor_{j + 1}",
                 shape=shape,
-                initializer=lambda shape, dtype, value=value: ops.cast(value, dtype),
+                initializer=lambda shape, dtype, j=j: initial_value(j, dtype),
                 regularizer=self.factor_regularizer,
                 autocast=False,
             )
-            for j, (shape, value) in enumerate(zip(shapes, values))
+            for j, shape in enumerate(shapes)
         ]
         self.bias = (
             self.add_weight(
