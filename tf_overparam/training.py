@@ -3,6 +3,8 @@
 import keras
 import tensorflow as tf
 from keras.src.losses.loss import unscale_loss_for_distribution
+from keras.src.models.functional import Functional
+from keras.src.models.model import functional_init_arguments
 
 from tf_overparam.layers import check_depth
 from tf_overparam.preconditioning import end_to_end_direction
@@ -40,6 +42,14 @@ class EndToEndModel(keras.Model):
     >>> model = EndToEndModel(inputs, keras.layers.Dense(1)(inputs), depth=2)
     >>> model.compile(keras.optimizers.SGD(0.01), loss="mse")
     """
+
+    def __new__(cls, *args, **kwargs):
+        # Called with inputs and outputs, `EndToEndModel` returns its Functional form. Left to
+        # Keras, the first functional use would rewrite the bases of `EndToEndModel` itself to
+        # `Functional`, and every later subclass of it would fail in `super().__init__()`.
+        if cls is EndToEndModel and functional_init_arguments(args, kwargs):
+            cls = FunctionalEndToEndModel
+        return super().__new__(cls, *args, **kwargs)
 
     def __init__(self, *args, depth=2, weight_decay=0.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -101,3 +111,8 @@ class EndToEndModel(keras.Model):
         model = super().from_config(config, custom_objects=custom_objects)
         model.depth, model.weight_decay = check_depth(depth), float(weight_decay)
         return model
+
+
+@keras.saving.register_keras_serializable(package="tf_overparam")
+class FunctionalEndToEndModel(EndToEndModel, Functional):
+    """The Functional form of `EndToEndModel`: what `EndToEndModel(inputs, outputs, ...)` returns."""
