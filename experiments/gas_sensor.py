@@ -248,7 +248,7 @@ def plot_curves(path, title_runs, results, summaries):
             return
         result, g = results[run.name], _best_index(results[run.name], summary)
         label = f"{run.label} (lr {summary['best_learning_rate']:.2g})"
-        ax.plot(result.iterations[1:], result.losses[1:, g], run.style, color=color, label=label)
+        ax.plot(result.iterations, result.losses[:, g], run.style, color=color, label=label)
 
     _plot_panels(path, title_runs, draw, "iteration", "training loss")
 
@@ -343,9 +343,8 @@ def main(argv=None):
         }
         targets = add_targets_and_ratios(summaries, results, {p: [r for r in rs if r.name in results] for p, rs in runs_by_loss.items()})
         _write_results(run_dir, data, config, summaries, targets, results, time.time() - started)
+        _plot_figures(run_dir, config, figures, results, summaries)
     progress.close()
-
-    _plot_figures(run_dir, config, figures, results, summaries)
     _print_summary(summaries, targets, time.time() - started)
     return run_dir
 
@@ -367,17 +366,30 @@ def _write_results(run_dir, data, config, summaries, targets, results, seconds):
 
 
 def _plot_figures(run_dir, config, figures, results, summaries):
-    def by_loss(runs):
-        return [(f"l{p} loss", [r for r in runs if r.spec.p == p]) for p in (2, 4) if any(r.spec.p == p for r in runs)]
+    """Draws every figure from the configurations finished so far (called after each one)."""
 
-    if "depth" in config.figures and "depth" in figures:
-        plot_curves(run_dir / "depth.png", by_loss(figures["depth"]), results, summaries)
-    if "lr-grid" in config.figures:
-        plot_lr_grid(run_dir / "lr_grid.png", by_loss(figures["depth"]), results)
+    def panels(title_runs):
+        done = [(title, [r for r in runs if r.name in results]) for title, runs in title_runs]
+        return [(title, runs) for title, runs in done if runs]
+
+    def by_loss(runs):
+        return panels([(f"l{p} loss", [r for r in runs if r.spec.p == p]) for p in (4, 2)])
+
+    plots = []
+    if "depth" in figures:
+        if "depth" in config.figures:
+            plots.append((plot_curves, "depth.png", by_loss(figures["depth"]), (results, summaries)))
+        if "lr-grid" in config.figures:
+            plots.append((plot_lr_grid, "lr_grid.png", by_loss(figures["depth"]), (results,)))
     if "optimizers" in figures:
-        plot_curves(run_dir / "optimizers.png", [("l4 loss: optimizers", figures["optimizers"])], results, summaries)
+        title_runs = panels([("l4 loss: optimizers", figures["optimizers"])])
+        plots.append((plot_curves, "optimizers.png", title_runs, (results, summaries)))
     if "init" in figures:
-        plot_curves(run_dir / "init.png", [("l4 loss: near-zero vs identity init", figures["init"])], results, summaries)
+        title_runs = panels([("l4 loss: near-zero vs identity init", figures["init"])])
+        plots.append((plot_curves, "init.png", title_runs, (results, summaries)))
+    for plot, name, title_runs, arguments in plots:
+        if title_runs:
+            plot(run_dir / name, title_runs, *arguments)
 
 
 def _print_summary(summaries, targets, seconds):
