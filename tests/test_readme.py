@@ -1,0 +1,78 @@
+"""The README's usage example runs as written and does what its comments say."""
+
+import contextlib
+import io
+import pathlib
+import re
+
+import keras
+import numpy as np
+import pytest
+
+import tf_overparam as to
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_blocks():
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+
+
+def _run_readme(seed=0):
+    """Executes the README's ```python blocks, in order, in one namespace; returns it and stdout."""
+    blocks = _python_blocks()
+    assert len(blocks) >= 2
+    keras.utils.set_random_seed(seed)  # the example draws Glorot kernels and shuffles batches
+    namespace = {}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile("\n".join(blocks), str(README), "exec"), namespace)  # noqa: S102 - our own README
+    return namespace, printed.getvalue()
+
+
+def test_readme_usage_example_runs_and_holds():
+    namespace, printed = _run_readme()
+
+    model, plain, deep, shallow = (namespace[k] for k in ("model", "plain", "deep", "shallow"))
+    x, y = namespace["x"], namespace["y"]
+    layer = model.layers[0]
+    assert isinstance(layer, to.OverparamDense) and layer.depth == 3
+    assert [tuple(f.shape) for f in layer.factors] == [(8, 1), (1, 1), (1, 1)]
+
+    # "stays ~balanced under gradient descent": Balanced start (relative < 1e-5), 5 epochs of
+    # SGD(0.05) on the l4 loss. Gradient descent (not gradient flow) drifts by O(lr): measured
+    # relative 0.068-0.084 over seeds 0-4, and 0.060 / 0.041 / 0.019 at lr 0.05 / 0.025 / 0.0125
+    # (same time lr * steps). A chain drawn without balancing starts near relative 1.
+    balance = to.diagnostics.balancedness(layer)
+    assert "Balancedness" in printed
+    assert balance.relative < 0.15, balance
+
+    # Training did something: the fit beats the zero predictor's l4 loss mean(y^4)/4 by far.
+    zero_loss = np.mean(y.astype(np.float64) ** 4) / 4
+    assert model.evaluate(x, y, verbose=0) < 0.1 * zero_loss
+
+    # "the same function with plain Dense layers" and "and back again": float32 rounding (1e-5).
+    expected = model.predict(x, verbose=0)
+    assert [type(lay) for lay in plain.layers] == [keras.layers.Dense]
+    np.testing.assert_allclose(plain.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-5)
+    assert isinstance(deep.layers[0], to.OverparamDense) and deep.layers[0].depth == 2
+    np.testing.assert_allclose(deep.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-5)
+    assert to.diagnostics.balancedness(deep.layers[0]).relative < 1e-5
+
+    # The end-to-end model trains a plain Dense by eq. 24 at depth 3.
+    assert isinstance(shallow, to.EndToEndModel) and shallow.depth == 3
+    assert [type(lay) for lay in shallow.layers[1:]] == [keras.layers.Dense]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="README's EndToEndModel example (Glorot-initialised Dense, SGD(0.05), l4 loss, depth 3) diverges "
+    "to NaN for seeds 0, 2, 3 of 0-4. It sits at the edge of stability: a depth-3 chain started from the same "
+    "kernel under plain SGD(0.05) diverges in 3 of the 4 runs where the end-to-end model does (measured), so "
+    "the example's step size, not the update rule, is at fault. Remove this mark when the README is fixed.",
+)
+def test_readme_end_to_end_example_converges():
+    namespace, _ = _run_readme(seed=0)
+    x, y = namespace["x"], namespace["y"]
+    loss = namespace["shallow"].evaluate(x, y, verbose=0)
+    assert np.isfinite(loss) and loss < 0.1 * np.mean(y.astype(np.float64) ** 4) / 4
