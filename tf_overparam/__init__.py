@@ -8,7 +8,7 @@ for Keras 3 / TensorFlow.
   `preconditioning`.
 """
 
-from tf_overparam import diagnostics, initializers, losses, preconditioning
+from tf_overparam import callbacks, diagnostics, initializers, losses, preconditioning
 from tf_overparam.layers import OverparamDense
 from tf_overparam.losses import LpLoss
 from tf_overparam.models import collapse, overparameterize
@@ -20,6 +20,7 @@ __all__ = [
     "EndToEndModel",
     "LpLoss",
     "OverparamDense",
+    "callbacks",
     "collapse",
     "diagnostics",
     "initializers",
