@@ -1,6 +1,7 @@
 """Tests for tf_overparam.initializers and factorization.balanced_factors."""
 
 import functools
+import itertools
 
 import keras
 import numpy as np
@@ -33,36 +34,38 @@ def _best_rank(kernel, rank):
 # --- Balanced -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "widths",
-    [
-        [5, 1],  # depth 1
-        [5, 1, 1],  # single output, scalar hidden layer
-        [6, 1, 1, 1, 1],
-        [4, 7, 9, 3],  # hidden wider than the rank (3)
-        [3, 8, 8, 8, 5],
-        [6, 2, 3, 4],  # hidden width 2 below the rank 4: best rank-2 approximation
-        [5, 5, 5],  # square, hidden = rank
-        [2, 1, 6],  # bottleneck 1
-    ],
-)
+BALANCED_WIDTHS = [
+    [5, 1],  # depth 1
+    [5, 1, 1],  # single output, scalar hidden layer
+    [6, 1, 1, 1, 1],
+    [4, 7, 9, 3],  # hidden wider than the rank (3)
+    [3, 8, 8, 8, 5],
+    [6, 2, 3, 4],  # hidden width 2 below the rank 4: best rank-2 approximation
+    [5, 5, 5],  # square, hidden = rank
+    [2, 1, 6],  # bottleneck 1
+]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_balanced_chain_is_balanced_and_holds_the_drawn_kernel(widths, dtype):
-    shapes = list(zip(widths[:-1], widths[1:]))
-    draw = keras.initializers.RandomNormal(stddev=0.5, seed=11)
-    factors = to.initializers.Balanced(draw, seed=3).chain(shapes, dtype=dtype)
-    assert [tuple(f.shape) for f in factors] == shapes
-    assert all(keras.backend.standardize_dtype(f.dtype) == dtype for f in factors)
-    factors = _np(factors)
-    # Exactly balanced up to rounding of the stored dtype: relative 1e-5 (float32) / 1e-12.
-    assert _relative_balancedness(factors) < (1e-5 if dtype == "float32" else 1e-12)
-    kernel = np.asarray(keras.ops.convert_to_numpy(draw((widths[0], widths[-1]), dtype="float64")))
-    rank = min(widths)
-    expected = kernel if rank >= min(widths[0], widths[-1]) else _best_rank(kernel, rank)
-    tol = 1e-5 if dtype == "float32" else 1e-12
-    np.testing.assert_allclose(functools.reduce(np.matmul, factors), expected, rtol=tol, atol=tol)
-    # The library's own diagnostic agrees with the NumPy computation.
-    assert to.diagnostics.balancedness(factors).relative == pytest.approx(_relative_balancedness(factors), abs=1e-12)
+def test_balanced_chain_is_balanced_and_holds_the_drawn_kernel(dtype):
+    for widths in BALANCED_WIDTHS:
+        shapes = list(zip(widths[:-1], widths[1:]))
+        draw = keras.initializers.RandomNormal(stddev=0.5, seed=11)
+        factors = to.initializers.Balanced(draw, seed=3).chain(shapes, dtype=dtype)
+        assert [tuple(f.shape) for f in factors] == shapes
+        assert all(keras.backend.standardize_dtype(f.dtype) == dtype for f in factors)
+        factors = _np(factors)
+        # Exactly balanced up to rounding of the stored dtype: relative 1e-5 (float32) / 1e-12.
+        tol = 1e-5 if dtype == "float32" else 1e-12
+        assert _relative_balancedness(factors) < tol, widths
+        kernel = np.asarray(keras.ops.convert_to_numpy(draw((widths[0], widths[-1]), dtype="float64")))
+        rank = min(widths)
+        expected = kernel if rank >= min(widths[0], widths[-1]) else _best_rank(kernel, rank)
+        np.testing.assert_allclose(functools.reduce(np.matmul, factors), expected, rtol=tol, atol=tol,
+                                   err_msg=str(widths))
+        # The library's own diagnostic agrees with the NumPy computation.
+        assert to.diagnostics.balancedness(factors).relative == pytest.approx(
+            _relative_balancedness(factors), abs=1e-12)
 
 
 def test_balanced_layer_relative_balancedness_below_1e_5():
@@ -116,19 +119,16 @@ def test_balanced_config_round_trip():
 # --- Identity -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "units, inputs, hidden, depth",
-    [(3, 3, None, 2), (3, 3, None, 4), (2, 5, [3, 4], 3), (5, 2, [2, 7], 3), (1, 1, None, 5)],
-)
-@pytest.mark.parametrize("gain", [1.0, 0.8, 1.5])
-def test_identity_end_to_end_kernel_is_gain_power_depth_times_identity(units, inputs, hidden, depth, gain):
-    layer = to.OverparamDense(units, depth=depth, hidden_units=hidden,
-                              factor_initializer=to.initializers.Identity(gain), dtype="float64")
-    layer.build((None, inputs))
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), gain**depth * np.eye(inputs, units),
-                               rtol=1e-14, atol=0)
-    for factor in layer.factors:
-        np.testing.assert_array_equal(factor.numpy(), gain * np.eye(*factor.shape))
+def test_identity_end_to_end_kernel_is_gain_power_depth_times_identity():
+    cases = [(3, 3, None, 2), (3, 3, None, 4), (2, 5, [3, 4], 3), (5, 2, [2, 7], 3), (1, 1, None, 5)]
+    for (units, inputs, hidden, depth), gain in itertools.product(cases, [1.0, 0.8, 1.5]):
+        layer = to.OverparamDense(units, depth=depth, hidden_units=hidden,
+                                  factor_initializer=to.initializers.Identity(gain), dtype="float64")
+        layer.build((None, inputs))
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), gain**depth * np.eye(inputs, units),
+                                   rtol=1e-14, atol=0)
+        for factor in layer.factors:
+            np.testing.assert_array_equal(factor.numpy(), gain * np.eye(*factor.shape))
 
 
 def test_identity_keeps_gain_in_config():
@@ -139,12 +139,12 @@ def test_identity_keeps_gain_in_config():
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(clone((2, 3))), [[2.5, 0, 0], [0, 2.5, 0]])
 
 
-@pytest.mark.parametrize("initializer", [to.initializers.Identity(), to.initializers.Balanced(seed=0)])
-def test_chain_initializers_reject_shapes_that_do_not_chain(initializer):
-    with pytest.raises(ValueError, match="shapes"):
-        initializer.chain([(3, 4), (5, 2)])
-    with pytest.raises(ValueError, match="shape"):
-        initializer.chain([(3, 4, 1)])
+def test_chain_initializers_reject_shapes_that_do_not_chain():
+    for initializer in [to.initializers.Identity(), to.initializers.Balanced(seed=0)]:
+        with pytest.raises(ValueError, match="shapes"):
+            initializer.chain([(3, 4), (5, 2)])
+        with pytest.raises(ValueError, match="shape"):
+            initializer.chain([(3, 4, 1)])
 
 
 # --- NearZero and plain initializers ------------------------------------------------------------

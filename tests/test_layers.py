@@ -47,37 +47,36 @@ def test_depth_one_equals_dense_exactly():
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(deep(x)), keras.ops.convert_to_numpy(dense(x)))
 
 
-@pytest.mark.parametrize(
-    "depth, hidden_units, input_shape",
-    [
+def test_depth_n_output_is_input_times_factor_product_plus_bias():
+    cases = [
         (2, None, (6, 5)),
         (3, 4, (6, 5)),
         (4, [3, 7, 2], (6, 5)),
         (3, [1, 8], (2, 3, 5)),  # ND input: the kernel acts on the last axis
         (2, [2], (2, 2, 3, 5)),
-    ],
-)
-def test_depth_n_output_is_input_times_factor_product_plus_bias(depth, hidden_units, input_shape):
-    rng = np.random.default_rng(depth)
-    layer = to.OverparamDense(
-        4,
-        depth=depth,
-        hidden_units=hidden_units,
-        factor_initializer=keras.initializers.RandomNormal(stddev=0.7, seed=depth),
-        bias_initializer=keras.initializers.RandomNormal(seed=1),
-        dtype="float64",
-    )
-    x = rng.normal(size=input_shape)
-    out = keras.ops.convert_to_numpy(layer(x))
-    widths = [5] + ([4] * (depth - 1) if hidden_units is None else
-                    [hidden_units] * (depth - 1) if isinstance(hidden_units, int) else hidden_units) + [4]
-    assert [tuple(f.shape) for f in layer.factors] == list(zip(widths[:-1], widths[1:]))
-    assert out.shape == input_shape[:-1] + (4,)
-    np.testing.assert_allclose(out, _numpy_forward(layer, x), rtol=1e-12, atol=1e-12)
-    # `.kernel` is the end-to-end product too.
-    np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(layer.kernel), functools.reduce(np.matmul, _factors(layer)), rtol=1e-12, atol=1e-14
-    )
+    ]
+    for depth, hidden_units, input_shape in cases:
+        rng = np.random.default_rng(depth)
+        layer = to.OverparamDense(
+            4,
+            depth=depth,
+            hidden_units=hidden_units,
+            factor_initializer=keras.initializers.RandomNormal(stddev=0.7, seed=depth),
+            bias_initializer=keras.initializers.RandomNormal(seed=1),
+            dtype="float64",
+        )
+        x = rng.normal(size=input_shape)
+        out = keras.ops.convert_to_numpy(layer(x))
+        hidden = ([4] * (depth - 1) if hidden_units is None
+                  else [hidden_units] * (depth - 1) if isinstance(hidden_units, int) else hidden_units)
+        widths = [5, *hidden, 4]
+        assert [tuple(f.shape) for f in layer.factors] == list(zip(widths[:-1], widths[1:]))
+        assert out.shape == input_shape[:-1] + (4,)
+        # float64: equal to the NumPy product to 1e-12.
+        np.testing.assert_allclose(out, _numpy_forward(layer, x), rtol=1e-12, atol=1e-12, err_msg=str(hidden_units))
+        # `.kernel` is the end-to-end product too.
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel),
+                                   functools.reduce(np.matmul, _factors(layer)), rtol=1e-12, atol=1e-14)
 
 
 def test_activation_and_no_bias():
@@ -104,65 +103,58 @@ def test_to_dense_computes_the_same_function():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(dense(x)), expected, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("initializer", ["balanced", "near_zero", "identity"])
-def test_works_inside_a_subclassed_model(initializer):
+def test_works_inside_a_subclassed_model():
     # A subclassed model builds its layers inside a traced call (shape inference): the chain must
     # still be drawn once, eagerly, and be the one the variables hold.
-    initializer = {"balanced": to.initializers.Balanced(keras.initializers.RandomNormal(stddev=0.5)),
-                   "near_zero": to.initializers.NearZero(0.3), "identity": to.initializers.Identity(0.9)}[initializer]
+    for name, initializer in [("balanced", to.initializers.Balanced(keras.initializers.RandomNormal(stddev=0.5))),
+                              ("near_zero", to.initializers.NearZero(0.3)), ("identity", to.initializers.Identity(0.9))]:
 
-    class Sub(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.deep = to.OverparamDense(3, depth=3, hidden_units=[4, 4], factor_initializer=initializer)
+        class Sub(keras.Model):
+            def __init__(self, initializer=initializer):
+                super().__init__()
+                self.deep = to.OverparamDense(3, depth=3, hidden_units=[4, 4], factor_initializer=initializer)
 
-        def call(self, inputs):
-            return self.deep(inputs)
+            def call(self, inputs):
+                return self.deep(inputs)
 
-    model = Sub()
-    x = np.random.default_rng(7).normal(size=(5, 6)).astype("float32")
-    out = keras.ops.convert_to_numpy(model(x))
-    np.testing.assert_allclose(out, _numpy_forward(model.deep, x), rtol=1e-5, atol=1e-6)
-    if isinstance(initializer, to.initializers.Balanced):
-        # An unseeded Balanced draw, yet one chain: balanced to float32 rounding.
-        assert to.diagnostics.balancedness(model.deep).relative < 1e-5
-    if isinstance(initializer, to.initializers.Identity):
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(model.deep.kernel), 0.9**3 * np.eye(6, 3), rtol=1e-6)
+        model = Sub()
+        x = np.random.default_rng(7).normal(size=(5, 6)).astype("float32")
+        out = keras.ops.convert_to_numpy(model(x))
+        np.testing.assert_allclose(out, _numpy_forward(model.deep, x), rtol=1e-5, atol=1e-6, err_msg=name)
+        if name == "balanced":
+            # An unseeded Balanced draw, yet one chain: balanced to float32 rounding.
+            assert to.diagnostics.balancedness(model.deep).relative < 1e-5
+        if name == "identity":
+            np.testing.assert_allclose(keras.ops.convert_to_numpy(model.deep.kernel), 0.9**3 * np.eye(6, 3), rtol=1e-6)
     model.compile(keras.optimizers.SGD(0.01), loss="mse")
     before = model.evaluate(x, 0 * x[:, :3], verbose=0)
     model.fit(x, 0 * x[:, :3], epochs=3, verbose=0)
     assert model.evaluate(x, 0 * x[:, :3], verbose=0) < before
 
 
-@pytest.mark.parametrize("initializer", ["near_zero", "glorot_uniform", keras.initializers.RandomNormal()])
-def test_unseeded_initializers_draw_each_factor_independently(initializer):
-    layer = to.OverparamDense(3, depth=4, factor_initializer=initializer)
-    layer.build((None, 3))
-    values = [f.numpy() for f in layer.factors]  # four 3x3 factors
-    for i in range(4):
-        for j in range(i + 1, 4):
-            assert not np.allclose(values[i], values[j]), (i, j)
+def test_unseeded_initializers_draw_each_factor_independently():
+    for initializer in ["near_zero", "glorot_uniform", keras.initializers.RandomNormal()]:
+        layer = to.OverparamDense(3, depth=4, factor_initializer=initializer)
+        layer.build((None, 3))
+        values = [f.numpy() for f in layer.factors]  # four 3x3 factors
+        for i in range(4):
+            for j in range(i + 1, 4):
+                assert not np.allclose(values[i], values[j]), (initializer, i, j)
 
 
 # --- argument checks ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("depth", [0, -1, 2.0, "3", True, None])
-def test_bad_depth_raises(depth):
-    with pytest.raises(ValueError, match="depth"):
-        to.OverparamDense(2, depth=depth)
-
-
-@pytest.mark.parametrize("hidden_units", [[3], [3, 3, 3], [3, 0], [-1, 2], 0, -2, [2.0, 3], [True, 3]])
-def test_bad_hidden_units_raise(hidden_units):
-    with pytest.raises(ValueError, match="hidden_units"):
-        to.OverparamDense(2, depth=3, hidden_units=hidden_units)
-
-
-@pytest.mark.parametrize("units", [0, -3, 1.5, True])
-def test_bad_units_raise(units):
-    with pytest.raises(ValueError, match="units"):
-        to.OverparamDense(units, depth=2)
+def test_bad_arguments_raise_value_errors_naming_them():
+    for depth in [0, -1, 2.0, "3", True, None]:
+        with pytest.raises(ValueError, match="depth"):
+            to.OverparamDense(2, depth=depth)
+    for hidden_units in [[3], [3, 3, 3], [3, 0], [-1, 2], 0, -2, [2.0, 3], [True, 3]]:
+        with pytest.raises(ValueError, match="hidden_units"):
+            to.OverparamDense(2, depth=3, hidden_units=hidden_units)
+    for units in [0, -3, 1.5, True]:
+        with pytest.raises(ValueError, match="units"):
+            to.OverparamDense(units, depth=2)
 
 
 # --- regularizers -------------------------------------------------------------------------------
@@ -337,29 +329,26 @@ def test_keras_save_and_load_in_fresh_process_gives_identical_predictions(tmp_pa
     np.testing.assert_array_equal(np.load(tmp_path / "pred.npy"), model.predict(x, verbose=0))
 
 
-@pytest.mark.parametrize(
-    "initializer",
-    [
-        to.initializers.NearZero(stddev=0.1, seed=3),
-        to.initializers.Identity(gain=0.7),
-        to.initializers.Balanced(to.initializers.NearZero(0.2, seed=4), seed=5),
-        to.initializers.Balanced(seed=6),
-        keras.initializers.RandomNormal(stddev=0.5, seed=7),
-    ],
-    ids=["near_zero", "identity", "balanced", "balanced_default", "random_normal"],
-)
-def test_from_config_rebuilds_identical_initial_factors(initializer):
-    layer = to.OverparamDense(3, depth=4, hidden_units=[3, 3, 3], factor_initializer=initializer,
-                              kernel_regularizer="l2", name="deep")
-    layer.build((None, 3))
-    clone = to.OverparamDense.from_config(layer.get_config())
-    clone.build((None, 3))
-    assert clone.get_config() == layer.get_config()
-    for original, rebuilt in zip(layer.factors, clone.factors):
-        np.testing.assert_array_equal(rebuilt.numpy(), original.numpy())
-    if not isinstance(initializer, to.initializers.Identity):
-        # Factors of equal shape are not all the same draw.
-        values = [f.numpy() for f in layer.factors]
-        for i in range(len(values)):
-            for j in range(i + 1, len(values)):
-                assert not np.allclose(values[i], values[j])
+def test_from_config_rebuilds_identical_initial_factors():
+    initializers = {
+        "near_zero": to.initializers.NearZero(stddev=0.1, seed=3),
+        "identity": to.initializers.Identity(gain=0.7),
+        "balanced": to.initializers.Balanced(to.initializers.NearZero(0.2, seed=4), seed=5),
+        "balanced_default": to.initializers.Balanced(seed=6),
+        "random_normal": keras.initializers.RandomNormal(stddev=0.5, seed=7),
+    }
+    for name, initializer in initializers.items():
+        layer = to.OverparamDense(3, depth=4, hidden_units=[3, 3, 3], factor_initializer=initializer,
+                                  kernel_regularizer="l2", name="deep")
+        layer.build((None, 3))
+        clone = to.OverparamDense.from_config(layer.get_config())
+        clone.build((None, 3))
+        assert clone.get_config() == layer.get_config()
+        for original, rebuilt in zip(layer.factors, clone.factors):
+            np.testing.assert_array_equal(rebuilt.numpy(), original.numpy(), err_msg=name)
+        if name != "identity":
+            # Factors of equal shape are not all the same draw.
+            values = [f.numpy() for f in layer.factors]
+            for i in range(len(values)):
+                for j in range(i + 1, len(values)):
+                    assert not np.allclose(values[i], values[j]), (name, i, j)
