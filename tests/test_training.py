@@ -362,8 +362,8 @@ def _deep_vs_end_to_end(eta, steps, depth, units, p, weight_decay, seed=0):
     dense.kernel.assign(start)
     shallow.compile(keras.optimizers.SGD(eta), loss=to.LpLoss(p), steps_per_execution=steps)
 
-    deep.fit(data, epochs=1, verbose=0)
-    shallow.fit(data, epochs=1, verbose=0)
+    deep.fit(data, epochs=1, shuffle=False, verbose=0)
+    shallow.fit(data, epochs=1, shuffle=False, verbose=0)
     end = dense.kernel.numpy()
     return np.abs(chain.kernel.numpy() - end).max(), np.abs(end - start).max()
 
