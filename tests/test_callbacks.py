@@ -99,7 +99,8 @@ def test_logged_values_equal_independent_diagnostics(tmp_path, update_freq):
     expected_steps = [0, 3, 6] if update_freq == 3 else [0, 4, 8]
     checked = 0
     for index, layer in enumerate(layers):
-        tag = layer.path
+        tag = callback.tag(layer)
+        assert tag == layer.name  # unique names
         assert sorted(events[f"{tag}/balancedness"]) == expected_steps
         for step in expected_steps:
             factors = snapshots.snapshots[step][index]
@@ -126,7 +127,7 @@ def test_logged_values_equal_independent_diagnostics(tmp_path, update_freq):
     assert checked == 2 * len(expected_steps)
     # The Balanced chain starts balanced, the random one does not.
     assert events["chain2/balancedness_relative"][0] < 1e-5
-    assert events[f"{layers[0].path}/balancedness_relative"][0] > 0.1
+    assert events["chain3/balancedness_relative"][0] > 0.1
 
 
 def test_effective_learning_rate_is_the_eq27_factor():
@@ -139,8 +140,8 @@ def test_effective_learning_rate_predicts_the_step_along_w(tmp_path):
     """One small GD step of a balanced single-output chain moves w along itself by
     -eta ||w||^{2-2/N} N <g, w>/||w|| (eq. 27 projected on w), to first order in eta."""
     depth, eta = 3, 1e-4
-    layer = to.OverparamDense(1, depth=depth, use_bias=False,
-                              factor_initializer=to.initializers.Balanced(keras.initializers.RandomNormal(0, 1, seed=3)))
+    init = to.initializers.Balanced(keras.initializers.RandomNormal(0, 1, seed=3))
+    layer = to.OverparamDense(1, depth=depth, use_bias=False, factor_initializer=init)
     model = keras.Sequential([keras.Input((4,)), layer])
     x = np.random.default_rng(1).normal(size=(16, 4)).astype("float32")
     y = np.random.default_rng(2).normal(size=(16, 1)).astype("float32")
@@ -151,9 +152,23 @@ def test_effective_learning_rate_predicts_the_step_along_w(tmp_path):
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False, callbacks=[callback])
     moved = keras.ops.convert_to_numpy(layer.kernel).astype(np.float64)[:, 0] - w
     norm = np.linalg.norm(w)
-    effective = read_events(tmp_path / "overparam")[f"{layer.path}/effective_learning_rate"][0]
+    effective = read_events(tmp_path / "overparam")[f"{layer.name}/effective_learning_rate"][0]
     predicted = -effective * depth * (gradient @ w) / norm
     np.testing.assert_allclose(moved @ w / norm, predicted, rtol=1e-2)
+
+
+def test_layers_sharing_a_name_are_told_apart_by_path(tmp_path):
+    def block(name):
+        return keras.Sequential([keras.Input((3,)), to.OverparamDense(3, depth=2, name="chain")], name=name)
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, block("second")(block("first")(inputs)))
+    callback = OverparamTensorBoard(tmp_path, update_freq="epoch")
+    fit_inputs = np.ones((8, 3), "float32")
+    model.compile("sgd", loss="mse")
+    model.fit(fit_inputs, fit_inputs, epochs=1, verbose=0, callbacks=[callback])
+    tags = {tag.rsplit("/", 1)[0] for tag in read_events(tmp_path / "overparam")}
+    assert tags == {"first/chain", "second/chain"}
 
 
 def test_rejects_bad_update_freq(tmp_path):

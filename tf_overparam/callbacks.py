@@ -53,7 +53,8 @@ def effective_learning_rate(learning_rate, spectral_norm, depth):
 class OverparamTensorBoard(keras.callbacks.Callback):
     """Writes, for every `OverparamDense` of the model, the chain's state to TensorBoard.
 
-    Per layer (tags start with the layer's `path`, e.g. `sequential/fc1/`):
+    Per layer (tags start with the layer's name, e.g. `fc1/`, or with its `path` when several
+    logged layers share a name):
     - `balancedness`: max_j ||F_{j+1} F_{j+1}^T - F_j^T F_j||_F (0 = balanced; the condition
       under which deep gradient descent follows the end-to-end rule, eq. 24);
     - `balancedness_relative`: the same divided by the largest of those Gram norms;
@@ -99,6 +100,11 @@ class OverparamTensorBoard(keras.callbacks.Callback):
         super().set_model(model)
         self._layers = find_overparam_layers(model)
 
+    def tag(self, layer):
+        """The tag prefix of a layer: its name, or its path when the name is not unique."""
+        names = [other.name for other in self._layers]
+        return layer.name if names.count(layer.name) == 1 else (getattr(layer, "path", None) or layer.name)
+
     @property
     def layers(self):
         """The `OverparamDense` layers this callback logs."""
@@ -134,7 +140,7 @@ class OverparamTensorBoard(keras.callbacks.Callback):
         learning_rate = current_learning_rate(self.model.optimizer)
         with self._writer.as_default(step=step):
             for layer in self._layers:
-                tag = getattr(layer, "path", None) or layer.name
+                tag = self.tag(layer)
                 balance = diagnostics.balancedness(layer)
                 singular_values = diagnostics.end_to_end_singular_values(layer)
                 tf.summary.scalar(f"{tag}/balancedness", balance.absolute)
