@@ -191,17 +191,7 @@ def test_kernel_regularizer_acts_on_end_to_end_kernel_and_factor_regularizer_on_
     assert abs(0.125 * np.sum(kernel**2) - sum(0.125 * np.sum(f**2) for f in factors)) > 1e-3
 
 
-@pytest.fixture
-def floatx64():
-    """Runs a test with floatx float64 (Keras adds float64 penalties to a floatx loss)."""
-    keras.backend.set_floatx("float64")
-    keras.mixed_precision.set_global_policy("float64")
-    yield
-    keras.backend.set_floatx("float32")
-    keras.mixed_precision.set_global_policy("float32")
-
-
-def test_kernel_regularizer_tracks_training_and_matches_collapse(floatx64):
+def test_kernel_regularizer_tracks_training_and_matches_collapse(float64):
     rng = np.random.default_rng(4)
     x, y = rng.normal(size=(16, 5)), rng.normal(size=(16, 2))
     layer = to.OverparamDense(2, depth=2, kernel_regularizer=keras.regularizers.L2(0.25),

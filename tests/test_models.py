@@ -9,15 +9,6 @@ import pytest
 import tf_overparam as to
 
 
-@pytest.fixture
-def floatx64():
-    keras.backend.set_floatx("float64")
-    keras.mixed_precision.set_global_policy("float64")
-    yield
-    keras.backend.set_floatx("float32")
-    keras.mixed_precision.set_global_policy("float32")
-
-
 def _randomize(model, seed):
     """Non-trivial values for every weight (kernels, biases, BN statistics), in place."""
     rng = np.random.default_rng(seed)
@@ -78,7 +69,7 @@ MODELS = {"sequential_conv": (_sequential_conv, (5, 6, 6, 2)), "functional_conv"
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_overparameterize_preserving_function_then_collapse_keeps_outputs(floatx64, name):
+def test_overparameterize_preserving_function_then_collapse_keeps_outputs(float64, name):
     for depth, hidden_units in [(2, None), (3, [9, 10]), (1, None)]:
         _check_round_trip(name, depth, hidden_units)
 
@@ -132,7 +123,7 @@ def test_float32_round_trip_within_float32_rounding():
     np.testing.assert_allclose(_predict(to.collapse(deep), x), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_collapse_of_a_trained_overparameterized_model_keeps_outputs(floatx64):
+def test_collapse_of_a_trained_overparameterized_model_keeps_outputs(float64):
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(32, 4)), rng.normal(size=(32, 2))
     inputs = keras.Input((4,))

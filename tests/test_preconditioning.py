@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from _reference import reference_direction  # tests/ is on sys.path (rootdir-relative import)
 from tf_overparam.preconditioning import (
     _single_output_direction,
     _svd_direction,
@@ -19,26 +20,7 @@ from tf_overparam.preconditioning import (
     preconditioner_matrix,
 )
 
-# --- independent NumPy reference ---------------------------------------------------------------
 
-
-def psd_power(matrix, exponent):
-    """matrix^exponent of a symmetric PSD matrix; ^0 is the identity, also on the null space.
-
-    Eigenvalues below 1e-10 of the largest are exact zeros (the test kernels are built so that
-    every true non-zero squared singular value is far above that)."""
-    if exponent == 0:
-        return np.eye(len(matrix))
-    values, vectors = np.linalg.eigh(matrix)
-    values = np.where(values > 1e-10 * max(values.max(), 0.0), values, 0.0)
-    return (vectors * values**exponent) @ vectors.T
-
-
-def reference_direction(w, g, depth):
-    left, right = w @ w.T, w.T @ w
-    return sum(
-        psd_power(left, (j - 1) / depth) @ g @ psd_power(right, (depth - j) / depth) for j in range(1, depth + 1)
-    )
 
 
 def reference_eigenvalues(w, depth):

@@ -14,35 +14,11 @@ import pytest
 import tensorflow as tf
 
 import tf_overparam as to
+from _reference import reference_direction
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def floatx64():
-    keras.backend.set_floatx("float64")
-    keras.mixed_precision.set_global_policy("float64")
-    yield
-    keras.backend.set_floatx("float32")
-    keras.mixed_precision.set_global_policy("float32")
-
-
-# --- independent NumPy evaluation of eq. 24 ------------------------------------------------------
-
-
-def _psd_power(matrix, exponent):
-    if exponent == 0:
-        return np.eye(len(matrix))
-    values, vectors = np.linalg.eigh(matrix)
-    values = np.where(values > 1e-10 * max(values.max(), 0.0), values, 0.0)
-    return (vectors * values**exponent) @ vectors.T
-
-
-def _direction(w, g, depth):
-    """sum_j [W W^T]^{(j-1)/N} G [W^T W]^{(N-j)/N} by eigendecompositions (0^0 = 1)."""
-    left, right = w @ w.T, w.T @ w
-    return sum(_psd_power(left, (j - 1) / depth) @ g @ _psd_power(right, (depth - j) / depth)
-               for j in range(1, depth + 1))
 
 
 def _expected_step(model, kernels, x, y, eta, depth, weight_decay, loss_fn, sample_weight=None):
@@ -59,7 +35,7 @@ def _expected_step(model, kernels, x, y, eta, depth, weight_decay, loss_fn, samp
     for variable, grad in zip(variables, grads):
         value, grad = variable.numpy(), grad.numpy()
         if id(variable) in kernel_ids:
-            expected.append(value - eta * (_direction(value, grad, depth) + weight_decay * depth * value))
+            expected.append(value - eta * (reference_direction(value, grad, depth) + weight_decay * depth * value))
         else:
             expected.append(value - eta * grad)
     return expected
@@ -85,7 +61,7 @@ def _functional(depth=3, weight_decay=0.0, seed=0, d=4, k=2):
 # --- one step is eq. 24 --------------------------------------------------------------------------
 
 
-def test_one_sgd_step_of_single_dense_is_hand_applied_eq24(floatx64):
+def test_one_sgd_step_of_single_dense_is_hand_applied_eq24(float64):
     # One Dense (4 -> 3) with bias, l2 loss (1/2) mean (xW + b - y)^2: G = x^T R / (n k) by hand.
     x, y = _data(k=3)
     rng = np.random.default_rng(1)
@@ -100,7 +76,7 @@ def test_one_sgd_step_of_single_dense_is_hand_applied_eq24(floatx64):
         model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
         residual = x @ w0 + b0 - y
         grad_w, grad_b = x.T @ residual / residual.size, residual.sum(0) / residual.size
-        expected_w = w0 - eta * (_direction(w0, grad_w, depth) + lam * depth * w0)
+        expected_w = w0 - eta * (reference_direction(w0, grad_w, depth) + lam * depth * w0)
         # Float64: agreement to 1e-12. The bias gets its plain gradient and no decay.
         np.testing.assert_allclose(dense.kernel.numpy(), expected_w, rtol=1e-12, atol=1e-12, err_msg=f"{depth}, {lam}")
         np.testing.assert_allclose(dense.bias.numpy(), b0 - eta * grad_b, rtol=1e-12, atol=1e-12)
@@ -108,7 +84,7 @@ def test_one_sgd_step_of_single_dense_is_hand_applied_eq24(floatx64):
         assert np.abs(dense.kernel.numpy() - (w0 - eta * grad_w)).max() > 1e-3
 
 
-def test_single_output_step_matches_eq27(floatx64):
+def test_single_output_step_matches_eq27(float64):
     x, y = _data(k=1)
     w0 = np.random.default_rng(2).normal(size=(4, 1))
     inputs = keras.Input((4,))
@@ -124,7 +100,7 @@ def test_single_output_step_matches_eq27(floatx64):
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_functional_and_subclassed_models_step_by_eq24(floatx64, weight_decay):
+def test_functional_and_subclassed_models_step_by_eq24(float64, weight_decay):
     x, y = _data()
     eta, depth = 0.05, 3
     functional, kernels = _functional(depth, weight_decay)
@@ -156,7 +132,7 @@ def test_functional_and_subclassed_models_step_by_eq24(floatx64, weight_decay):
         np.testing.assert_allclose(variable.numpy(), value, rtol=1e-12, atol=1e-12, err_msg=variable.path)
 
 
-def test_sample_weight_loss_and_step(floatx64):
+def test_sample_weight_loss_and_step(float64):
     x, y = _data()
     sample_weight = np.random.default_rng(3).uniform(0.0, 2.0, size=len(x))
     model, kernels = _functional(depth=2)
@@ -180,7 +156,7 @@ def test_sample_weight_loss_and_step(floatx64):
         np.testing.assert_allclose(variable.numpy(), value, rtol=1e-12, atol=1e-12)
 
 
-def test_steps_per_execution_gives_the_same_weights(floatx64):
+def test_steps_per_execution_gives_the_same_weights(float64):
     x, y = _data()
     final = []
     for steps_per_execution in [1, 4]:
@@ -194,7 +170,7 @@ def test_steps_per_execution_gives_the_same_weights(floatx64):
     np.testing.assert_allclose(final[0][1], final[1][1], rtol=1e-12)
 
 
-def test_metrics_reported_and_evaluate_untouched(floatx64):
+def test_metrics_reported_and_evaluate_untouched(float64):
     x, y = _data()
     model, _ = _functional(depth=3)
     pred = model.predict(x, verbose=0)
@@ -320,7 +296,7 @@ def test_bad_arguments_raise():
             to.EndToEndModel(inputs, outputs, depth=bad)
 
 
-def test_save_and_load_keep_depth_and_weight_decay(floatx64, tmp_path):
+def test_save_and_load_keep_depth_and_weight_decay(float64, tmp_path):
     x, y = _data()
     model, _ = _functional(depth=4, weight_decay=0.05)
     model.compile(keras.optimizers.SGD(0.05), loss=to.LpLoss(4))
@@ -372,7 +348,7 @@ def _deep_vs_end_to_end(eta, steps, depth, units, p, weight_decay, seed=0):
     "p, units, weight_decay, depth",
     [(2, 1, 0.0, 2), (4, 1, 0.1, 3), (2, 3, 0.1, 3), (4, 3, 0.0, 2), (2, 1, 0.1, 4), (4, 3, 0.1, 3)],
 )
-def test_end_to_end_rule_tracks_deep_gradient_descent_with_gap_linear_in_eta(floatx64, p, units, weight_decay, depth):
+def test_end_to_end_rule_tracks_deep_gradient_descent_with_gap_linear_in_eta(float64, p, units, weight_decay, depth):
     eta, steps = (0.02, 200) if p == 2 else (0.01, 200)
     gap, moved = _deep_vs_end_to_end(eta, steps, depth, units, p, weight_decay)
     gap_half, moved_half = _deep_vs_end_to_end(eta / 2, 2 * steps, depth, units, p, weight_decay)
