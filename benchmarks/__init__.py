@@ -1,0 +1,1 @@
+"""Benchmarks of tf_overparam: `python -m benchmarks.run [--quick]` (see `benchmarks.run`)."""

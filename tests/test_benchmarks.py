@@ -1,0 +1,113 @@
+"""The benchmarks: a quick run writes every section with sane numbers whose ratios are the
+quotients of the raw timings; the FLOP count and the timing helper's bookkeeping by hand.
+No assertion depends on how fast the machine is."""
+
+import json
+import math
+import statistics
+
+import pytest
+
+from benchmarks import run
+from benchmarks.timing import Case, measure
+
+METHODS = {"keras_fit", "keras_fit_spe", "engine", "engine_depth2", "engine_end_to_end", "data_matmuls"}
+
+
+def _numbers(tree):
+    """Every int/float leaf of a JSON tree (booleans are not numbers here)."""
+    if isinstance(tree, dict):
+        return [n for value in tree.values() for n in _numbers(value)]
+    if isinstance(tree, list):
+        return [n for value in tree for n in _numbers(value)]
+    return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+def _check_timing(timing):
+    assert len(timing["seconds"]) == run.Config.quick().repeats
+    assert timing["seconds_per_step"] == pytest.approx(statistics.median(timing["seconds"]) / timing["steps"])
+
+
+def _check_fullbatch(fullbatch):
+    peak = fullbatch["peak_matmul"]
+    _check_timing(peak)
+    assert peak["flops_per_s"] == pytest.approx(2 * peak["size"] ** 3 / peak["seconds_per_step"])
+    for name, points in (("single", 1), ("grid", run.Config.quick().grid_points)):
+        grid = fullbatch[name]
+        methods = grid["methods"]
+        assert set(methods) == METHODS and grid["grid"] == len(grid["learning_rates"]) == points
+        seconds = {method: timing["seconds_per_step"] for method, timing in methods.items()}
+        for timing in methods.values():
+            _check_timing(timing)
+        matmul_flops = 4 * 1316 * 128 * points  # X K and R^T X
+        total_flops = matmul_flops + 6 * 1316 * points + 2 * 128 * points
+        rate = matmul_flops / seconds["data_matmuls"]
+        assert grid["matmul_flops_per_s"] == pytest.approx(rate)
+        assert grid["bound_seconds_per_step"] == pytest.approx(total_flops / rate)
+        assert grid["peak_bound_seconds_per_step"] == pytest.approx(total_flops / peak["flops_per_s"])
+        assert set(grid["ratios"]) == METHODS - {"data_matmuls"}
+        for method, ratios in grid["ratios"].items():
+            assert ratios["vs_keras_fit"] == pytest.approx(seconds["keras_fit"] / seconds[method])
+            assert ratios["vs_keras_fit_spe"] == pytest.approx(seconds["keras_fit_spe"] / seconds[method])
+            assert ratios["of_bound"] == pytest.approx(grid["bound_seconds_per_step"] / seconds[method])
+            assert ratios["of_peak_bound"] == pytest.approx(grid["peak_bound_seconds_per_step"] / seconds[method])
+
+
+def _check_layer(layer):
+    models = layer["models"]
+    assert set(models) == {"plain", "overparameterized", "collapsed"}
+    parameters = {name: model["parameters"] for name, model in models.items()}
+    assert parameters["collapsed"] == parameters["plain"] < parameters["overparameterized"]
+    for name in ("overparameterized", "collapsed"):
+        for kind in ("train", "predict"):
+            _check_timing(models[name][kind])
+            expected = models[name][kind]["seconds_per_step"] / models["plain"][kind]["seconds_per_step"]
+            assert layer["ratios"][name][f"{kind}_time_vs_plain"] == pytest.approx(expected)
+
+
+def _check_update_rule(update_rule):
+    kernels = update_rule["kernels"]
+    assert set(kernels) == {f"{a}x{b}" for a, b in run.Config.quick().kernels}
+    for key, rules in kernels.items():
+        single_output = "1" in key.split("x")
+        assert ("svd" in rules) == single_output
+        for rule in ("sgd", "end_to_end") + (("svd",) if single_output else ()):
+            _check_timing(rules[rule])
+        fast = rules["end_to_end"]["seconds_per_step"]
+        assert rules["end_to_end_vs_sgd"] == pytest.approx(fast / rules["sgd"]["seconds_per_step"])
+        if single_output:
+            assert rules["svd_vs_fast"] == pytest.approx(rules["svd"]["seconds_per_step"] / fast)
+
+
+def test_quick_run_writes_every_section(gas_sensor_dir, tmp_path, capsys):
+    path = run.main(["--quick", "--out", str(tmp_path), "--data-dir", str(gas_sensor_dir)])
+    assert path == tmp_path / "results.json"
+    results = json.loads(path.read_text())
+    for section in ("fullbatch", "layer", "update_rule"):
+        numbers = _numbers(results[section])
+        assert numbers and all(math.isfinite(n) and n > 0 for n in numbers), section
+    assert len(results["loadavg_start"]) == len(results["loadavg_end"]) == 3
+    _check_fullbatch(results["fullbatch"])
+    _check_layer(results["layer"])
+    _check_update_rule(results["update_rule"])
+    assert "| engine, GD depth 1 |" in capsys.readouterr().out
+
+
+def test_step_flops_by_hand():
+    # The gas sensor grid of 9: X K and R^T X, 2 * 1316 * 128 * 9 each; 6 element-wise FLOPs per
+    # residual entry (1316 * 9) and 2 per kernel entry (128 * 9).
+    assert run.step_flops(1316, 128, 9) == {"matmul": 6_064_128, "elementwise": 73_368, "total": 6_137_496}
+
+
+def test_measure_warms_up_on_one_unit_then_times_equal_calls_in_rotating_rounds():
+    calls = []
+
+    def case(name):
+        return Case(lambda units: calls.append((name, units)), steps_per_unit=3)
+
+    timings = measure({"a": case("a"), "b": case("b")}, target_s=1e-9, repeats=2)
+    assert calls[:2] == [("a", 1), ("b", 1)]  # the first calls, one unit each
+    assert calls[-4:] == [("a", 1), ("b", 1), ("b", 1), ("a", 1)]  # round 2 starts with b
+    for timing in timings.values():
+        assert timing["steps"] == 3 and len(timing["seconds"]) == 2
+        assert timing["seconds_per_step"] == pytest.approx(statistics.median(timing["seconds"]) / 3)
