@@ -1,6 +1,6 @@
 """Reproduces the paper's regression figures on the UCI gas sensor Ethanol problem.
 
-    python -m experiments.gas_sensor --data-dir ../shared/data/gas_sensor [--figure all]
+    python -m experiments.gas_sensor --data-dir ../shared/data/gas_sensor [--figure depth init ...]
 
 Figures (Arora, Cohen & Hazan 2018, Section 8 and the authors' blog; NOTES.md):
 - depth:      l2 and l4 loss, depths 1-4 with hidden width 1 and a wide one, and next to
@@ -302,7 +302,9 @@ def add_targets_and_ratios(summaries, results, runs_by_loss):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--figure", choices=FIGURES + ("all",), default="all", help="which figure (default all)")
+    parser.add_argument(
+        "--figure", nargs="+", choices=FIGURES + ("all",), default=["all"], help="which figures (default all)"
+    )
     parser.add_argument("--iterations", type=int, help="full-batch iterations per run (default 1e6)")
     parser.add_argument("--seeds", type=int, default=1, help="number of initialisation seeds (default 1)")
     parser.add_argument("--out", help="output folder (default runs/gas_sensor/<UTC time>)")
@@ -316,7 +318,7 @@ def main(argv=None):
         parser.error(f"--seeds must be a positive int, got {args.seeds}")
 
     overrides = dict(
-        figures=FIGURES if args.figure == "all" else (args.figure,),
+        figures=FIGURES if "all" in args.figure else tuple(dict.fromkeys(args.figure)),
         seeds=tuple(range(args.seeds)), data_dir=args.data_dir, out=args.out,
     )
     if args.iterations is not None:
