@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import tempfile
+import time
 
 
 def make_run_dir(out, name):
@@ -41,3 +42,19 @@ def write_json_atomic(path, obj):
     except BaseException:
         os.unlink(temp)
         raise
+
+
+def record_run(out, name, config, run, plot, summarize):
+    """Runs `run(config)` and records it in a run folder: config.json, results.json (with the
+    run's wall time as `total_seconds`) and `<name>.png` from `plot(results, config, path)`;
+    `summarize(results, config)` prints the summary. Returns the results."""
+    directory = make_run_dir(out, name)
+    write_json_atomic(directory / "config.json", config)
+    start = time.perf_counter()
+    results = run(config)
+    results["total_seconds"] = time.perf_counter() - start
+    write_json_atomic(directory / "results.json", results)
+    plot(results, config, directory / f"{name}.png")
+    summarize(results, config)
+    print(f"wrote {directory} ({results['total_seconds']:.1f} s)")
+    return results

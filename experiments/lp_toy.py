@@ -51,7 +51,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from experiments._common import make_run_dir, write_json_atomic  # noqa: E402
+from experiments._common import record_run  # noqa: E402
 from tf_overparam.factorization import balanced_factors  # noqa: E402
 from tf_overparam.losses import LpLoss  # noqa: E402
 from tf_overparam.preconditioning import end_to_end_direction  # noqa: E402
@@ -389,16 +389,7 @@ def main(argv=None):
         config = Config(p=args.p, y1=args.y1, y2=args.y2, rates=tuple(args.rates), **{**scale, **overrides})
     except ValueError as error:
         parser.error(str(error))
-    out = make_run_dir(args.out, NAME)
-    write_json_atomic(out / "config.json", config)
-    start = time.perf_counter()
-    results = run(config)
-    results["total_seconds"] = time.perf_counter() - start
-    write_json_atomic(out / "results.json", results)
-    plot(results, config, out / "lp_toy.png")
-    print_summary(results, config)
-    print(f"wrote {out} ({results['total_seconds']:.1f} s)")
-    return results
+    return record_run(args.out, NAME, config, run, plot, print_summary)
 
 
 if __name__ == "__main__":

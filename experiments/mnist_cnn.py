@@ -49,10 +49,8 @@ single lucky batch does not count.
 
 import argparse
 import dataclasses
-import math
 import os
 import platform
-import sys
 import time
 
 import keras

@@ -32,7 +32,6 @@ is not smooth at w = 0, so this check is less accurate (~1e-5 relative) for a di
 import argparse
 import dataclasses
 import math
-import time
 
 import matplotlib
 
@@ -41,7 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from experiments._common import make_run_dir, write_json_atomic  # noqa: E402
+from experiments._common import record_run  # noqa: E402
 from tf_overparam.preconditioning import end_to_end_direction  # noqa: E402
 
 NAME = "not_a_regularizer"
@@ -239,16 +238,7 @@ def main(argv=None):
         )
     except ValueError as error:
         parser.error(str(error))
-    out = make_run_dir(args.out, NAME)
-    write_json_atomic(out / "config.json", config)
-    start = time.perf_counter()
-    results = run(config)
-    results["seconds"] = time.perf_counter() - start
-    write_json_atomic(out / "results.json", results)
-    plot(results, config, out / "not_a_regularizer.png")
-    print_summary(results)
-    print(f"wrote {out} ({results['seconds']:.1f} s)")
-    return results
+    return record_run(args.out, NAME, config, run, plot, lambda results, _: print_summary(results))
 
 
 if __name__ == "__main__":
