@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from tf_overparam.diagnostics import chain_balancedness
 from tf_overparam.factorization import chain_gradients, chain_product
+from tf_overparam.initializers import get as get_initializer
 from tf_overparam.initializers import initialize_chain
 from tf_overparam.layers import check_depth, resolve_hidden_units
 from tf_overparam.preconditioning import end_to_end_direction
@@ -66,13 +67,6 @@ class ChainSpec:
             raise ValueError(f"`p` must be >= 1, got {self.p!r}.")
         if not self.weight_decay >= 0:
             raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay!r}.")
-
-    def factor_shapes(self, inputs, units):
-        """Shapes of the trained matrices: the chain's factors, or the single end-to-end kernel."""
-        if self.update == "end_to_end" or self.depth == 1:
-            return [(inputs, units)]
-        widths = [inputs, *resolve_hidden_units(self.hidden_units, self.depth, units), units]
-        return list(zip(widths[:-1], widths[1:]))
 
 
 @dataclasses.dataclass
@@ -328,9 +322,7 @@ def _abs_power(values, p, signed=False):
 
 def _seeded(initializer, seed):
     """A copy of a (serialisable) initializer with `seed`, if it takes one."""
-    from tf_overparam import initializers
-
-    initializer = initializers.get(initializer)
+    initializer = get_initializer(initializer)
     config = initializer.get_config()
     if "seed" in config:
         return initializer.__class__.from_config({**config, "seed": seed})
