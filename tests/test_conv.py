@@ -7,8 +7,13 @@ kernel against `numpy_compose`, the full 2-D convolution of kernels written as l
 
 import functools
 import itertools
+import math
 
+import keras
 import numpy as np
+import pytest
+
+from tf_overparam.layers import OverparamConv2D
 
 # --- independent NumPy references ---------------------------------------------------------------
 
@@ -91,3 +96,117 @@ def test_numpy_composition_is_the_convolution_of_the_chain():
     x = rng.normal(size=(2, 7, 6, 2))
     np.testing.assert_allclose(numpy_conv2d(numpy_conv2d(x, first), second),
                                numpy_conv2d(x, numpy_compose(first, second)), rtol=1e-12, atol=1e-12)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _numpy_kernel(layer):
+    """The layer's end-to-end kernel from its factors, in float64 NumPy (independent of the layer)."""
+    factors = [np.asarray(keras.ops.convert_to_numpy(f), np.float64) for f in layer.factors]
+    if layer.kernel_sizes is None:
+        return functools.reduce(np.matmul, factors).reshape(*layer.kernel_size, -1, layer.filters)
+    return numpy_chain_kernel(factors)
+
+
+def _numpy_layer(layer, x):
+    bias = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else None
+    return numpy_conv2d(x, _numpy_kernel(layer), bias, layer.strides, layer.padding, layer.dilation_rate)
+
+
+def _relative_error(actual, expected):
+    actual, expected = keras.ops.convert_to_numpy(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+def _random_layer(seed=0, **kwargs):
+    kwargs.setdefault("factor_initializer", keras.initializers.RandomNormal(stddev=0.5, seed=seed))
+    kwargs.setdefault("bias_initializer", keras.initializers.RandomNormal(seed=seed + 100))
+    return OverparamConv2D(**kwargs)
+
+
+# (strides, padding, dilation_rate): the Done-when grid; Conv2D refuses strides 2 with dilation 2.
+CHANNEL_CASES = [(s, p, d) for s in (1, 2) for p in ("valid", "same") for d in (1, 2) if not (s == 2 and d == 2)]
+SPATIAL_CASES = [(s, p, d) for s in (1, 2) for p in ("valid", "same") for d in (1, 2) if not (s == 2 and d == 2)]
+
+
+def _both_orders(layer, x):
+    """The layer's outputs with the chain applied to the inputs and with the folded kernel: the
+    cost rule picks one; the other is forced here through the threshold it compares against."""
+    outputs = []
+    for threshold in (math.inf, 0):
+        if layer.kernel_sizes is None:
+            layer._threshold = threshold
+        else:
+            layer._spatial_plan = (layer._spatial_plan[0], threshold)
+        outputs.append(keras.ops.convert_to_numpy(layer(x)))
+    return outputs
+
+
+# --- forward pass and collapse ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strides, padding, dilation_rate", CHANNEL_CASES)
+def test_channel_chain_is_the_reference_convolution_of_its_factor_product(float64, strides, padding, dilation_rate):
+    rng = np.random.default_rng(strides + 3 * dilation_rate)
+    x = rng.normal(size=(2, 11, 10, 3))
+    for depth, hidden in [(2, None), (3, [5, 2]), (1, None)]:
+        layer = _random_layer(filters=4, kernel_size=(3, 2), strides=strides, padding=padding,
+                              dilation_rate=dilation_rate, depth=depth, hidden_filters=hidden, seed=depth)
+        layer.build(x.shape)
+        widths = [3 * 2 * 3, *([4] * (depth - 1) if hidden is None else hidden), 4]
+        assert [tuple(f.shape) for f in layer.factors] == list(zip(widths[:-1], widths[1:]))
+        expected = _numpy_layer(layer, x)
+        for out in (keras.ops.convert_to_numpy(layer(x)), *_both_orders(layer, x)):
+            np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12, err_msg=str((depth, hidden)))
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), _numpy_kernel(layer), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("strides, padding, dilation_rate", SPATIAL_CASES)
+def test_spatial_chain_is_the_reference_convolution_of_its_composed_kernel(float64, strides, padding, dilation_rate):
+    rng = np.random.default_rng(strides + 3 * dilation_rate)
+    # Odd and even heights/widths, so 'same' pads unevenly and strides leave a remainder.
+    for kernel_sizes, kernel_size, hidden, shape in [
+        ((3, 3), (5, 5), None, (2, 13, 12, 3)),
+        (((3, 2), (2, 4), 1), (4, 5), [5, 2], (2, 12, 11, 3)),
+        ((2, 2), 3, 6, (1, 9, 10, 3)),
+    ]:
+        x = rng.normal(size=shape)
+        layer = _random_layer(filters=4, kernel_size=kernel_size, strides=strides, padding=padding,
+                              dilation_rate=dilation_rate, kernel_sizes=kernel_sizes, hidden_filters=hidden)
+        layer.build(x.shape)
+        expected = _numpy_layer(layer, x)
+        for out in (keras.ops.convert_to_numpy(layer(x)), *_both_orders(layer, x)):
+            np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12, err_msg=str(kernel_sizes))
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), _numpy_kernel(layer), rtol=1e-12, atol=1e-14)
+
+
+def _collapse_errors(layer, x):
+    """max |difference| / max |output| of the layer against its folded Conv2D and against the
+    NumPy reference, in float32, the cost rule picking the order."""
+    out = keras.ops.convert_to_numpy(layer(x))
+    folded = layer.to_conv2d()
+    assert type(folded) is keras.layers.Conv2D
+    return _relative_error(folded(x), out), _relative_error(out, _numpy_layer(layer, x))
+
+
+@pytest.mark.parametrize("strides, padding, dilation_rate", CHANNEL_CASES)
+def test_channel_chain_collapse_is_exact(strides, padding, dilation_rate):
+    x = np.random.default_rng(1).normal(size=(3, 12, 11, 5)).astype("float32")
+    layer = _random_layer(filters=6, kernel_size=3, strides=strides, padding=padding, dilation_rate=dilation_rate,
+                          depth=3, activation="tanh")
+    # tanh is applied to both; the reference applies it to the pre-activation.
+    out = keras.ops.convert_to_numpy(layer(x))
+    folded = layer.to_conv2d()
+    assert folded.get_config()["activation"] == "tanh" and folded.strides == (strides, strides)
+    assert _relative_error(folded(x), out) <= 1e-5
+    assert _relative_error(out, np.tanh(_numpy_layer(layer, x))) <= 1e-5
+
+
+@pytest.mark.parametrize("strides, padding", [(s, p) for s in (1, 2) for p in ("valid", "same")])
+def test_spatial_chain_collapse_is_exact(strides, padding):
+    x = np.random.default_rng(2).normal(size=(3, 13, 12, 5)).astype("float32")
+    layer = _random_layer(filters=6, kernel_size=5, strides=strides, padding=padding, kernel_sizes=(3, 1, 3))
+    to_folded, to_reference = _collapse_errors(layer, x)
+    assert to_folded <= 1e-5 and to_reference <= 1e-5
