@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 from keras import ops
 
-from tf_overparam.factorization import chain_product
+from tf_overparam.chain import chain_product
 
 
 @dataclasses.dataclass(frozen=True)

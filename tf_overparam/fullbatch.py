@@ -22,10 +22,10 @@ import numpy as np
 import tensorflow as tf
 
 from tf_overparam.diagnostics import chain_balancedness
-from tf_overparam.factorization import chain_gradients, chain_product
+from tf_overparam.chain import chain_gradients, chain_product
 from tf_overparam.initializers import get as get_initializer
 from tf_overparam.initializers import initialize_chain
-from tf_overparam.layers import check_depth, resolve_hidden_units
+from tf_overparam.chain import check_depth, resolve_hidden_units
 from tf_overparam.preconditioning import end_to_end_direction
 
 OPTIMIZERS = ("gd", "adagrad", "adadelta", "adam")

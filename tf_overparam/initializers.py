@@ -8,7 +8,7 @@ identity and balanced initialisations need.
 import keras
 import numpy as np
 
-from tf_overparam.factorization import balanced_factors
+from tf_overparam.chain import balanced_factors
 
 PACKAGE = "tf_overparam"
 
@@ -102,7 +102,7 @@ class Balanced(ChainInitializer):
 
     The chain satisfies W_{j+1}^T W_{j+1} = W_j W_j^T (NOTES.md), the condition under which
     gradient descent on the chain follows the end-to-end update rule (eq. 24). Hidden spaces
-    are turned by seeded random rotations (see `factorization.balanced_factors`); a hidden
+    are turned by seeded random rotations (see `chain.balanced_factors`); a hidden
     width below the rank of the draw keeps its best rank-h approximation.
 
     Args:

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 
 from tf_overparam import initializers as chain_initializers
-from tf_overparam.factorization import balanced_factors
+from tf_overparam.chain import balanced_factors
 from tf_overparam.layers import (
     OverparamDense,
     check_depth,
