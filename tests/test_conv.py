@@ -12,8 +12,12 @@ import math
 import keras
 import numpy as np
 import pytest
+from keras.src.testing import TestCase as KerasTestCase
 
-from tf_overparam.layers import OverparamConv2D
+import tf_overparam as to
+from tf_overparam.layers import OverparamConv2D, registry
+
+from _reference import reference_direction  # tests/ is on sys.path (rootdir-relative import)
 
 # --- independent NumPy references ---------------------------------------------------------------
 
@@ -210,3 +214,185 @@ def test_spatial_chain_collapse_is_exact(strides, padding):
     layer = _random_layer(filters=6, kernel_size=5, strides=strides, padding=padding, kernel_sizes=(3, 1, 3))
     to_folded, to_reference = _collapse_errors(layer, x)
     assert to_folded <= 1e-5 and to_reference <= 1e-5
+
+
+def test_unknown_batch_in_a_graph_gives_the_reference(float64):
+    # In `predict` the batch is None while tracing, so the order is chosen at run time.
+    x = np.random.default_rng(3).normal(size=(5, 9, 9, 2))
+    for kwargs in [dict(kernel_size=3, padding="same", strides=2), dict(kernel_size=5, kernel_sizes=(3, 3), strides=2)]:
+        layer = _random_layer(filters=3, **kwargs)
+        model = keras.Sequential([keras.Input((9, 9, 2)), layer])
+        np.testing.assert_allclose(model.predict(x, batch_size=2, verbose=0), _numpy_layer(layer, x),
+                                   rtol=1e-12, atol=1e-12, err_msg=str(kwargs))
+
+
+def test_unknown_spatial_size_uses_the_folded_kernel(float64):
+    x = np.random.default_rng(4).normal(size=(2, 10, 7, 2))
+    layer = _random_layer(filters=3, kernel_size=4, kernel_sizes=(2, 3), padding="same", strides=2)
+    model = keras.Sequential([keras.Input((None, None, 2)), layer])
+    np.testing.assert_allclose(model.predict(x, verbose=0), _numpy_layer(layer, x), rtol=1e-12, atol=1e-12)
+
+
+def test_spatial_identity_initializer_gives_centred_delta_kernels():
+    layer = OverparamConv2D(3, 5, padding="same", kernel_sizes=(3, 1, 3),
+                            factor_initializer=to.initializers.Identity(gain=0.5))
+    x = np.random.default_rng(5).normal(size=(2, 6, 7, 3)).astype("float32")
+    out = keras.ops.convert_to_numpy(layer(x))
+    # Three delta factors compose to 0.5^3 times the identity at the centre of the 5x5 kernel,
+    # so with 'same' padding the layer is x -> 0.125 x (bias 0).
+    expected_kernel = np.zeros((5, 5, 3, 3))
+    expected_kernel[2, 2] = 0.125 * np.eye(3)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), expected_kernel, atol=1e-7)
+    np.testing.assert_allclose(out, 0.125 * x, rtol=1e-6, atol=1e-7)
+    # Rectangular channels: the delta carries the rectangular identity.
+    factor = keras.ops.convert_to_numpy(
+        OverparamConv2D(2, 3, kernel_sizes=(3,), factor_initializer="identity").draw_chain([(3, 3, 4, 2)])[0])
+    expected = np.zeros((3, 3, 4, 2))
+    expected[1, 1] = np.eye(4, 2)
+    np.testing.assert_array_equal(factor, expected)
+
+
+# --- the channel chain is the paper's matrix chain ----------------------------------------------
+
+
+def test_channel_chain_factor_gradients_are_eq_14_of_the_kernel_matrix_gradient(float64):
+    # The gradient of a loss through the layer w.r.t. each factor equals eq. 14 (chain_gradients)
+    # applied to the gradient of the same loss w.r.t. the reshaped kernel of a plain Conv2D.
+    import tensorflow as tf
+
+    rng = np.random.default_rng(6)
+    x, target = rng.normal(size=(4, 8, 7, 3)), rng.normal(size=(4, 4, 4, 5))
+    layer = _random_layer(filters=5, kernel_size=3, strides=2, padding="same", depth=3, hidden_filters=[4, 6])
+    layer.build(x.shape)
+    plain = layer.to_conv2d()
+    with tf.GradientTape(persistent=True) as tape:
+        factor_loss = tf.reduce_sum((layer(x) - target) ** 2)
+        kernel_loss = tf.reduce_sum((plain(x) - target) ** 2)
+    factor_grads = tape.gradient(factor_loss, [f.value for f in layer.factors])
+    kernel_grad = np.reshape(tape.gradient(kernel_loss, plain.kernel.value).numpy(), (-1, 5))
+    factors = [f.numpy() for f in layer.factors]
+    # eq. 14 in Keras layout, written out: dL/dF_j = (F_1..F_{j-1})^T G (F_{j+1}..F_N)^T.
+    for j, grad in enumerate(factor_grads):
+        before = functools.reduce(np.matmul, factors[:j], np.eye(27))
+        after = functools.reduce(np.matmul, factors[j + 1:], np.eye(factors[j].shape[1]))
+        np.testing.assert_allclose(grad.numpy(), before.T @ kernel_grad @ after.T, rtol=1e-10, atol=1e-12)
+
+
+def test_end_to_end_direction_of_a_conv_kernel_is_the_reference_on_the_reshaped_matrix(float64):
+    rng = np.random.default_rng(7)
+    kernel, grad = rng.normal(size=(3, 3, 4, 6)), rng.normal(size=(3, 3, 4, 6))
+    matrix, grad_matrix = kernel.reshape(36, 6), grad.reshape(36, 6)
+    for depth in (2, 3, 5):
+        direction = to.preconditioning.end_to_end_direction(
+            registry.kernel_matrix(kernel), registry.kernel_matrix(grad), depth)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(direction),
+                                   reference_direction(matrix, grad_matrix, depth), rtol=1e-9, atol=1e-10)
+
+
+def test_balanced_channel_chain_from_factorize_is_the_kernel(float64):
+    kernel = np.random.default_rng(8).normal(size=(3, 3, 2, 4))
+    layer = OverparamConv2D(4, 3, depth=3, hidden_filters=[5, 4])
+    layer.build((None, 8, 8, 2))
+    for variable, value in zip(layer.factors, layer.factorize(kernel, rotation_seed=0)):
+        variable.assign(value)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), kernel, rtol=1e-10, atol=1e-12)
+    assert to.diagnostics.balancedness(layer).relative < 1e-10
+
+
+# --- regularizers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel_sizes", [None, (2, 2)])
+def test_kernel_regularizer_is_on_the_folded_kernel_and_factor_regularizer_on_each_factor(float64, kernel_sizes):
+    layer = _random_layer(filters=3, kernel_size=3, kernel_sizes=kernel_sizes,
+                          kernel_regularizer=keras.regularizers.L2(0.125),
+                          factor_regularizer=keras.regularizers.L1(0.0625))
+    model = keras.Sequential([keras.Input((6, 6, 2)), layer])
+    factors = [keras.ops.convert_to_numpy(f) for f in layer.factors]
+    expected = sorted([0.125 * np.sum(_numpy_kernel(layer) ** 2)] + [0.0625 * np.sum(np.abs(f)) for f in factors])
+    actual = sorted(float(keras.ops.convert_to_numpy(loss)) for loss in model.losses)
+    np.testing.assert_allclose(actual, expected, rtol=1e-12)
+
+
+# --- Keras' layer test harness, saving ----------------------------------------------------------
+
+
+class KerasLayerHarness(KerasTestCase):
+    """`run_layer_test`: config round trip, build, symbolic and eager call, one-step fit,
+    mixed precision (float32 factors, float16 outputs)."""
+
+    def test_channel_chain(self):
+        self.run_layer_test(
+            OverparamConv2D,
+            init_kwargs=dict(filters=4, kernel_size=3, strides=2, padding="same", depth=3, hidden_filters=5,
+                             activation="relu", kernel_regularizer="l2"),
+            input_shape=(2, 8, 7, 3),
+            expected_output_shape=(2, 4, 4, 4),
+            expected_num_trainable_weights=4,
+            expected_num_non_trainable_weights=0,
+            expected_num_losses=1,
+            supports_masking=False,
+        )
+
+    def test_spatial_chain(self):
+        self.run_layer_test(
+            OverparamConv2D,
+            init_kwargs=dict(filters=4, kernel_size=(4, 3), kernel_sizes=((3, 2), (2, 2)), padding="valid",
+                             dilation_rate=2, use_bias=False, factor_initializer="identity"),
+            input_shape=(2, 9, 8, 3),
+            expected_output_shape=(2, 3, 4, 4),
+            expected_num_trainable_weights=2,
+            expected_num_non_trainable_weights=0,
+            expected_num_losses=0,
+            supports_masking=False,
+        )
+
+
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, depth=3, padding="same"),
+                                    dict(kernel_size=5, kernel_sizes=(3, 3), strides=2)])
+def test_keras_save_and_load_keeps_config_weights_and_outputs(tmp_path, kwargs):
+    layer = _random_layer(filters=4, factor_regularizer="l2", **kwargs)
+    model = keras.Sequential([keras.Input((9, 9, 2)), layer, keras.layers.Flatten(), keras.layers.Dense(1)])
+    x = np.random.default_rng(9).normal(size=(3, 9, 9, 2)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    reloaded = loaded.layers[0]
+    assert type(reloaded) is OverparamConv2D
+    assert reloaded.get_config() == layer.get_config()
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), expected)
+
+
+# --- bad arguments ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(data_format="channels_first"), "data_format"),
+    (dict(groups=2), "groups"),
+    (dict(padding="causal"), "padding"),
+    (dict(strides=2, dilation_rate=2), "dilation_rate"),
+    (dict(filters=0), "filters"),
+    (dict(kernel_size=(3, 3, 3)), "kernel_size"),
+    (dict(strides=0), "strides"),
+    (dict(hidden_filters=[2, 2]), "hidden_filters"),
+    (dict(depth=0), "depth"),
+    (dict(kernel_sizes=(3, 2)), "kernel_sizes"),  # folds to 4, not kernel_size 3
+    (dict(kernel_sizes=()), "kernel_sizes"),
+    (dict(kernel_sizes=(2, 0)), "kernel_sizes"),
+    (dict(kernel_sizes=(2, 2), depth=3), "depth"),
+    (dict(kernel_sizes=(2, 2), factor_initializer="balanced"), "factor_initializer"),
+])
+def test_bad_arguments_raise_value_errors_naming_them(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        OverparamConv2D(**{"filters": 2, "kernel_size": 3, **kwargs})
+
+
+def test_matrix_chain_statements_are_refused_for_the_spatial_chain():
+    layer = OverparamConv2D(2, 3, kernel_sizes=(2, 2))
+    layer.build((None, 5, 5, 2))
+    with pytest.raises(ValueError, match="preserve_function"):
+        layer.factorize(np.zeros((3, 3, 2, 2)))
+    with pytest.raises(ValueError, match="matrix chains"):
+        layer.check_matrix_chain("balancedness")
+    with pytest.raises(ValueError, match="built"):
+        OverparamConv2D(2, 3).kernel

@@ -81,7 +81,7 @@ def _cheaper_order(count, threshold, below, above):
         return below()
     if isinstance(count, int):
         return below() if count < threshold else above()
-    return ops.cond(count < threshold, below, above)
+    return ops.cond(ops.less(ops.cast(count, "float32"), threshold), below, above)
 
 
 @registry.register
