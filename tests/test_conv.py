@@ -186,13 +186,12 @@ def test_spatial_chain_is_the_reference_convolution_of_its_composed_kernel(float
         np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), _numpy_kernel(layer), rtol=1e-12, atol=1e-14)
 
 
-def _collapse_errors(layer, x):
+def _collapse_errors(layer, x, activation=lambda z: z):
     """max |difference| / max |output| of the layer against its folded Conv2D and against the
-    NumPy reference, in float32, the cost rule picking the order."""
-    out = keras.ops.convert_to_numpy(layer(x))
-    folded = layer.to_conv2d()
-    assert type(folded) is keras.layers.Conv2D
-    return _relative_error(folded(x), out), _relative_error(out, _numpy_layer(layer, x))
+    NumPy reference (with `activation` applied), in float32, for both orders of the products."""
+    folded = keras.ops.convert_to_numpy(layer.to_conv2d()(x))
+    reference = activation(_numpy_layer(layer, x))
+    return [(_relative_error(out, folded), _relative_error(out, reference)) for out in _both_orders(layer, x)]
 
 
 @pytest.mark.parametrize("strides, padding, dilation_rate", CHANNEL_CASES)
@@ -200,20 +199,23 @@ def test_channel_chain_collapse_is_exact(strides, padding, dilation_rate):
     x = np.random.default_rng(1).normal(size=(3, 12, 11, 5)).astype("float32")
     layer = _random_layer(filters=6, kernel_size=3, strides=strides, padding=padding, dilation_rate=dilation_rate,
                           depth=3, activation="tanh")
-    # tanh is applied to both; the reference applies it to the pre-activation.
-    out = keras.ops.convert_to_numpy(layer(x))
+    layer(x)
     folded = layer.to_conv2d()
+    assert type(folded) is keras.layers.Conv2D
     assert folded.get_config()["activation"] == "tanh" and folded.strides == (strides, strides)
-    assert _relative_error(folded(x), out) <= 1e-5
-    assert _relative_error(out, np.tanh(_numpy_layer(layer, x))) <= 1e-5
+    assert folded.dilation_rate == (dilation_rate, dilation_rate) and folded.padding == padding
+    for to_folded, to_reference in _collapse_errors(layer, x, np.tanh):
+        assert to_folded <= 1e-5 and to_reference <= 1e-5
 
 
 @pytest.mark.parametrize("strides, padding", [(s, p) for s in (1, 2) for p in ("valid", "same")])
 def test_spatial_chain_collapse_is_exact(strides, padding):
     x = np.random.default_rng(2).normal(size=(3, 13, 12, 5)).astype("float32")
     layer = _random_layer(filters=6, kernel_size=5, strides=strides, padding=padding, kernel_sizes=(3, 1, 3))
-    to_folded, to_reference = _collapse_errors(layer, x)
-    assert to_folded <= 1e-5 and to_reference <= 1e-5
+    layer(x)
+    assert type(layer.to_conv2d()) is keras.layers.Conv2D and layer.to_conv2d().kernel_size == (5, 5)
+    for to_folded, to_reference in _collapse_errors(layer, x):
+        assert to_folded <= 1e-5 and to_reference <= 1e-5
 
 
 def test_unknown_batch_in_a_graph_gives_the_reference(float64):
