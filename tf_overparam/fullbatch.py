@@ -21,14 +21,13 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from tf_overparam import update_rules
+from tf_overparam.chain import chain_gradients, chain_product, check_depth, resolve_hidden_units
 from tf_overparam.diagnostics import chain_balancedness
-from tf_overparam.chain import chain_gradients, chain_product
-from tf_overparam.initializers import get as get_initializer
 from tf_overparam.initializers import initialize_chain
-from tf_overparam.chain import check_depth, resolve_hidden_units
 from tf_overparam.preconditioning import end_to_end_direction
+from tf_overparam.update_rules import OPTIMIZERS
 
-OPTIMIZERS = ("gd", "adagrad", "adadelta", "adam")
 UNROLL = 4  # steps per iteration of the compiled loop: fewer loop round trips, short traces
 UPDATES = ("chain", "end_to_end")
 
@@ -141,13 +140,7 @@ class FullBatchTrainer:
         self._run_chunk = tf.function(self._chunk)
 
     def _make_slots(self, factor):
-        zeros = lambda: tf.Variable(tf.zeros_like(factor))  # noqa: E731
-        return {
-            "gd": (),
-            "adagrad": (tf.Variable(tf.fill(factor.shape, tf.constant(0.1, self.dtype))),),
-            "adadelta": (zeros(), zeros()),
-            "adam": (zeros(), zeros()),
-        }[self.spec.optimizer]
+        return tuple(tf.Variable(value) for value in update_rules.initial_slots(self.spec.optimizer, factor))
 
     def kernel(self):
         """The grid's end-to-end kernels, (grid, inputs, units)."""
@@ -196,26 +189,8 @@ class FullBatchTrainer:
         return losses, gradients
 
     def _apply(self, factor, gradient, slots, count):
-        """One optimizer update (Keras' rule and defaults); returns the new factor and slots."""
-        rate, optimizer, epsilon = self._rates, self.spec.optimizer, 1e-7
-        if optimizer == "gd":
-            return factor - rate * gradient, slots
-        if optimizer == "adagrad":
-            (accumulator,) = slots
-            accumulator = accumulator + tf.square(gradient)
-            return factor - rate * gradient / tf.sqrt(accumulator + epsilon), (accumulator,)
-        if optimizer == "adadelta":
-            grad_sq, delta_sq = slots
-            grad_sq = 0.95 * grad_sq + 0.05 * tf.square(gradient)
-            delta = tf.sqrt(delta_sq + epsilon) / tf.sqrt(grad_sq + epsilon) * gradient
-            return factor - rate * delta, (grad_sq, 0.95 * delta_sq + 0.05 * tf.square(delta))
-        first, second = slots  # adam
-        first = first + (gradient - first) * 0.1
-        second = second + (tf.square(gradient) - second) * 0.001
-        step = tf.cast(count + 1, self.dtype)
-        beta_1, beta_2 = tf.constant(0.9, self.dtype), tf.constant(0.999, self.dtype)
-        alpha = rate * tf.sqrt(1 - tf.pow(beta_2, step)) / (1 - tf.pow(beta_1, step))
-        return factor - alpha * first / (tf.sqrt(second) + epsilon), (first, second)
+        """One optimizer update (`update_rules`); returns the new factor and slots."""
+        return update_rules.apply_update(self.spec.optimizer, factor, gradient, slots, count, self._rates)
 
     def _step(self, state):
         """One step of every grid point. Grid points never mix (column g of X K and of X^T R
@@ -320,20 +295,11 @@ def _abs_power(values, p, signed=False):
     return result if natural or not signed else result * tf.sign(values)
 
 
-def _seeded(initializer, seed):
-    """A copy of a (serialisable) initializer with `seed`, if it takes one."""
-    initializer = get_initializer(initializer)
-    config = initializer.get_config()
-    if "seed" in config:
-        return initializer.__class__.from_config({**config, "seed": seed})
-    return initializer
-
-
 def _initial_chain(spec, seed, inputs, units):
     """The initial matrices of one grid point: the chain's factors, or for the end-to-end
     rule the end-to-end kernel of the chain it emulates (float64 NumPy arrays)."""
     widths = [inputs, *resolve_hidden_units(spec.hidden_units, spec.depth, units), units]
-    chain = initialize_chain(_seeded(spec.initializer, seed), list(zip(widths[:-1], widths[1:])), dtype="float64")
+    chain = initialize_chain(update_rules.seeded(spec.initializer, seed), list(zip(widths[:-1], widths[1:])), dtype="float64")
     chain = [np.asarray(f) for f in chain]
     if spec.update == "end_to_end" and spec.depth > 1:
         return [np.asarray(chain_product(chain))]
