@@ -23,8 +23,8 @@ import tensorflow as tf
 
 from tf_overparam import update_rules
 from tf_overparam.chain import chain_gradients, chain_product, check_depth, resolve_hidden_units
-from tf_overparam.diagnostics import chain_balancedness
 from tf_overparam.initializers import initialize_chain
+from tf_overparam.losses import check_p, lp_loss_slope, lp_loss_values
 from tf_overparam.preconditioning import end_to_end_direction
 from tf_overparam.update_rules import OPTIMIZERS
 
@@ -62,8 +62,7 @@ class ChainSpec:
             raise ValueError(f"`update` must be one of {UPDATES}, got {self.update!r}.")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
-        if not self.p >= 1:
-            raise ValueError(f"`p` must be >= 1, got {self.p!r}.")
+        check_p(self.p)
         if not self.weight_decay >= 0:
             raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay!r}.")
 
@@ -169,15 +168,15 @@ class FullBatchTrainer:
 
     def loss(self):
         """Current full-batch loss of every grid point, (grid,), as `LpLoss` computes it."""
-        return self._grid_mean(_abs_power(self._residuals(self.kernel()), self.spec.p)) / self.spec.p
+        return self._grid_mean(lp_loss_values(self._residuals(self.kernel()), self.spec.p))
 
     def _gradients(self, factors):
         """Losses and factor gradients, by hand: two matmuls with the data for the end-to-end
         gradient, then eq. 14 along the chain (fewer ops than autodiff in this hot loop)."""
         p = self.spec.p
         residual = self._residuals(chain_product(factors))
-        losses = self._grid_mean(_abs_power(residual, p)) / p
-        slope = _abs_power(residual, p - 1, signed=True)
+        losses = self._grid_mean(lp_loss_values(residual, p))
+        slope = lp_loss_slope(residual, p)
         kernel_gradient = self._from_rows(tf.matmul(slope, self._x_mean, transpose_a=True))
         gradients = chain_gradients(factors, kernel_gradient)
         decay = self.spec.weight_decay
@@ -238,18 +237,6 @@ class FullBatchTrainer:
     def iteration(self):
         return int(self._step_count.numpy())
 
-    def diagnostics(self):
-        """Per grid point: end-to-end singular values (grid, min(inputs, units)), the effective
-        learning-rate factor ||W_e||^{2-2/N} of eq. 27 (spectral norm), and the relative
-        balancedness of the chain (0 for a single matrix)."""
-        kernel = self.kernel()
-        finite = tf.reduce_all(tf.math.is_finite(kernel), axis=(1, 2))
-        safe = tf.where(finite[:, tf.newaxis, tf.newaxis], kernel, tf.zeros_like(kernel))
-        singular_values = tf.where(finite[:, tf.newaxis], tf.linalg.svd(safe, compute_uv=False), math.nan).numpy()
-        effective = singular_values[:, 0] ** (2.0 - 2.0 / self.spec.depth)
-        _, relative = chain_balancedness([tf.cast(f, tf.float64) for f in self.factors])
-        return singular_values, effective, relative.numpy()
-
     def run(self, iterations, schedule=None, on_log=None):
         """Trains for `iterations` steps, logging at `schedule` (default `log_schedule`).
 
@@ -274,25 +261,6 @@ class FullBatchTrainer:
             diverged_at=self._diverged_at.numpy(),
             kernels=self.kernel().numpy(),
         )
-
-
-def _abs_power(values, p, signed=False):
-    """|values|^p, or sign(values) |values|^p if `signed`; an integer p multiplies, which is
-    several times faster than `tf.pow`."""
-    if float(p) != int(p):
-        result = tf.pow(tf.abs(values), p)
-        return result * tf.sign(values) if signed else result
-    p = int(p)
-    natural = (p % 2 == 1) == signed  # values^p is already the wanted value
-    result, base = None, values if natural else tf.abs(values)
-    while p:
-        if p & 1:
-            result = base if result is None else result * base
-        p >>= 1
-        if p:
-            base = base * base
-    result = tf.ones_like(values) if result is None else result
-    return result if natural or not signed else result * tf.sign(values)
 
 
 def _initial_chain(spec, seed, inputs, units):
