@@ -63,6 +63,7 @@ import tensorflow as tf  # noqa: E402
 
 from experiments._common import make_run_dir, write_json_atomic  # noqa: E402
 from tf_overparam import diagnostics  # noqa: E402
+from tf_overparam.diagnostics import spectral_norm  # noqa: E402
 from tf_overparam.callbacks import OverparamTensorBoard, find_overparam_layers  # noqa: E402
 from tf_overparam.datasets import mnist  # noqa: E402
 from tf_overparam.layers import OverparamDense  # noqa: E402
@@ -342,13 +343,6 @@ def count_train_steps(config):
 
 
 # ----------------------------------------------------------------------------- run
-
-
-def spectral_norm(kernel):
-    """Largest singular value of a (n, m) kernel from the eigenvalues of its m x m Gram matrix
-    (accurate for the largest one, and much cheaper than an SVD of a 3136 x 512 matrix)."""
-    kernel = np.asarray(kernel, dtype=np.float64)
-    return float(np.sqrt(max(np.linalg.eigvalsh(kernel.T @ kernel)[-1], 0.0)))
 
 
 def dense_state(model):

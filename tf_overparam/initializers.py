@@ -162,15 +162,17 @@ def initialize_chain(initializer, shapes, dtype=None):
     An unseeded Keras initializer fixes a random seed when it is made (every call gives the same
     values), so each factor gets a fresh instance.
     """
+    from tf_overparam.update_rules import seeded
+
     initializer = get(initializer)
     if isinstance(initializer, ChainInitializer):
         return initializer.chain(shapes, dtype=dtype)
-    config = initializer.get_config()
+    seed = initializer.get_config().get("seed", "absent")
     values = []
     for j, shape in enumerate(shapes):
-        if isinstance(config.get("seed"), int):
-            initializer = initializer.__class__.from_config({**config, "seed": config["seed"] + j})
-        elif j > 0 and "seed" in config and config["seed"] is None:
-            initializer = initializer.__class__.from_config(config)
+        if isinstance(seed, int):
+            initializer = seeded(initializer, seed + j)
+        elif j > 0 and seed is None:
+            initializer = seeded(initializer, None)
         values.append(initializer(shape, dtype=dtype))
     return values

@@ -32,6 +32,9 @@ class ChainedKernelLayer(keras.layers.Layer):
 
     - `plain_class` (class attribute): the plain Keras layer it overparameterizes;
     - `chain_only_keys` (class attribute): its config keys the plain layer does not have;
+    - `hidden_argument` (class attribute): the name of its hidden-width argument
+      ("hidden_units"; a convolution might say "hidden_filters"), which `overparameterize`
+      fills from its own `hidden_units`;
     - `factor_shapes(input_shape)`: the factor shapes, input side first (2-D for a matrix
       chain, see `tf_overparam.chain.chain_shapes`);
     - `kernel_shape(input_shape)`: the plain layer's kernel shape; the matrix view is
@@ -51,6 +54,7 @@ class ChainedKernelLayer(keras.layers.Layer):
     """
 
     plain_class = None
+    hidden_argument = "hidden_units"
     chain_only_keys = ("depth", "factor_initializer", "factor_regularizer")
 
     def __init__(
