@@ -291,16 +291,6 @@ def test_end_to_end_direction_of_a_conv_kernel_is_the_reference_on_the_reshaped_
                                    reference_direction(matrix, grad_matrix, depth), rtol=1e-9, atol=1e-10)
 
 
-def test_balanced_channel_chain_from_factorize_is_the_kernel(float64):
-    kernel = np.random.default_rng(8).normal(size=(3, 3, 2, 4))
-    layer = OverparamConv2D(4, 3, depth=3, hidden_filters=[5, 4])
-    layer.build((None, 8, 8, 2))
-    for variable, value in zip(layer.factors, layer.factorize(kernel, rotation_seed=0)):
-        variable.assign(value)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), kernel, rtol=1e-10, atol=1e-12)
-    assert to.diagnostics.balancedness(layer).relative < 1e-10
-
-
 # --- regularizers -------------------------------------------------------------------------------
 
 
@@ -392,9 +382,66 @@ def test_bad_arguments_raise_value_errors_naming_them(kwargs, name):
 def test_matrix_chain_statements_are_refused_for_the_spatial_chain():
     layer = OverparamConv2D(2, 3, kernel_sizes=(2, 2))
     layer.build((None, 5, 5, 2))
-    with pytest.raises(ValueError, match="preserve_function"):
-        layer.factorize(np.zeros((3, 3, 2, 2)))
-    with pytest.raises(ValueError, match="matrix chains"):
-        layer.check_matrix_chain("balancedness")
+    with pytest.raises(ValueError, match="matrices"):
+        to.diagnostics.balancedness(layer)
     with pytest.raises(ValueError, match="built"):
         OverparamConv2D(2, 3).kernel
+
+
+# --- whole models -------------------------------------------------------------------------------
+
+
+def _small_cnn():
+    return keras.Sequential([
+        keras.Input((10, 9, 2)),
+        keras.layers.Conv2D(4, 3, padding="same", activation="relu", bias_initializer="glorot_uniform", name="c1"),
+        keras.layers.Conv2D(5, 3, strides=2, name="c2"),
+        keras.layers.DepthwiseConv2D(2, name="depthwise"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3, name="fc"),
+    ])
+
+
+def test_overparameterize_preserving_function_then_collapse_keeps_outputs(float64):
+    model = _small_cnn()
+    x = np.random.default_rng(10).normal(size=(4, 10, 9, 2))
+    expected = keras.ops.convert_to_numpy(model(x))
+    with pytest.warns(UserWarning, match="depthwise"):
+        twin = to.overparameterize(model, depth=3, preserve_function=True, seed=0,
+                                   layers=(keras.layers.Dense, keras.layers.Conv2D))
+    assert [type(layer).__name__ for layer in twin.layers] == [
+        "OverparamConv2D", "OverparamConv2D", "DepthwiseConv2D", "Flatten", "OverparamDense"]
+    assert [name for name, _, _ in twin.conversion_report.converted] == ["c1", "c2", "fc"]
+    assert [name for name, _, _ in twin.conversion_report.left] == ["depthwise"]
+    c2 = twin.layers[1]
+    assert c2.strides == (2, 2) and [tuple(f.shape) for f in c2.factors] == [(36, 5), (5, 5), (5, 5)]
+    assert to.diagnostics.balancedness(c2).relative < 1e-10
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(twin(x)), expected, rtol=1e-10, atol=1e-12)
+    back = to.collapse(twin)
+    assert [type(layer) for layer in back.layers] == [type(layer) for layer in model.layers]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(back(x)), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_overparameterize_into_spatial_chains_through_layer_kwargs(float64):
+    model = _small_cnn()
+    x = np.random.default_rng(11).normal(size=(4, 10, 9, 2))
+
+    def spatial(layer):
+        return {"kernel_sizes": (2, 2), "hidden_filters": 7} if isinstance(layer, keras.layers.Conv2D) else {}
+
+    with pytest.raises(ValueError, match="preserve_function"):
+        to.overparameterize(model, preserve_function=True, layers=(keras.layers.Conv2D,), layer_kwargs=spatial)
+    with pytest.warns(UserWarning, match="depthwise"):
+        twin = to.overparameterize(model, layers=(keras.layers.Conv2D,), layer_kwargs=spatial,
+                                   factor_initializer=keras.initializers.RandomNormal(stddev=0.3, seed=1))
+    c1, c2 = twin.layers[:2]
+    assert c1.kernel_sizes == ((2, 2), (2, 2)) and [tuple(f.shape) for f in c2.factors] == [(2, 2, 4, 7), (2, 2, 7, 5)]
+    # Not preserving: the convolutions are new chains, the rest (biases too) is copied.
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(c2.bias), keras.ops.convert_to_numpy(model.layers[1].bias))
+    twin.compile(keras.optimizers.SGD(0.01), loss="mse")
+    twin.fit(x, np.zeros((4, 3)), epochs=2, verbose=0)
+    expected = keras.ops.convert_to_numpy(twin(x))
+    # The folded model is the trained chain: the first convolution against the NumPy reference too.
+    back = to.collapse(twin)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(back(x)), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(back.layers[0].kernel), _numpy_kernel(c1), rtol=1e-12)

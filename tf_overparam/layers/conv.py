@@ -107,9 +107,11 @@ class OverparamConv2D(ChainedKernelLayer):
     plain Keras initializer (each 4-D factor drawn independently; the default `NearZero`) and
     `tf_overparam.initializers.Identity(gain)`, which makes every factor a centred delta kernel
     gain * I at (k_j // 2, k_j // 2) (as DO-Conv; the fold is then gain^N times a delta, centred
-    for odd sizes). Refused with a `ValueError`: `Balanced` initialisation, the balancedness
-    diagnostics, the end-to-end rule and `preserve_function=True` (`factorize`), which are
-    statements about matrix chains and have no meaning for 4-D factors.
+    for odd sizes). Refused with a `ValueError`, as statements about matrix chains with no meaning
+    for 4-D factors: `Balanced` initialisation (here), the `tf_overparam.diagnostics` of the chain
+    (balancedness, spectra; `OverparamTensorBoard` skips the layer) and
+    `overparameterize(preserve_function=True)`. The end-to-end rule (eq. 24) is not defined for
+    it either.
 
     **Order of the products.** Both forms compute either the chain on the inputs or the folded
     kernel followed by one convolution, whichever costs fewer multiply-adds (the same rule as
@@ -156,6 +158,7 @@ class OverparamConv2D(ChainedKernelLayer):
     """
 
     plain_class = keras.layers.Conv2D
+    hidden_argument = "hidden_filters"
     chain_only_keys = ("depth", "hidden_filters", "kernel_sizes", "factor_initializer", "factor_regularizer")
 
     def __init__(
@@ -254,15 +257,6 @@ class OverparamConv2D(ChainedKernelLayer):
         """Whether this is a spatial chain (4-D factors) rather than a channel chain."""
         return self.kernel_sizes is not None
 
-    def check_matrix_chain(self, what):
-        """Raises a `ValueError` saying that `what` needs a matrix chain, for a spatial chain."""
-        if self.spatial:
-            raise ValueError(
-                f"{what} applies to matrix chains only; layer {self.name!r} is a spatial chain "
-                f"(`kernel_sizes`={[list(k) for k in self.kernel_sizes]}) whose 4-D factors are not a "
-                "product of matrices. Use the channel chain (`kernel_sizes=None`) for it."
-            )
-
     @property
     def output_units(self):
         return self.filters
@@ -303,15 +297,6 @@ class OverparamConv2D(ChainedKernelLayer):
         for factor in factors[1:]:
             kernel = compose_kernels(kernel, factor)
         return kernel
-
-    def factorize(self, kernel, rotation_seed=None):
-        """Balanced factors of a `Conv2D` kernel for this layer's chain (eq. 10 read backwards):
-        the factors of the matrix (kh*kw*cin, filters), channel chain only."""
-        from tf_overparam.chain import balanced_factors
-
-        self.check_matrix_chain("`preserve_function=True` (a balanced factorisation of the kernel)")
-        matrix = ops.convert_to_numpy(registry.kernel_matrix(kernel))
-        return balanced_factors(matrix, self.hidden_filters, rotation_seed=rotation_seed)
 
     def build(self, input_shape):
         super().build(input_shape)
