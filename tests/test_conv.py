@@ -445,3 +445,22 @@ def test_overparameterize_into_spatial_chains_through_layer_kwargs(float64):
     back = to.collapse(twin)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(back(x)), expected, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(back.layers[0].kernel), _numpy_kernel(c1), rtol=1e-12)
+
+
+def test_mnist_experiment_expands_the_convolutions_on_request():
+    from experiments import mnist_cnn
+
+    config = mnist_cnn.parse_args(["--quick", "--overparameterize", "dense,conv"])
+    assert config.overparameterize == ("dense", "conv")
+    assert mnist_cnn.parse_args(["--quick"]).overparameterize == ("dense",)
+    with pytest.raises(SystemExit) as error:
+        mnist_cnn.parse_args(["--overparameterize", "dense,conv1d"])
+    assert error.value.code == 2
+    plain = mnist_cnn.build_cnn(config)
+    with_conv = mnist_cnn.build_twin(plain, config)
+    dense_only = mnist_cnn.build_twin(plain, mnist_cnn.Config.quick())
+    # Each 5x5 convolution's (25 cin, cout) matrix becomes (25 cin, cout) @ (cout, cout):
+    # conv1 (25, 32) gains 32 * 32 parameters, conv2 (800, 64) gains 64 * 64.
+    assert with_conv.count_params() - dense_only.count_params() == 32 * 32 + 64 * 64
+    assert [type(layer).__name__ for layer in with_conv.layers if hasattr(layer, "factors")] == [
+        "OverparamConv2D", "OverparamConv2D", "OverparamDense", "OverparamDense"]
