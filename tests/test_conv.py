@@ -7,15 +7,16 @@ kernel against `numpy_compose`, the full 2-D convolution of kernels written as l
 
 import functools
 import itertools
-import math
+from unittest import mock
 
 import keras
 import numpy as np
 import pytest
-from keras.src.testing import TestCase as KerasTestCase
 
 import tf_overparam as to
+from tests._layer_testing import run_keras_layer_test
 from tf_overparam.layers import OverparamConv2D, registry
+from tf_overparam.layers import conv as conv_module
 
 from _reference import reference_direction  # tests/ is on sys.path (rootdir-relative import)
 
@@ -137,14 +138,11 @@ SPATIAL_CASES = [(s, p, d) for s in (1, 2) for p in ("valid", "same") for d in (
 
 def _both_orders(layer, x):
     """The layer's outputs with the chain applied to the inputs and with the folded kernel: the
-    cost rule picks one; the other is forced here through the threshold it compares against."""
+    cost rule picks one; each is forced here in turn by replacing the rule's chooser."""
     outputs = []
-    for threshold in (math.inf, 0):
-        if layer.kernel_sizes is None:
-            layer._threshold = threshold
-        else:
-            layer._spatial_plan = (layer._spatial_plan[0], threshold)
-        outputs.append(keras.ops.convert_to_numpy(layer(x)))
+    for pick in (lambda count, threshold, chain, fold: chain(), lambda count, threshold, chain, fold: fold()):
+        with mock.patch.object(conv_module, "_cheaper_order", pick):
+            outputs.append(keras.ops.convert_to_numpy(layer(x)))
     return outputs
 
 
@@ -235,6 +233,16 @@ def test_unknown_spatial_size_uses_the_folded_kernel(float64):
     np.testing.assert_allclose(model.predict(x, verbose=0), _numpy_layer(layer, x), rtol=1e-12, atol=1e-12)
 
 
+def test_spatial_chain_called_on_grids_of_other_sizes_pads_for_each(float64):
+    # Strided 'same' padding depends on the size modulo the stride: 8 pads (1, 2), 9 pads (2, 2).
+    layer = _random_layer(filters=3, kernel_size=5, kernel_sizes=(3, 3), padding="same", strides=2)
+    layer.build((None, 8, 8, 2))
+    for size in (8, 9, 11):
+        x = np.random.default_rng(size).normal(size=(2, size, size + 1, 2))
+        for out in _both_orders(layer, x):
+            np.testing.assert_allclose(out, _numpy_layer(layer, x), rtol=1e-12, atol=1e-12, err_msg=str(size))
+
+
 def test_spatial_identity_initializer_gives_centred_delta_kernels():
     layer = OverparamConv2D(3, 5, padding="same", kernel_sizes=(3, 1, 3),
                             factor_initializer=to.initializers.Identity(gain=0.5))
@@ -309,35 +317,19 @@ def test_kernel_regularizer_is_on_the_folded_kernel_and_factor_regularizer_on_ea
 # --- Keras' layer test harness, saving ----------------------------------------------------------
 
 
-class KerasLayerHarness(KerasTestCase):
-    """`run_layer_test`: config round trip, build, symbolic and eager call, one-step fit,
-    mixed precision (float32 factors, float16 outputs)."""
-
-    def test_channel_chain(self):
-        self.run_layer_test(
-            OverparamConv2D,
-            init_kwargs=dict(filters=4, kernel_size=3, strides=2, padding="same", depth=3, hidden_filters=5,
-                             activation="relu", kernel_regularizer="l2"),
-            input_shape=(2, 8, 7, 3),
-            expected_output_shape=(2, 4, 4, 4),
-            expected_num_trainable_weights=4,
-            expected_num_non_trainable_weights=0,
-            expected_num_losses=1,
-            supports_masking=False,
-        )
-
-    def test_spatial_chain(self):
-        self.run_layer_test(
-            OverparamConv2D,
-            init_kwargs=dict(filters=4, kernel_size=(4, 3), kernel_sizes=((3, 2), (2, 2)), padding="valid",
-                             dilation_rate=2, use_bias=False, factor_initializer="identity"),
-            input_shape=(2, 9, 8, 3),
-            expected_output_shape=(2, 3, 4, 4),
-            expected_num_trainable_weights=2,
-            expected_num_non_trainable_weights=0,
-            expected_num_losses=0,
-            supports_masking=False,
-        )
+@pytest.mark.parametrize("init_kwargs, input_shape, output_shape, trainable, losses", [
+    # channel chain, stride 2 'same', an end-to-end penalty
+    (dict(filters=4, kernel_size=3, strides=2, padding="same", depth=3, hidden_filters=5, activation="relu",
+          kernel_regularizer="l2"), (2, 8, 7, 3), (2, 4, 4, 4), 4, 1),
+    # spatial chain, rectangular kernels, dilation 2, delta initialisation, factor penalties
+    (dict(filters=4, kernel_size=(4, 3), kernel_sizes=((3, 2), (2, 2)), dilation_rate=2, use_bias=False,
+          factor_initializer="identity", factor_regularizer="l2"), (2, 9, 8, 3), (2, 3, 4, 4), 2, 2),
+])
+def test_keras_layer_harness(init_kwargs, input_shape, output_shape, trainable, losses):
+    # config round trip, build, symbolic and eager call, one-step fit, mixed precision
+    run_keras_layer_test(OverparamConv2D, init_kwargs, input_shape=input_shape, expected_output_shape=output_shape,
+                         expected_num_trainable_weights=trainable, expected_num_non_trainable_weights=0,
+                         expected_num_losses=losses, supports_masking=False)
 
 
 @pytest.mark.parametrize("kwargs", [dict(kernel_size=3, depth=3, padding="same"),

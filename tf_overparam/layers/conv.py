@@ -300,17 +300,16 @@ class OverparamConv2D(ChainedKernelLayer):
 
     def build(self, input_shape):
         super().build(input_shape)
-        height, width, channels = input_shape[1], input_shape[2], self._input_channels(input_shape)
-        if self.spatial:
-            self._spatial_plan = self._plan_spatial(height, width, channels)
-        else:
+        channels = self._input_channels(input_shape)
+        if not self.spatial:
             widths = chain_widths(self.kernel_size[0] * self.kernel_size[1] * channels, self.hidden_filters, self.filters)
             self._threshold = inputs_first_threshold(widths)
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
 
     def _plan_spatial(self, height, width, channels):
-        """The padding of the chain and the image count below which it is cheaper than the fold."""
-        if height is None or width is None or self.depth == 1:
+        """The padding of the chain and the image count below which it is cheaper than the fold,
+        for inputs of this grid (the 'same' padding depends on it when strided)."""
+        if height is None or width is None:
             return None  # unknown grid: the fold, with the backend's own 'same'
         sizes = [int(height), int(width)]
         padding = [(0, 0), (0, 0)]
@@ -343,9 +342,10 @@ class OverparamConv2D(ChainedKernelLayer):
         if len(factors) == 1:
             return self._fold_then_convolve(inputs, factors)
         if self.spatial:
-            if self._spatial_plan is None:
+            plan = self._plan_spatial(inputs.shape[1], inputs.shape[2], inputs.shape[3])
+            if plan is None:
                 return self._fold_then_convolve(inputs, factors)
-            padding, threshold = self._spatial_plan
+            padding, threshold = plan
 
             def chain_first():
                 outputs = ops.pad(inputs, padding)
