@@ -97,7 +97,7 @@ class OverparamConv2D(ChainedKernelLayer):
     Every stride, padding and dilation of `Conv2D` is supported.
 
     **Spatial chain** (`kernel_sizes=(k_1, ..., k_N)`, each an int or a pair): N convolutions
-    with kernels (k_j, c_{j-1}, c_j), hidden channels c_j = `hidden_filters` (default
+    with kernels (*k_j, c_{j-1}, c_j), hidden channels c_j = `hidden_filters` (default
     `filters`), composing to one kernel of size sum(k_j) - N + 1, which must equal
     `kernel_size` (so `kernel_size` keeps its `Conv2D` meaning and `to_conv2d` its shape). The
     chain is run exactly as the folded convolution: the inputs are padded once with the folded
@@ -149,7 +149,7 @@ class OverparamConv2D(ChainedKernelLayer):
     Example:
 
     >>> layer = OverparamConv2D(4, 5, padding="same", kernel_sizes=(3, 3))
-    >>> layer(keras.ops.ones((2, 8, 8, 3))).shape
+    >>> tuple(layer(keras.ops.ones((2, 8, 8, 3))).shape)
     (2, 8, 8, 4)
     >>> [tuple(f.shape) for f in layer.factors]
     [(3, 3, 3, 4), (3, 3, 4, 4)]
