@@ -162,7 +162,8 @@ def test_channel_chain_is_the_reference_convolution_of_its_factor_product(float6
         expected = _numpy_layer(layer, x)
         for out in (keras.ops.convert_to_numpy(layer(x)), *_both_orders(layer, x)):
             np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12, err_msg=str((depth, hidden)))
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), _numpy_kernel(layer), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), _numpy_kernel(layer),
+                                   rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("strides, padding, dilation_rate", SPATIAL_CASES)
@@ -181,7 +182,8 @@ def test_spatial_chain_is_the_reference_convolution_of_its_composed_kernel(float
         expected = _numpy_layer(layer, x)
         for out in (keras.ops.convert_to_numpy(layer(x)), *_both_orders(layer, x)):
             np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12, err_msg=str(kernel_sizes))
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), _numpy_kernel(layer), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), _numpy_kernel(layer),
+                                   rtol=1e-12, atol=1e-14)
 
 
 def _collapse_errors(layer, x, activation=lambda z: z):

@@ -19,7 +19,6 @@ from keras import ops
 from tf_overparam import initializers as chain_initializers
 from tf_overparam.chain import (
     apply_chain,
-    chain_product,
     chain_shapes,
     chain_widths,
     check_positive_int,
@@ -302,7 +301,8 @@ class OverparamConv2D(ChainedKernelLayer):
         super().build(input_shape)
         channels = self._input_channels(input_shape)
         if not self.spatial:
-            widths = chain_widths(self.kernel_size[0] * self.kernel_size[1] * channels, self.hidden_filters, self.filters)
+            rows = self.kernel_size[0] * self.kernel_size[1] * channels
+            widths = chain_widths(rows, self.hidden_filters, self.filters)
             self._threshold = inputs_first_threshold(widths)
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
 
@@ -314,7 +314,9 @@ class OverparamConv2D(ChainedKernelLayer):
         sizes = [int(height), int(width)]
         padding = [(0, 0), (0, 0)]
         if self.padding == "same":
-            padding = [same_padding(sizes[a], self.kernel_size[a], self.strides[a], self.dilation_rate[a]) for a in (0, 1)]
+            padding = [
+                same_padding(sizes[a], self.kernel_size[a], self.strides[a], self.dilation_rate[a]) for a in (0, 1)
+            ]
         grid = [sizes[a] + sum(padding[a]) for a in (0, 1)]
         widths = chain_widths(channels, self.hidden_filters, self.filters)
         chain_cost = 0
@@ -370,24 +372,25 @@ class OverparamConv2D(ChainedKernelLayer):
         """Batch x output positions, an int when the input shape is static, else a traced scalar."""
         static = inputs.shape[:3]
         shape = static if all(n is not None for n in static) else ops.shape(inputs)
-        rows = shape[0]
-        for a in (0, 1):
-            rows = rows * conv_output_size(shape[a + 1], self.kernel_size[a], self.strides[a], self.dilation_rate[a], self.padding)
-        return rows
+        return shape[0] * self._output_size(shape[1], 0) * self._output_size(shape[2], 1)
+
+    def _output_size(self, size, axis):
+        """The output length along spatial axis 0 (height) or 1 (width)."""
+        kernel, stride, dilation = self.kernel_size[axis], self.strides[axis], self.dilation_rate[axis]
+        return conv_output_size(size, kernel, stride, dilation, self.padding)
 
     def compute_output_shape(self, input_shape):
-        sizes = [
-            conv_output_size(input_shape[a + 1], self.kernel_size[a], self.strides[a], self.dilation_rate[a], self.padding)
-            for a in (0, 1)
-        ]
-        return (input_shape[0], *sizes, self.filters)
+        height, width = self._output_size(input_shape[1], 0), self._output_size(input_shape[2], 1)
+        return (input_shape[0], height, width, self.filters)
 
     def to_conv2d(self):
         """A `keras.layers.Conv2D` computing the same function (kernel = the folded kernel)."""
         return self.to_plain()
 
     @classmethod
-    def overparam_config(cls, plain_config, depth=2, hidden_filters=None, kernel_sizes=None, factor_initializer="near_zero"):
+    def overparam_config(
+        cls, plain_config, depth=2, hidden_filters=None, kernel_sizes=None, factor_initializer="near_zero"
+    ):
         """The config replacing a `Conv2D` config. With `kernel_sizes` the depth is
         len(kernel_sizes) (a model-wide `depth` does not apply to a spatial chain)."""
         if kernel_sizes is not None:
