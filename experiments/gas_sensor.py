@@ -2,7 +2,7 @@
 
     python -m experiments.gas_sensor --data-dir ../shared/data/gas_sensor [--figure depth init ...]
 
-Figures (Arora, Cohen & Hazan 2018, Section 8 and the authors' blog; NOTES.md):
+Figures (Arora, Cohen & Hazan 2018, Section 8 and the authors' blog):
 - depth:      l2 and l4 loss, depths 1-4 with hidden width 1 and a wide one, and next to
               depths 2 and 3 the end-to-end update rule (eq. 24) on a single matrix;
 - lr-grid:    for every configuration, the final loss over the learning-rate grid, and the

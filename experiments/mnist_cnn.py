@@ -2,7 +2,7 @@
 
     python -m experiments.mnist_cnn --manual-dir ../shared/data/mnist [--epochs 10] [--quick]
 
-Arora, Cohen & Hazan (2018, Section 8; NOTES.md) replace each dense weight matrix of the
+Arora, Cohen & Hazan (2018, Section 8) replace each dense weight matrix of the
 TensorFlow MNIST tutorial network (tensorflow/models, tutorials/image/mnist/convolutional.py) by
 a product of two matrices (about +15% parameters) and report "optimization accelerated by
 orders of magnitude" in batch loss. This script trains both models with the same recipe:

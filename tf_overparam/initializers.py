@@ -100,7 +100,7 @@ class Identity(ChainInitializer):
 class Balanced(ChainInitializer):
     """Draws an end-to-end kernel and factors it into an exactly balanced chain.
 
-    The chain satisfies W_{j+1}^T W_{j+1} = W_j W_j^T (NOTES.md), the condition under which
+    The chain satisfies W_{j+1}^T W_{j+1} = W_j W_j^T (docs/equations.md), the condition under which
     gradient descent on the chain follows the end-to-end update rule (eq. 24). Hidden spaces
     are turned by seeded random rotations (see `chain.balanced_factors`); a hidden
     width below the rank of the draw keeps its best rank-h approximation.

@@ -20,7 +20,9 @@ def initial_slots(optimizer, value):
     if optimizer == "gd":
         return ()
     if optimizer == "adagrad":
-        return (ops.full(ops.shape(value), ADAGRAD_INITIAL_ACCUMULATOR, dtype=value.dtype),)
+        # Keras rounds the initial accumulator to float32 also for a float64 variable.
+        initial = ops.cast(ops.cast(ADAGRAD_INITIAL_ACCUMULATOR, "float32"), value.dtype)
+        return (ops.zeros_like(value) + initial,)
     if optimizer in ("adadelta", "adam"):
         return (ops.zeros_like(value), ops.zeros_like(value))
     raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}.")

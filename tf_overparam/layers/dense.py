@@ -35,7 +35,12 @@ class OverparamDense(ChainedKernelLayer):
     threshold is n_0 n_1 n_2 / (n_0 n_1 + n_1 n_2 - n_0 n_2), e.g. 3136 rows for a
     3136x512x512 chain; it is infinite when the hidden widths are narrow (inputs first always
     wins). When R is unknown while tracing (a TF graph of `model.fit` has batch `None`), the
-    choice is made at run time by `keras.ops.cond`; on JAX shapes are always known. The
+    choice is made at run time by `keras.ops.cond`; on JAX shapes are always known. Measured
+    on fc1's chain (TF CPU, train step with an unknown batch, median of 5-40 runs on a shared
+    2-core machine): 64 rows, inputs first 2.6-6.9 ms, kernel first 48-57 ms, `cond` 2.8-7.2
+    ms; 1024 rows 74 / 106 / 74 ms; 8192 rows 591 / 532 / 476 ms. So `cond` costs no more
+    than the better order, where a fixed rule ("inputs first when unknown") loses about 10%
+    at large batches (e.g. `predict` on big batches). The
     end-to-end kernel is formed only when something needs it: `kernel`, `to_dense`, the
     `kernel_regularizer` penalty, the diagnostics.
 
