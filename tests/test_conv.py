@@ -7,6 +7,12 @@ kernel against `numpy_compose`, the full 2-D convolution of kernels written as l
 
 import functools
 import itertools
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import textwrap
 from unittest import mock
 
 import keras
@@ -17,8 +23,9 @@ import tf_overparam as to
 from tests._layer_testing import run_keras_layer_test
 from tf_overparam.layers import OverparamConv2D, registry
 from tf_overparam.layers import conv as conv_module
-
 from _reference import reference_direction  # tests/ is on sys.path (rootdir-relative import)
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # --- independent NumPy references ---------------------------------------------------------------
 
@@ -458,3 +465,38 @@ def test_mnist_experiment_expands_the_convolutions_on_request():
     assert with_conv.count_params() - dense_only.count_params() == 32 * 32 + 64 * 64
     assert [type(layer).__name__ for layer in with_conv.layers if hasattr(layer, "factors")] == [
         "OverparamConv2D", "OverparamConv2D", "OverparamDense", "OverparamDense"]
+
+
+def test_layer_module_has_no_tensorflow_import():
+    source = pathlib.Path(conv_module.__file__).read_text()
+    assert not re.search(r"^\s*(import tensorflow|from tensorflow)", source, re.MULTILINE)
+
+
+def test_both_forms_fold_exactly_and_train_on_the_jax_backend():
+    pytest.importorskip("jax")
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.path[:0] = [".", "tests"]
+        import numpy as np, keras
+        from test_conv import _numpy_layer, _random_layer
+        assert keras.backend.backend() == "jax"
+        x = np.random.default_rng(0).normal(size=(4, 11, 10, 3)).astype("float32")
+        for kwargs in [dict(kernel_size=3, depth=3, strides=2, padding="same"),
+                       dict(kernel_size=5, kernel_sizes=(3, 3), strides=2, padding="same")]:
+            layer = _random_layer(filters=4, **kwargs)
+            out = np.asarray(layer(x))
+            scale = np.abs(out).max()
+            assert np.abs(np.asarray(layer.to_conv2d()(x)) - out).max() <= 1e-5 * scale
+            assert np.abs(_numpy_layer(layer, x) - out).max() <= 1e-5 * scale
+            model = keras.Sequential([keras.Input((11, 10, 3)), _random_layer(filters=2, **kwargs)])
+            model.compile(keras.optimizers.SGD(0.01), "mse")
+            history = model.fit(x, np.zeros((4, 6, 5, 2)), epochs=3, verbose=0)
+            assert history.history["loss"][-1] < history.history["loss"][0], history.history
+        print("ok")
+        """
+    )
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
