@@ -42,9 +42,13 @@ class ChainedKernelLayer(keras.layers.Layer):
     - `output_units`: the bias size (units or filters);
     - `apply_chain(inputs, factors)`: the pre-bias outputs from the inputs and the factors
       (already cast to the compute dtype);
+    - `compute_output_shape(input_shape)`, as the plain layer;
     - `get_config()`: `super().get_config()` plus its own keys;
-    - `plain_config(config)` / `overparam_config(plain_config, **chain_kwargs)` classmethods:
-      the config translation both ways (the registry uses them);
+    - if the defaults do not fit, the classmethods `plain_config(config)` (default: drop
+      `chain_only_keys`, zero kernel initializer) and `overparam_config(plain_config, depth,
+      factor_initializer, **chain_kwargs)` (default: drop the kernel initializer, constraint,
+      LoRA and quantization keys, add the chain's): the config translation both ways, which
+      the registry uses;
     - optionally `end_to_end_kernel(factors)` when the kernel is not the reshaped matrix
       product (a spatial chain), `draw_chain(shapes)` for non-matrix factors, and `build`
       (call `super().build(input_shape)`, then set `input_spec`).
