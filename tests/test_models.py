@@ -280,6 +280,8 @@ def test_layers_and_layer_kwargs_arguments_are_checked():
         to.overparameterize(model, layer_kwargs={"depth": 3})
     with pytest.raises(ValueError, match="layer_kwargs"):
         to.overparameterize(model, layer_kwargs=lambda layer: 3)
+    with pytest.raises(ValueError, match="OverparamDense arguments it does not take for layer"):
+        to.overparameterize(model, layer_kwargs=lambda layer: {"kernel_sizes": (2, 2)})
 
 
 def test_collapse_folds_every_registered_layer_through_the_registry():

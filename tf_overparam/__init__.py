@@ -1,7 +1,8 @@
 """tf_overparam: implicit acceleration by overparameterization (Arora, Cohen & Hazan, ICML 2018)
 for Keras 3 / TensorFlow.
 
-- `OverparamDense`: a `Dense` whose kernel is a product of `depth` factors; `layers` holds
+- `OverparamDense`, `OverparamConv2D`: a `Dense` / `Conv2D` whose kernel is a product of
+  `depth` factors; `layers` holds
   the base class of such chained-kernel layers and the plain -> overparam registry.
 - `overparameterize` / `collapse`: convert whole models between the two.
 - `chain`: the chain core (validators, the product eq. 10, the factor gradients eq. 14,
@@ -12,7 +13,7 @@ for Keras 3 / TensorFlow.
 """
 
 from tf_overparam import callbacks, chain, diagnostics, initializers, layers, losses, preconditioning
-from tf_overparam.layers import OverparamDense
+from tf_overparam.layers import OverparamConv2D, OverparamDense
 from tf_overparam.losses import LpLoss
 from tf_overparam.models import collapse, overparameterize
 from tf_overparam.training import EndToEndModel
@@ -22,6 +23,7 @@ __version__ = "0.2.0"
 __all__ = [
     "EndToEndModel",
     "LpLoss",
+    "OverparamConv2D",
     "OverparamDense",
     "callbacks",
     "chain",

@@ -114,7 +114,13 @@ def overparameterize(
             overparam_class.hidden_argument: hidden_units,
             **kwargs,
         }
-        new = registry.to_overparam(layer, **chain_kwargs)
+        try:
+            new = registry.to_overparam(layer, **chain_kwargs)
+        except TypeError as error:  # an argument the overparameterized class does not take
+            raise ValueError(
+                f"`layer_kwargs` gave {overparam_class.__name__} arguments it does not take for layer "
+                f"{layer.name!r} ({error}); return only arguments of {overparam_class.__name__}."
+            ) from error
         converted.append((layer.name, type(layer).__name__, overparam_class.__name__))
         return new
 
