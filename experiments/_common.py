@@ -124,6 +124,20 @@ def user_errors(*kinds):
         raise UserError(one_line(error)) from error
 
 
+def resume_command(module, run_dir, argv):
+    """The command line that continues the run in `run_dir`: argv with --out replaced by
+    --resume."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--resume"):
+            skip = True
+        elif not arg.startswith(("--out=", "--resume=")):
+            kept.append(arg)
+    return " ".join(["python -m", module, "--resume", str(run_dir), *kept])
+
+
 def holds_run(path):
     """Whether folder `path` holds a run (a config.json or results.json)."""
     return any((pathlib.Path(path) / name).exists() for name in RUN_FILES)

@@ -37,6 +37,7 @@ from experiments._common import (
     lazy_pyplot,
     make_run_dir,
     quiet_tensorflow,
+    resume_command,
     user_errors,
     write_json_atomic,
 )
@@ -405,19 +406,6 @@ def estimate_seconds(config, runs):
     return len(runs) * (SECONDS_PER_CONFIGURATION + config.iterations * SECONDS_PER_ITERATION * max(grid, 0.25))
 
 
-def resume_command(run_dir, argv):
-    """The command line that continues this run."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--out", "--resume"):
-            skip = True
-        elif not arg.startswith(("--out=", "--resume=")):
-            kept.append(arg)
-    return " ".join(["python -m experiments.gas_sensor", "--resume", str(run_dir), *kept])
-
-
 @cli
 def main(argv=None):
     config, args = parse_config(argv)
@@ -441,7 +429,7 @@ def interrupted_message(run_dir, runs, argv):
     checkpoint = _runstate.load_checkpoint(run_dir)
     half = f" and {checkpoint[0]} at iteration {int(checkpoint[2][-1]):,}" if checkpoint else ""
     return (f"kept {len(done)} of {len(runs)} configurations{half} in {run_dir}; "
-            f"continue with: {resume_command(run_dir, argv or sys.argv[1:])}")
+            f"continue with: {resume_command('experiments.gas_sensor', run_dir, argv)}")
 
 
 def train_all(config, data, run_dir, figures, runs, saved):
