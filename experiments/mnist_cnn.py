@@ -595,6 +595,7 @@ def train_or_restore(name, model, config, data, steps_per_epoch, run_dir, finish
     loads its weights and keeps its results. Returns (results, test logits)."""
     weights = run_dir / f"{name}.weights.h5"
     if name in finished:
+        model.optimizer.build(model.trainable_variables)  # its saved state is restored too
         model.load_weights(weights)
         print(f"{name}: kept from the resumed run")
         return finished[name], model.predict(data[2], verbose=0)
