@@ -54,6 +54,11 @@ def lazy_pyplot():
     return lazy_import("matplotlib.pyplot", setup=_use_agg)
 
 
+def lazy_keras_tensorflow_pyplot():
+    """(keras, tensorflow, matplotlib.pyplot) as `lazy_import` stand-ins, for the scripts."""
+    return lazy_import("keras"), lazy_import("tensorflow"), lazy_pyplot()
+
+
 def quiet_tensorflow():
     """Imports TensorFlow without its C++ log noise (CUDA, oneDNN, CPU features), unless the
     user set TF_CPP_MIN_LOG_LEVEL. TensorFlow 2.21 writes some of it before its log level is

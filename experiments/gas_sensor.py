@@ -30,11 +30,10 @@ from tqdm import tqdm
 from experiments import _runstate
 from experiments._common import (
     RunInterrupted,
-    UserError,
     cli,
     format_seconds,
     lazy_import,
-    lazy_pyplot,
+    lazy_keras_tensorflow_pyplot,
     make_run_dir,
     quiet_tensorflow,
     resume_command,
@@ -43,9 +42,7 @@ from experiments._common import (
 )
 
 # TensorFlow, Keras and matplotlib load at first use: --help and argument errors return at once.
-keras = lazy_import("keras")
-tf = lazy_import("tensorflow")
-plt = lazy_pyplot()
+keras, tf, plt = lazy_keras_tensorflow_pyplot()
 initializers = lazy_import("tf_overparam.initializers")
 gas_sensor = lazy_import("tf_overparam.datasets.gas_sensor")
 fullbatch = lazy_import("tf_overparam.fullbatch")

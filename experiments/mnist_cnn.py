@@ -54,18 +54,17 @@ import os
 import pathlib
 import platform
 import shutil
-import sys
 import time
 
 import numpy as np
 
+from experiments import _runstate
 from experiments._common import (
     RunInterrupted,
-    UserError,
     cli,
     format_seconds,
     lazy_import,
-    lazy_pyplot,
+    lazy_keras_tensorflow_pyplot,
     make_run_dir,
     resume_command,
     quiet_tensorflow,
@@ -74,9 +73,7 @@ from experiments._common import (
 )
 
 # TensorFlow, Keras and matplotlib load at first use: --help and argument errors return at once.
-keras = lazy_import("keras")
-tf = lazy_import("tensorflow")
-plt = lazy_pyplot()
+keras, tf, plt = lazy_keras_tensorflow_pyplot()
 diagnostics = lazy_import("tf_overparam.diagnostics")
 overparam_callbacks = lazy_import("tf_overparam.callbacks")
 mnist = lazy_import("tf_overparam.datasets.mnist")
@@ -505,15 +502,7 @@ def open_run(config, resume):
     if not resume:
         return make_run_dir(config.out, "mnist_cnn"), {}
     run_dir = pathlib.Path(config.out)
-    if not (run_dir / "config.json").is_file():
-        raise UserError(f"--resume {run_dir}: no run there (no config.json); start one with --out {run_dir}")
-    saved = json.loads((run_dir / "config.json").read_text())
-    current = json.loads(json.dumps(dataclasses.asdict(config)))
-    ignore = ("out", "manual_dir", "tfds_data_dir")
-    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if k not in ignore and saved.get(k) != v]
-    if changed:
-        raise UserError(f"--resume {run_dir}: the options differ from the run's ({'; '.join(changed)}); "
-                        "give the same options as the run you resume")
+    _runstate.check_same_config(run_dir, dataclasses.asdict(config), ignore=("out", "manual_dir", "tfds_data_dir"))
     results = run_dir / "results.json"
     finished = json.loads(results.read_text()).get("models", {}) if results.exists() else {}
     return run_dir, {name: r for name, r in finished.items() if (run_dir / f"{name}.weights.h5").exists()}
