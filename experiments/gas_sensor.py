@@ -12,8 +12,12 @@ Figures (Arora, Cohen & Hazan 2018, Section 8 and the authors' blog; NOTES.md):
 
 All runs are full-batch, no bias (features and target are z-scored), and train every point
 of the learning-rate grid together (`tf_overparam.fullbatch`). A run folder holds
-config.json, results.json (rewritten atomically after every configuration), one PNG per
-figure and TensorBoard logs (`tensorboard --logdir <run folder>/tensorboard`).
+config.json (with the data folder read and each file's sha256 and rows), results.json
+(rewritten atomically after every configuration), one PNG per figure, TensorBoard logs
+(`tensorboard --logdir <run folder>/tensorboard`), every finished configuration's grid
+(grids/*.npz) and the engine checkpoint of the one in progress (checkpoint.npz, rewritten at
+every log point). Ctrl-C keeps all of it; `--resume <run folder>` with the same options
+continues where it stopped. `--out` never reuses a folder that holds a run.
 """
 
 import argparse

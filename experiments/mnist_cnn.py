@@ -35,7 +35,8 @@ orders of magnitude" in batch loss. This script trains both models with the same
   the same order (one shuffle seed) and the same dropout masks (seeded dropout layer).
 
 A run folder (`--out`, default runs/mnist_cnn/<UTC time>) holds config.json, results.json
-(rewritten atomically after each model), batch_loss.png, the collapsed twin
+(rewritten atomically after each model), each trained model's `<name>.weights.h5` (`--resume
+<run>` keeps the finished ones), batch_loss.png, the collapsed twin
 `overparameterized_collapsed.keras` and TensorBoard logs (`tensorboard --logdir <run>/tensorboard`):
 per model `train`/`validation` (Keras, per epoch), `batch` (the raw loss of every batch) and,
 for the twin, `overparam` (`tf_overparam.callbacks.OverparamTensorBoard`: balancedness,

@@ -20,8 +20,9 @@ from experiments import _common, gas_sensor
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENV_VAR = "TF_OVERPARAM_GAS_SENSOR_DIR"
-# A short run: 8 configurations (figure "depth", depths 1 and 2), 4 rates, 40 log points.
-SHORT = ["--quick", "--figure", "depth", "--iterations", "300"]
+# A short run: 3 configurations (figure "init": GD depth 1, depth 2 near-zero and identity),
+# 4 rates, 40 log points.
+SHORT = ["--quick", "--figure", "init", "--iterations", "300"]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_results(data_dir, tmp_path
     # Ctrl-C once the first checkpoint exists (polled), then --resume: results.json must hold
     # the numbers of a run that was never interrupted.
     interrupted = tmp_path / "interrupted"
-    argv = ["--quick", "--figure", "depth", "--iterations", "3000", "--data-dir", str(data_dir)]
+    argv = ["--quick", "--figure", "init", "--iterations", "3000", "--data-dir", str(data_dir)]
     process = run_module("experiments.gas_sensor", *argv, "--out", str(interrupted))
     deadline = time.time() + 300
     while not half_done(interrupted):
@@ -102,7 +103,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_results(data_dir, tmp_path
     assert resume in stderr
     name, _, iterations, _ = gas_sensor._runstate.load_checkpoint(interrupted)
     assert 0 < iterations[-1] < 3000  # a half-done configuration was kept
-    assert "kept 1 of 8 configurations" in stderr or "kept 2 of 8 configurations" in stderr
+    assert "kept 1 of 3 configurations" in stderr or "kept 2 of 3 configurations" in stderr
 
     resumed = gas_sensor.main(["--resume", str(interrupted), *argv])
     reference = gas_sensor.main([*argv, "--out", str(tmp_path / "reference")])
@@ -148,7 +149,7 @@ def test_resume_refuses_other_options_and_shows_the_difference(capsys, data_dir,
     run = gas_sensor.main([*SHORT, "--data-dir", str(data_dir), "--out", str(tmp_path / "run")])
     capsys.readouterr()
     before = snapshot(run)
-    argv = ["--quick", "--figure", "depth", "--iterations", "500", "--data-dir", str(data_dir)]
+    argv = ["--quick", "--figure", "init", "--iterations", "500", "--data-dir", str(data_dir)]
     status, lines = cli_error(capsys, gas_sensor.main, ["--resume", str(run), *argv])
     assert status == 2 and len(lines) == 1
     assert "options differ" in lines[0] and "iterations: 300 -> 500" in lines[0]
@@ -311,5 +312,5 @@ def test_help_names_the_data_set_variables():
 def test_run_start_prints_configurations_and_an_estimate(capsys, data_dir, tmp_path):
     gas_sensor.main([*SHORT, "--iterations", "20", "--data-dir", str(data_dir), "--out", str(tmp_path / "r")])
     printed = capsys.readouterr().out
-    # --quick --figure depth: depths 1 and 2 x widths 1 and 4, plus eq. 24, for l4 and l2 = 8.
-    assert "8 configurations x 20 iterations x 4 rates x 1 seeds; estimated total time" in printed
+    # --quick --figure init: depth 1, and depth 2 from near-zero and from identity = 3.
+    assert "3 configurations x 20 iterations x 4 rates x 1 seeds; estimated total time" in printed
