@@ -246,3 +246,54 @@ def test_bad_arguments_raise():
         preconditioner_eigenvalues(tf.ones((2, 2)), 1.5)
     with pytest.raises(ValueError, match="kernel"):
         preconditioner_matrix(tf.ones((2, 2, 2)), 2)
+
+
+# --- float32 accuracy at condition number 1e3 ----------------------------------------------------
+
+
+def _conditioned(shape, condition, seed):
+    """A kernel with log-spaced singular values 0.05 .. 0.05/condition, and a gradient."""
+    rng = np.random.default_rng(seed)
+    rank = min(shape)
+    u, _ = np.linalg.qr(rng.normal(size=(shape[0], rank)))
+    v, _ = np.linalg.qr(rng.normal(size=(shape[1], rank)))
+    return (u * np.logspace(0, -np.log10(condition), rank) * 0.05) @ v.T, rng.normal(size=shape)
+
+
+@pytest.mark.parametrize("shape", [(784, 128), (128, 784), (300, 300)])
+def test_float32_direction_of_a_condition_1e3_kernel_is_within_the_bounds(shape):
+    # Issue 10's bounds against the float64 NumPy reference, relative Frobenius error: 1e-4 at
+    # depths 2-4, 5e-4 at depth 8 (a Gram matrix squares the condition number to 1e6).
+    w, g = _conditioned(shape, 1e3, seed=sum(shape))
+    for depth, bound in [(2, 1e-4), (3, 1e-4), (4, 1e-4), (8, 5e-4)]:
+        expected = reference_direction(w, g, depth)
+        direction = end_to_end_direction(tf.constant(w, tf.float32), tf.constant(g, tf.float32), depth)
+        assert direction.dtype == tf.float32
+        error = np.linalg.norm(direction.numpy() - expected) / np.linalg.norm(expected)
+        assert error <= bound, (shape, depth, error)
+
+
+def test_float64_direction_of_a_condition_1e3_kernel_is_exact():
+    w, g = _conditioned((300, 120), 1e3, seed=4)
+    for depth in [2, 3, 8]:
+        expected = reference_direction(w, g, depth)
+        direction = end_to_end_direction(tf.constant(w), tf.constant(g), depth).numpy()
+        assert np.linalg.norm(direction - expected) <= 1e-10 * np.linalg.norm(expected), depth
+
+
+# --- the preconditioner, reused (amortised mode) -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tall", "wide", "square_rank2", "column", "row", "zero_multi"])
+def test_a_kept_preconditioner_applies_the_old_kernels_eq26_to_new_gradients(name):
+    # P(W_r) G_t for a later gradient: the explicit eq. 26 matrix of W_r times vec(G_t), and the
+    # reference direction at W_r (linear in G).
+    w_r = KERNELS[name]
+    preconditioner = compute_preconditioner(tf.constant(w_r), 3)
+    for seed in [7, 8]:
+        g = _grad(w_r.shape, seed)
+        applied = apply_preconditioner(preconditioner, tf.constant(g)).numpy()
+        expected = (preconditioner_matrix(tf.constant(w_r), 3).numpy() @ g.reshape(-1)).reshape(w_r.shape)
+        scale = max(np.abs(expected).max(), 1e-300)
+        np.testing.assert_allclose(applied, expected, rtol=0, atol=1e-12 * scale, err_msg=name)
+        np.testing.assert_allclose(applied, reference_direction(w_r, g, 3), rtol=0, atol=1e-12 * scale, err_msg=name)
