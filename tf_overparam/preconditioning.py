@@ -120,6 +120,8 @@ def compute_preconditioner(kernel, depth):
     else:
         eigh_dtype = "float64" if dtype == "float64" or depth >= FLOAT64_EIGH_FROM_DEPTH else "float32"
         gram = ops.cast(ops.matmul(_transpose(kernel), kernel), eigh_dtype)
+        finite = ops.logical_and(finite, ops.all(ops.isfinite(gram), axis=(-2, -1)))  # W^T W overflowed
+        gram = ops.where(finite[..., None, None], gram, ops.zeros_like(gram))
         eigenvalues, basis = ops.eigh(gram)
         noise = _rounding_level(rows, cols, dtype) * ops.max(eigenvalues, axis=-1, keepdims=True)
         eigenvalues = ops.where(eigenvalues > noise, eigenvalues, ops.zeros_like(eigenvalues))

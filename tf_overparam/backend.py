@@ -1,0 +1,28 @@
+"""The only place with backend-specific calls (TensorFlow / JAX). Keep it tiny."""
+
+import keras
+
+
+def is_concrete(value):
+    """Whether `value` holds actual numbers, i.e. it was computed eagerly and not traced inside
+    a graph (TF `tf.function`, JAX `jit`/`eval_shape`), so it may be kept for later use."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.executing_eagerly()
+    if backend == "jax":
+        import jax
+
+        return not isinstance(value, jax.core.Tracer)
+    return True
+
+
+def replicas_in_sync():
+    """How many replicas sum their gradients in the current `tf.distribute` strategy (1 outside
+    one, and on other backends, whose Keras distribution averages no per-replica gradients)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.distribute.get_strategy().num_replicas_in_sync
+    return 1
