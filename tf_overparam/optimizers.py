@@ -192,8 +192,8 @@ class EndToEnd(keras.optimizers.Optimizer):
     @staticmethod
     def _warn_about_zero_kernels(kernels):
         for kernel in kernels:
-            value = ops.convert_to_tensor(kernel)
-            if backend.is_concrete(value) and not np.any(ops.convert_to_numpy(value)):
+            value = backend.current_value(kernel)
+            if value is not None and not np.any(value):
                 warnings.warn(
                     f"EndToEnd: the kernel {kernel.path!r} is exactly zero, a fixed point of the end-to-end rule "
                     "(eq. 24): it will not train. Initialise it with non-zero values.", stacklevel=3)
@@ -205,11 +205,23 @@ class EndToEnd(keras.optimizers.Optimizer):
     # --- the step ---------------------------------------------------------------------------
 
     def _refresh(self, kernels):
-        for index, kernel in kernels:
-            shape = tuple(kernel.shape)
-            matrix = ops.reshape(ops.convert_to_tensor(kernel), (math.prod(shape[:-1]), shape[-1]))
-            for slot, value in zip(self._preconditioners[index], compute_preconditioner(matrix, self.depth)):
-                slot.assign(value)
+        """Assigns P(W) of the current kernels to their slots at steps 0, k, 2k, ...; in between
+        the slots keep their values. The branch only selects values: assigning inside it would
+        be a cross-replica synchronisation inside control flow, which tf.distribute refuses."""
+        slots = [slot for index, _ in kernels for slot in self._preconditioners[index]]
+
+        def computed():
+            values = []
+            for _, kernel in kernels:
+                shape = tuple(kernel.shape)
+                matrix = ops.reshape(ops.convert_to_tensor(kernel), (math.prod(shape[:-1]), shape[-1]))
+                values.extend(compute_preconditioner(matrix, self.depth))
+            return values
+
+        refresh = ops.equal(self._refresh_counter % self.refresh_every, 0)
+        for slot, value in zip(slots, ops.cond(refresh, computed, lambda: [ops.convert_to_tensor(s) for s in slots])):
+            slot.assign(value)
+        self._refresh_counter.assign_add(1)
 
     def apply(self, grads, trainable_variables=None):
         grads = list(grads)
@@ -227,9 +239,7 @@ class EndToEnd(keras.optimizers.Optimizer):
         if self.depth > 1:
             chosen = [(i, k) for i, k, g in zip(indices, trainable_variables, grads) if self._selected[i] and g is not None]
             if self.refresh_every is not None:
-                ops.cond(ops.equal(self._refresh_counter % self.refresh_every, 0),
-                         lambda: self._refresh(chosen), lambda: None)
-                self._refresh_counter.assign_add(1)
+                self._refresh(chosen)
             decay = self.weight_decay / backend.replicas_in_sync()
             for position, (index, kernel, grad) in enumerate(zip(indices, trainable_variables, grads)):
                 if grad is None or not self._selected[index]:
