@@ -321,3 +321,16 @@ def test_multi_worker_custom_loop_matches_a_single_worker(tmp_path):
                 # Per-worker directions (linear in G) and half decay terms sum to the single
                 # worker's step: float64 rounding.
                 np.testing.assert_allclose(out[f"arr_{i}"], expected[f"arr_{i}"], rtol=1e-12, atol=1e-13)
+
+
+def test_inner_gradient_accumulation_gives_one_step_of_the_mean_gradient(float64):
+    # Two half batches accumulated (mean) are one full-batch step: the direction is linear in G
+    # and W does not change in between.
+    x, y = _data()
+    expected = _numpy_run(_weights(), x, y, 0.1, 3, 0.1, 1)
+    model = _model(_weights())
+    model.compile(EndToEnd(keras.optimizers.SGD(0.1, gradient_accumulation_steps=2), depth=3, weight_decay=0.1),
+                  loss=to.LpLoss(2))
+    model.fit(x, y, batch_size=len(x) // 2, epochs=1, shuffle=False, verbose=0)
+    for w, e in zip(model.get_weights(), expected, strict=True):
+        np.testing.assert_allclose(w, e, rtol=1e-11, atol=1e-13)
