@@ -62,7 +62,7 @@ def _model(weights, model_class=keras.Model, **kwargs):
     return model
 
 
-@pytest.mark.parametrize("depth, weight_decay", [(2, 0.0), (3, 0.1)])
+@pytest.mark.parametrize("depth, weight_decay", [(1, 0.1), (2, 0.0), (3, 0.1)])
 def test_sgd_trajectory_is_eq24_and_equals_end_to_end_model(float64, depth, weight_decay):
     x, y = _data()
     eta, steps = 0.1, 5
@@ -78,7 +78,7 @@ def test_sgd_trajectory_is_eq24_and_equals_end_to_end_model(float64, depth, weig
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)
     # Not plain SGD: the kernels moved differently.
     plain = _numpy_run(_weights(), x, y, eta, 1, 0.0, steps)
-    assert np.abs(wrapped.get_weights()[0] - plain[0]).max() > 1e-3
+    assert np.abs(wrapped.get_weights()[0] - plain[0]).max() > 1e-4
 
 
 @pytest.mark.parametrize("refresh_every", [1, 3])

@@ -108,7 +108,10 @@ class EndToEnd(keras.optimizers.Optimizer):
     the accumulated gradient). Under mixed precision Keras wraps this optimizer in a
     `LossScaleOptimizer`, which unscales the gradients before they reach it. Under a
     `tf.distribute` strategy each replica preconditions its own gradient (linear, so the sum
-    is right) and adds its share, 1/replicas, of the decay term.
+    is right) and adds its share, 1/replicas, of the decay term. With
+    `MultiWorkerMirroredStrategy`, Keras 3's own `fit` fails before the first step
+    (keras-team/keras#20585; the same error with a plain SGD, Keras 3.15): use a custom training
+    loop (`strategy.run` of a step calling `optimizer.apply`), which matches a single worker.
 
     Args:
         optimizer: the `keras.optimizers.Optimizer` to wrap (or its name / config).
@@ -236,18 +239,17 @@ class EndToEnd(keras.optimizers.Optimizer):
                     self.build(trainable_variables)
                 self.built = True
         indices = [self._get_variable_index(v) for v in trainable_variables]
-        if self.depth > 1:
-            chosen = [(i, k) for i, k, g in zip(indices, trainable_variables, grads) if self._selected[i] and g is not None]
-            if self.refresh_every is not None:
-                self._refresh(chosen)
-            decay = self.weight_decay / backend.replicas_in_sync()
-            for position, (index, kernel, grad) in enumerate(zip(indices, trainable_variables, grads)):
-                if grad is None or not self._selected[index]:
-                    continue
-                slots = self._preconditioners[index]
-                preconditioner = None if slots is None else Preconditioner(*(ops.convert_to_tensor(s) for s in slots))
-                grads[position] = ops.cast(
-                    precondition_kernel_gradient(kernel, grad, self.depth, decay, preconditioner), grad.dtype)
+        if self.refresh_every is not None and self.depth > 1:
+            self._refresh([(i, k) for i, k, g in zip(indices, trainable_variables, grads)
+                           if self._selected[i] and g is not None])
+        decay = self.weight_decay / backend.replicas_in_sync()
+        for position, (index, kernel, grad) in enumerate(zip(indices, trainable_variables, grads)):
+            if grad is None or not self._selected[index] or (self.depth == 1 and not decay):
+                continue
+            slots = self._preconditioners[index]
+            preconditioner = None if slots is None else Preconditioner(*(ops.convert_to_tensor(s) for s in slots))
+            grads[position] = ops.cast(
+                precondition_kernel_gradient(kernel, grad, self.depth, decay, preconditioner), grad.dtype)
         self.inner_optimizer.apply(grads, trainable_variables)
 
     # --- delegation -------------------------------------------------------------------------
