@@ -98,13 +98,9 @@ def _weights(eigenvalues, depth):
     return ops.power(eigenvalues, (depth - 1) / depth)[..., None, :], cross
 
 
-def compute_preconditioner(kernel, depth):
-    """P(W) of eq. 26 for `kernel` (..., a, b), as a `Preconditioner` (see the module docstring).
-
-    Args:
-        kernel: tensor (..., a, b), the end-to-end kernel W.
-        depth: int >= 1, the depth N of the chain being emulated.
-    """
+def _spectrum(kernel, depth):
+    """(W, V, t, M) of the module docstring for `kernel` oriented tall, in the compute dtype;
+    t is NaN where the kernel is not finite."""
     depth = check_depth(depth)
     kernel = ops.convert_to_tensor(kernel)
     dtype = _compute_dtype(kernel)
@@ -128,7 +124,24 @@ def compute_preconditioner(kernel, depth):
         basis = ops.cast(basis, dtype)
     direct, cross = (ops.cast(x, dtype) for x in _weights(eigenvalues, depth))
     direct = ops.where(finite[..., None, None], direct, ops.full_like(direct, float("nan")))
+    return kernel, basis, direct, cross
+
+
+def compute_preconditioner(kernel, depth):
+    """P(W) of eq. 26 for `kernel` (..., a, b), as a `Preconditioner` (see the module docstring).
+
+    Args:
+        kernel: tensor (..., a, b), the end-to-end kernel W.
+        depth: int >= 1, the depth N of the chain being emulated.
+    """
+    kernel, basis, direct, cross = _spectrum(kernel, depth)
     return Preconditioner(ops.matmul(kernel, basis), basis, direct, cross)
+
+
+def _oriented(grad, dtype):
+    """`grad` cast to `dtype` and oriented tall, and whether it was transposed."""
+    g = ops.cast(grad, dtype)
+    return (_transpose(g), True) if _is_wide(g.shape) else (g, False)
 
 
 def apply_preconditioner(preconditioner, grad):
@@ -136,25 +149,29 @@ def apply_preconditioner(preconditioner, grad):
     `preconditioner` was computed from (or, amortised, of a later kernel). Four matmuls of
     G's size; the result has `grad`'s shape and dtype."""
     grad = ops.convert_to_tensor(grad)
-    dtype = keras.backend.standardize_dtype(grad.dtype)
     projected, basis, direct, cross = preconditioner
-    g = ops.cast(grad, projected.dtype)
-    wide = _is_wide(g.shape)
-    if wide:
-        g = _transpose(g)
+    g, wide = _oriented(grad, projected.dtype)
     g_basis = ops.matmul(g, basis)
     inner = cross * ops.matmul(_transpose(projected), g_basis)
     direction = ops.matmul(g_basis * direct + ops.matmul(projected, inner), _transpose(basis))
-    return ops.cast(_transpose(direction) if wide else direction, dtype)
+    return ops.cast(_transpose(direction) if wide else direction, grad.dtype)
+
+
+# A kernel this many times taller than wide (oriented) takes the direct form in
+# `end_to_end_direction`: three matmuls of G's size and five b x b ones, against five of G's size
+# (B = W V and `apply_preconditioner`'s four); 5 b^3 < 2 a b^2 when a > 2.5 b.
+DIRECT_FORM_ASPECT = 2.5
 
 
 def end_to_end_direction(kernel, grad, depth):
     """sum_j [W W^T]^{(j-1)/N} G [W^T W]^{(N-j)/N} (eq. 24), from the Gram eigendecomposition.
 
     The singular values of the null spaces are 0 and 0^0 = 1. A kernel with a dimension of size
-    1 (a single output) takes the closed form of eq. 27. A kernel holding inf or NaN gives a NaN
-    direction, so divergence shows as usual. See the module docstring for the algorithm and the
-    precision per depth.
+    1 (a single output) takes the closed form of eq. 27. A kernel holding inf or NaN (or so large
+    that W^T W overflows) gives a NaN direction, so divergence shows as usual. See the module
+    docstring for the algorithm and the precision per depth. A kernel much taller than wide
+    (`DIRECT_FORM_ASPECT`) is computed as G Q1 + W Q2 with the b x b matrices Q1 = V diag(t) V^T
+    and Q2 = V (M o (V^T (W^T G) V)) V^T, the same sum without forming B = W V.
 
     Args:
         kernel: tensor (..., a, b), the end-to-end kernel W.
@@ -165,9 +182,20 @@ def end_to_end_direction(kernel, grad, depth):
         The direction, shaped like `kernel`, in `grad`'s dtype.
     """
     depth = check_depth(depth)
+    grad = ops.convert_to_tensor(grad)
     if depth == 1:
-        return ops.convert_to_tensor(grad)
-    return apply_preconditioner(compute_preconditioner(kernel, depth), grad)
+        return grad
+    kernel = ops.convert_to_tensor(kernel)
+    rows, cols = max(kernel.shape[-2:]), min(kernel.shape[-2:])
+    if rows <= DIRECT_FORM_ASPECT * cols:
+        return apply_preconditioner(compute_preconditioner(kernel, depth), grad)
+    w, basis, direct, cross = _spectrum(kernel, depth)
+    g, wide = _oriented(grad, w.dtype)
+    basis_t = _transpose(basis)
+    right = ops.matmul(basis * direct, basis_t)
+    inner = cross * ops.matmul(ops.matmul(basis_t, ops.matmul(_transpose(w), g)), basis)
+    direction = ops.matmul(g, right) + ops.matmul(w, ops.matmul(ops.matmul(basis, inner), basis_t))
+    return ops.cast(_transpose(direction) if wide else direction, grad.dtype)
 
 
 def _singular_value_powers(s, depth):
