@@ -24,16 +24,18 @@ null space, [W W^T]^0 = I there) and the j >= 2 terms, U S^{2(j-1)/N} U^T G V S^
 with U = B S^{-1}, the second. On the null space of W^T W, 0^0 = 1 (the j = N term keeps
 G's component there) and M's rows of zero eigenvalues are 0. Applying P costs four matmuls of
 G's size (G V, B^T (G V), B (...), (...) V^T); building it one Gram matmul, one b x b eigh and
-B = W V. A kernel with one column (or one row) takes the closed form of eq. 27 instead: lambda is
-||w||^2, V = 1, and the formula above reads ||w||^{2-2/N} (g + (N-1) <g, w>/||w||^2 w).
+B = W V. (`end_to_end_direction` of a kernel more than 2.5 times taller than wide skips B:
+G Q1 + W Q2 with b x b matrices Q1, Q2, three matmuls of G's size.) A kernel with one column (or
+one row) takes the closed form of eq. 27 instead: lambda is ||w||^2, V = 1, and the formula reads ||w||^{2-2/N} (g + (N-1) <g, w>/||w||^2 w).
 
 Precision, chosen by measurement (benchmarks/run.py and tests/test_preconditioning.py): float64
 kernels are computed in float64 (1e-12 of the NumPy reference). A float32 kernel forms its Gram
 matrix in float32; the Gram squares the condition number, and the eigenvalues it loses are the
 small ones, whose fractional powers weigh most at large depth. At depths 2 and 3 the eigh runs in
-float32 (measured on a 3136 x 512 kernel of condition number 1e3: 3.1e-5 and 4.8e-5 relative
-error against float64); from depth 4 on it runs in float64 (2.7e-5 at depth 4, 8.9e-5 at depth 8,
-against 8.4e-5 and 2.5e-4 in float32), which costs one float64 eigh of the b x b Gram only.
+float32; from depth 4 on in float64, which costs one float64 eigh of the b x b Gram only.
+Measured on a 3136 x 512 kernel of condition number 1e3 against a float64 SVD evaluation, relative
+Frobenius error: 3.3e-5, 4.0e-5 (depths 2, 3; float32 eigh), 2.1e-5, 8.7e-5 (depths 4, 8; float64
+eigh, where a float32 eigh measured 8.4e-5 and 2.5e-4, too close to issue 10's 1e-4 at depth 4).
 float16/bfloat16 kernels are computed in float32.
 
 Amortised use (Shampoo-style): keep the `Preconditioner` of a kernel W_r for k steps and apply it
