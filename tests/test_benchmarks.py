@@ -68,15 +68,18 @@ def _check_layer(layer):
 def _check_update_rule(update_rule):
     kernels = update_rule["kernels"]
     assert set(kernels) == {f"{a}x{b}" for a, b in run.Config.quick().kernels}
-    for key, rules in kernels.items():
-        single_output = "1" in key.split("x")
-        assert ("svd" in rules) == single_output
-        for rule in ("sgd", "end_to_end") + (("svd",) if single_output else ()):
+    k = update_rule["refresh_every"]
+    for rules in kernels.values():
+        for rule in ("sgd", "matmuls", "exact", "between_refreshes"):
             _check_timing(rules[rule])
-        fast = rules["end_to_end"]["seconds_per_step"]
-        assert rules["end_to_end_vs_sgd"] == pytest.approx(fast / rules["sgd"]["seconds_per_step"])
-        if single_output:
-            assert rules["svd_vs_fast"] == pytest.approx(rules["svd"]["seconds_per_step"] / fast)
+        seconds = {rule: rules[rule]["seconds_per_step"] for rule in ("sgd", "matmuls", "exact", "between_refreshes")}
+        matmul = seconds["matmuls"] / 2  # the matmuls step is W (W^T G): two matmuls
+        assert rules["exact_vs_sgd"] == pytest.approx(seconds["exact"] / seconds["sgd"])
+        assert rules["exact_in_matmuls"] == pytest.approx(seconds["exact"] / matmul)
+        assert rules["between_refreshes_in_matmuls"] == pytest.approx(seconds["between_refreshes"] / matmul)
+        # k - 1 steps between refreshes and one exact step, per k steps.
+        assert rules["amortised_in_matmuls"] == pytest.approx(
+            ((k - 1) * seconds["between_refreshes"] + seconds["exact"]) / k / matmul)
 
 
 def test_quick_run_writes_every_section(gas_sensor_dir, tmp_path, capsys):
