@@ -55,14 +55,22 @@ def _check_fullbatch(fullbatch):
 
 def _check_layer(layer):
     models = layer["models"]
-    assert set(models) == {"plain", "overparameterized", "collapsed"}
+    assert set(models) == {"plain", "overparameterized", "collapsed", "plain, EndToEnd optimizer",
+                           "plain, no L2", "overparameterized, no L2"}
     parameters = {name: model["parameters"] for name, model in models.items()}
     assert parameters["collapsed"] == parameters["plain"] < parameters["overparameterized"]
-    for name in ("overparameterized", "collapsed"):
+    assert parameters["plain, EndToEnd optimizer"] == parameters["plain, no L2"] == parameters["plain"]
+    assert parameters["overparameterized, no L2"] == parameters["overparameterized"]
+    baselines = {"plain, no L2": "plain, no L2", "overparameterized, no L2": "plain, no L2"}
+    for name, model in models.items():
+        baseline = models[baselines.get(name, "plain")]
         for kind in ("train", "predict"):
-            _check_timing(models[name][kind])
-            expected = models[name][kind]["seconds_per_step"] / models["plain"][kind]["seconds_per_step"]
+            _check_timing(model[kind])
+            expected = model[kind]["seconds_per_step"] / baseline[kind]["seconds_per_step"]
             assert layer["ratios"][name][f"{kind}_time_vs_plain"] == pytest.approx(expected)
+    end_to_end = models["plain, EndToEnd optimizer"]["train"]["seconds_per_step"]
+    assert layer["ratios"]["plain, EndToEnd optimizer"]["train_time_vs_overparameterized"] == pytest.approx(
+        end_to_end / models["overparameterized"]["train"]["seconds_per_step"])
 
 
 def _check_update_rule(update_rule):
