@@ -1,0 +1,155 @@
+"""A sweep of full-batch configurations that scales out: each configuration is a task, run
+in-process (the default, no Ray needed) or as a Ray task (`--workers N` starts a local Ray
+with N CPUs, `--address` joins a running cluster; `pip install -e ".[ray]"`).
+
+A task (`GridTask`) trains one configuration over its grid of learning rates and seeds with
+`tf_overparam.fullbatch.FullBatchTrainer` and RETURNS everything the run folder needs: the
+`GridResult` and the diagnostics at the logged iterations. The driver alone writes the run
+folder (results, figures, TensorBoard through `write_tensorboard`), so they are the same
+whichever way the tasks ran. Results come back as tasks finish (`Executor.map`), so the
+driver can write each one as it comes.
+"""
+
+import dataclasses
+import math
+import os
+import time
+
+import numpy as np
+
+from tf_overparam.fullbatch import ChainSpec, FullBatchTrainer, GridResult  # noqa: F401 (ChainSpec: task field)
+
+
+@dataclasses.dataclass
+class GridTask:
+    """One configuration to train: `spec` on (x, y) for `learning_rates` x `seeds`, logged at
+    `schedule`, with diagnostics at every `diagnostics_every`-th log."""
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+    spec: object
+    learning_rates: tuple
+    seeds: tuple
+    schedule: np.ndarray
+    diagnostics_every: int = 1
+
+
+@dataclasses.dataclass
+class GridOutcome:
+    """What a task returns: its `GridResult`, the diagnostics (iteration -> singular values,
+    effective-rate factor, balancedness, per grid point) and its wall time."""
+
+    name: str
+    result: GridResult
+    diagnostics: dict
+    seconds: float
+
+
+def train_grid(task):
+    """Runs one `GridTask` (in this process or in a Ray worker); returns a `GridOutcome`."""
+    start = time.perf_counter()
+    trainer = FullBatchTrainer(task.x, task.y, task.spec, task.learning_rates, seeds=task.seeds)
+    diagnostics, calls = {}, [0]
+
+    def on_log(trainer, iteration, losses):
+        if calls[0] % task.diagnostics_every == 0:
+            diagnostics[iteration] = trainer.diagnostics()
+        calls[0] += 1
+
+    schedule = np.asarray(task.schedule)
+    result = trainer.run(int(schedule[-1]), schedule=schedule, on_log=on_log)
+    return GridOutcome(task.name, result, diagnostics, time.perf_counter() - start)
+
+
+def write_tensorboard(root, outcome):
+    """Writes one TensorBoard run per grid point under root/<name>/lr_<rate>_seed_<seed>: the
+    loss at every log, and at the diagnostic logs the effective learning rate eta
+    ||W_e||^{2-2/N} (eq. 27), the relative balancedness and W_e's singular values."""
+    import tensorflow as tf
+
+    result = outcome.result
+    for g, (rate, seed) in enumerate(zip(result.learning_rates, result.seeds)):
+        writer = tf.summary.create_file_writer(os.path.join(str(root), outcome.name, f"lr_{rate:.3g}_seed_{seed}"))
+        with writer.as_default():
+            for t, iteration in enumerate(result.iterations):
+                loss = result.losses[t, g]
+                if not math.isfinite(loss):
+                    continue
+                step = int(iteration)
+                tf.summary.scalar("loss", loss, step=step)
+                if step in outcome.diagnostics:
+                    singular_values, effective, balancedness = outcome.diagnostics[step]
+                    tf.summary.scalar("effective_learning_rate", rate * effective[g], step=step)
+                    tf.summary.scalar("balancedness", balancedness[g], step=step)
+                    tf.summary.histogram("end_to_end_singular_values", singular_values[g], step=step)
+        writer.close()
+
+
+class Executor:
+    """Runs tasks in-process (`workers` and `address` None) or on Ray.
+
+    Args:
+        workers: start a local Ray with this many CPUs (one task per CPU).
+        address: join the Ray cluster at this address ("auto" for the local one).
+    """
+
+    def __init__(self, workers=None, address=None):
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"`workers` must be a positive int, got {workers!r}.")
+        self.ray = None
+        if workers is None and address is None:
+            return
+        try:
+            import ray
+        except ImportError as error:
+            raise ValueError(
+                "`workers`/`address` need Ray: pip install -e \".[ray]\" (or leave them out to run in-process)."
+            ) from error
+        # Workers import this checkout's packages, whatever the installed copy.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        env = {"env_vars": {"PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}}
+        if address is not None:
+            ray.init(address=address, runtime_env=env, ignore_reinit_error=True)
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False, runtime_env=env, ignore_reinit_error=True)
+        self.ray = ray
+        self._remote = ray.remote(num_cpus=1)(train_grid)
+
+    @property
+    def description(self):
+        if self.ray is None:
+            return "in-process"
+        return f"ray ({int(self.ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+    def map(self, tasks):
+        """Yields each task's `GridOutcome` as it finishes (in order in-process)."""
+        if self.ray is None:
+            for task in tasks:
+                yield train_grid(task)
+            return
+        pending = [self._remote.remote(task) for task in tasks]
+        while pending:
+            done, pending = self.ray.wait(pending, num_returns=1)
+            yield self.ray.get(done[0])
+
+    def shutdown(self):
+        if self.ray is not None:
+            self.ray.shutdown()
+            self.ray = None
+
+
+def add_arguments(parser):
+    """The sweep's CLI flags: --workers and --address."""
+    parser.add_argument("--workers", type=int, default=None,
+                        help="run configurations as Ray tasks on a local Ray with this many CPUs (needs .[ray])")
+    parser.add_argument("--address", default=None, help="run configurations on the Ray cluster at this address")
+
+
+def executor_from_args(parser, args):
+    """An `Executor` for the parsed flags; a bad value exits through `parser.error` (one line)."""
+    try:
+        return Executor(workers=args.workers, address=args.address)
+    except ValueError as error:
+        parser.error(str(error))
