@@ -153,11 +153,11 @@ def median_and_range(values):
 
 
 def speedup(baseline, other):
-    """Speedup of `other` over `baseline` from per-seed iterations-to-target (lists, seed s
-    against seed s; None = not reached): the ratio of the medians and the (min, max) of the
-    per-seed ratios. None where a median (or every per-seed ratio) is undefined."""
-    base_median, _ = median_and_range(baseline)
-    own_median, _ = median_and_range(other)
+    """Speedup of `other` over `baseline` from per-seed iterations-to-target (dicts seed ->
+    iterations, None = not reached): the ratio of the medians (each over its own seeds) and
+    the (min, max) of the per-seed ratios over the seeds both have. None where undefined."""
+    base_median, _ = median_and_range(list(baseline.values()))
+    own_median, _ = median_and_range(list(other.values()))
     ratio = base_median / own_median if base_median and own_median else None
-    per_seed = [b / o for b, o in zip(baseline, other) if b is not None and o is not None and o > 0]
+    per_seed = [baseline[s] / other[s] for s in other if s in baseline and baseline[s] and other[s]]
     return ratio, ((min(per_seed), max(per_seed)) if per_seed else (None, None))

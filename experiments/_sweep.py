@@ -62,27 +62,42 @@ def train_grid(task):
     return GridOutcome(task.name, result, diagnostics, time.perf_counter() - start)
 
 
-def write_tensorboard(root, outcome):
-    """Writes one TensorBoard run per grid point under root/<name>/lr_<rate>_seed_<seed>: the
-    loss at every log, and at the diagnostic logs the effective learning rate eta
-    ||W_e||^{2-2/N} (eq. 27), the relative balancedness and W_e's singular values."""
+def write_log_point(writers, learning_rates, iteration, losses, diagnostics=None):
+    """Writes one logged iteration to TensorBoard, one writer per grid point: the loss, and
+    with `diagnostics` (singular values, effective-rate factor, balancedness) the effective
+    learning rate eta ||W_e||^{2-2/N} (eq. 27), the relative balancedness and W_e's singular
+    values. A grid point whose loss is not finite (diverged) is skipped."""
     import tensorflow as tf
 
+    for g, writer in enumerate(writers):
+        if not math.isfinite(losses[g]):
+            continue
+        with writer.as_default(step=int(iteration)):
+            tf.summary.scalar("loss", losses[g])
+            if diagnostics is not None:
+                singular_values, effective, balancedness = diagnostics
+                tf.summary.scalar("effective_learning_rate", learning_rates[g] * effective[g])
+                tf.summary.scalar("balancedness", balancedness[g])
+                tf.summary.histogram("end_to_end_singular_values", singular_values[g])
+
+
+def tensorboard_writers(root, name, learning_rates, seeds):
+    """One file writer per grid point, under root/<name>/lr_<rate>_seed_<seed>."""
+    import tensorflow as tf
+
+    return [tf.summary.create_file_writer(os.path.join(str(root), name, f"lr_{rate:.3g}_seed_{seed}"))
+            for rate, seed in zip(learning_rates, seeds)]
+
+
+def write_tensorboard(root, outcome):
+    """Writes a finished task's logs (`write_log_point` at each logged iteration), as the
+    driver does after a Ray task."""
     result = outcome.result
-    for g, (rate, seed) in enumerate(zip(result.learning_rates, result.seeds)):
-        writer = tf.summary.create_file_writer(os.path.join(str(root), outcome.name, f"lr_{rate:.3g}_seed_{seed}"))
-        with writer.as_default():
-            for t, iteration in enumerate(result.iterations):
-                loss = result.losses[t, g]
-                if not math.isfinite(loss):
-                    continue
-                step = int(iteration)
-                tf.summary.scalar("loss", loss, step=step)
-                if step in outcome.diagnostics:
-                    singular_values, effective, balancedness = outcome.diagnostics[step]
-                    tf.summary.scalar("effective_learning_rate", rate * effective[g], step=step)
-                    tf.summary.scalar("balancedness", balancedness[g], step=step)
-                    tf.summary.histogram("end_to_end_singular_values", singular_values[g], step=step)
+    writers = tensorboard_writers(root, outcome.name, result.learning_rates, result.seeds)
+    for t, iteration in enumerate(result.iterations):
+        write_log_point(writers, result.learning_rates, iteration, result.losses[t],
+                        outcome.diagnostics.get(int(iteration)))
+    for writer in writers:
         writer.close()
 
 

@@ -73,8 +73,11 @@ def test_medians_and_speedups_over_seeds():
     assert _curves.median_and_range([30, 10, 20]) == (20.0, (10.0, 30.0))
     assert _curves.median_and_range([30, None, 20]) == (30.0, (20.0, None))  # None = infinite
     assert _curves.median_and_range([None, None, 20]) == (None, (20.0, None))
-    ratio, span = _curves.speedup([100, 200, 300], [50, 40, 150])  # per seed: 2, 5, 2
+    ratio, span = _curves.speedup({0: 100, 1: 200, 2: 300}, {0: 50, 1: 40, 2: 150})  # per seed: 2, 5, 2
     assert ratio == pytest.approx(200 / 50) and span == (2.0, 5.0)
+    # Five baseline seeds against three: medians over each one's own seeds, ratios on the common ones.
+    ratio, span = _curves.speedup({0: 100, 1: 200, 2: 300, 3: 400, 4: None}, {0: 10, 1: None, 2: 30})
+    assert ratio == pytest.approx(300 / 30) and span == (10.0, 10.0)
 
 
 def test_refine_around_fills_the_neighbour_intervals_and_extends_an_edge():

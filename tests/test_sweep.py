@@ -82,3 +82,28 @@ def test_ray_run_equals_in_process_run(tmp_path):
             for u, v in zip(local[name].diagnostics[step], remote[name].diagnostics[step]):
                 np.testing.assert_array_equal(u, v)
     assert _events(tmp_path / "local") == _events(tmp_path / "ray")
+
+
+def test_gas_sensor_in_process_stage_writes_what_a_ray_task_driver_writes(tmp_path):
+    # The in-process path (run_configuration: checkpoints, TensorBoard while training) and the
+    # Ray path (a task, then the driver's write_tensorboard) give the same grid and events.
+    from experiments import gas_sensor
+    from tqdm import tqdm
+
+    task = _tasks()[1]
+    config = gas_sensor.Config.quick(log_points=20)
+    run = gas_sensor.RunConfig("l4/gd-d2-w1", "GD depth 2", task.spec)
+    stage = gas_sensor.Stage(run, "final", task.learning_rates, task.seeds, 300)
+    data = type("Data", (), {"x": task.x, "y": task.y})
+    (tmp_path / "local").mkdir()
+    with tqdm(disable=True) as progress:
+        local = gas_sensor.run_configuration(stage, data, config, tmp_path / "local", progress)
+    schedule = log_schedule(300, 20)
+    task = _sweep.GridTask(run.name, task.x, task.y, task.spec, task.learning_rates, task.seeds, schedule,
+                           gas_sensor.diagnostics_every(schedule))
+    outcome = _sweep.train_grid(task)
+    _sweep.write_tensorboard(tmp_path / "task" / "tensorboard", outcome)
+    np.testing.assert_array_equal(local.losses, outcome.result.losses)
+    np.testing.assert_array_equal(local.iterations, outcome.result.iterations)
+    local_events = _events(tmp_path / "local" / "tensorboard" / "l4")
+    assert local_events and local_events == _events(tmp_path / "task" / "tensorboard" / "l4")
