@@ -124,7 +124,9 @@ class Executor:
         # Workers import this checkout's packages, whatever the installed copy.
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-        env = {"env_vars": {"PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}}
+        # One TensorFlow thread per task: a task holds one CPU (num_cpus=1).
+        env = {"env_vars": {"PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+                            "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}}
         if address is not None:
             ray.init(address=address, runtime_env=env, ignore_reinit_error=True)
         else:
