@@ -219,8 +219,11 @@ def variant_keys():
 
 def load_variants(config, data, download, runs):
     """The data of every `data_key` the runs use ("default": `data`, as loaded), and each
-    run's grid moved by log10(lambda_z / lambda), lambda the top eigenvalue of the l4 loss's
-    Hessian at w = 0 (3 mean(y_i^2 x_i x_i^T)): a scaling's stable rates move with it."""
+    run's grid moved by log10(lambda_z / lambda) - (2 - 2/N) log10(|w*| / |w*_z|): lambda is
+    the top eigenvalue of the l4 loss's Hessian at w = 0 (3 mean(y_i^2 x_i x_i^T)), which
+    bounds depth 1's stable rate, and |w*| the norm of the least-squares solution, whose
+    power 2 - 2/N is the factor by which depth N's effective rate grows (eq. 27); _z marks
+    the z-scored data the default grids are made for."""
     keys = {run.data_key for run in runs} - {"default"}
     if not keys:
         return {"default": data}, runs
@@ -231,13 +234,21 @@ def load_variants(config, data, download, runs):
         scheme, _, bias = key.partition("+")
         datas[key] = gas_sensor.preprocess(raw, scheme, bias=bool(bias))
 
-    def curvature(d):
+    def scales(d):
         x, y = d.x.astype(np.float64), d.y.astype(np.float64)
-        return float(np.linalg.eigvalsh(3 * (x * y**2).T @ x / x.shape[0])[-1])
+        curvature = float(np.linalg.eigvalsh(3 * (x * y**2).T @ x / x.shape[0])[-1])
+        return curvature, float(np.linalg.norm(np.linalg.lstsq(x, y, rcond=None)[0]))
 
-    reference = curvature(gas_sensor.preprocess(raw, "zscore"))
-    shifts = {key: math.log10(reference / curvature(datas[key])) for key in keys}
-    return datas, [dataclasses.replace(r, rate_shift=shifts.get(r.data_key, 0.0)) for r in runs]
+    reference = scales(gas_sensor.preprocess(raw, "zscore"))
+    ratios = {key: [r / s for r, s in zip(reference, scales(datas[key]))] for key in keys}
+
+    def shift(run):
+        if run.data_key == "default":
+            return 0.0
+        curvature, norm = ratios[run.data_key]
+        return math.log10(curvature) + (2 - 2 / run.spec.depth) * math.log10(norm)
+
+    return datas, [dataclasses.replace(r, rate_shift=shift(r)) for r in runs]
 
 
 def _key(target):
@@ -482,7 +493,7 @@ def build_parser():
     )
     parser.add_argument(
         "--iterations", type=int,
-        help="full-batch iterations per run (default 1e6: all figures take about 2 hours on 2 CPU cores)",
+        help="full-batch iterations per run (default 1e6: all figures take about 2.5 hours on 2 CPU cores, by the cost model)",
     )
     parser.add_argument("--seeds", type=int, default=None,
                         help=f"initialisation seeds of each configuration (default {len(Config.seeds)})")
