@@ -355,7 +355,7 @@ def plot(results, config, path):
             right.plot([edge["eta"]], [edge["iterations"]], "*", ms=12, color=colors[method])
     right.axvline(results["bound"], color="gray", lw=0.8, ls=":", label="GD bound 4 / y1^(p-2)")
     right.set(xlabel="learning rate eta", ylabel=f"iterations to error <= {config.target:g}",
-              title=f"x: diverged (drawn at {config.iterations}); *: largest stable rate; no point: not reached")
+              title="x: diverged; *: largest stable rate; no point: not reached")
     right.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
