@@ -55,6 +55,11 @@ def lazy_pyplot():
     return lazy_import("matplotlib.pyplot", setup=_use_agg)
 
 
+def lazy_keras_tensorflow_pyplot():
+    """(keras, tensorflow, matplotlib.pyplot) as `lazy_import` stand-ins, for the scripts."""
+    return lazy_import("keras"), lazy_import("tensorflow"), lazy_pyplot()
+
+
 def quiet_tensorflow():
     """Imports TensorFlow without its C++ log noise (CUDA, oneDNN, CPU features), unless the
     user set TF_CPP_MIN_LOG_LEVEL. TensorFlow 2.21 writes some of it before its log level is
@@ -123,6 +128,20 @@ def user_errors(*kinds):
         raise
     except kinds or (ValueError, OSError) as error:
         raise UserError(one_line(error)) from error
+
+
+def resume_command(module, run_dir, argv):
+    """The command line that continues the run in `run_dir`: argv with --out replaced by
+    --resume."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--resume"):
+            skip = True
+        elif not arg.startswith(("--out=", "--resume=")):
+            kept.append(arg)
+    return " ".join(["python -m", module, "--resume", str(run_dir), *kept])
 
 
 def holds_run(path):

@@ -7,7 +7,6 @@ A gas sensor run folder holds, next to config.json and results.json:
 - `grids/<configuration>.npz`: every finished configuration's whole grid (`GridResult`).
 """
 
-import hashlib
 import io
 import json
 import pathlib
@@ -19,15 +18,6 @@ from experiments._common import UserError, replace_atomic
 CHECKPOINT = "checkpoint.npz"
 GRIDS = "grids"
 _GRID_FIELDS = ("learning_rates", "seeds", "iterations", "losses", "diverged_at", "kernels")
-
-
-def sha256(path):
-    """The sha256 hex digest of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _save_npz(path, arrays):
@@ -88,10 +78,9 @@ def config_difference(saved, current, ignore=()):
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
-def check_resumable(run_dir, config, files, ignore=()):
-    """The saved config of `run_dir`; raises `UserError` unless it holds a run whose config
-    equals `config` (but for the keys in `ignore`) and whose data files have the same sha256
-    as `files` ({name: {"sha256": ...}}), wherever they are now."""
+def check_same_config(run_dir, config, ignore=()):
+    """The saved config.json of `run_dir`; raises `UserError` unless it holds a run whose config
+    equals `config` (a JSON-able dict) but for the keys in `ignore`."""
     run_dir = pathlib.Path(run_dir)
     path = run_dir / "config.json"
     if not path.is_file():
@@ -104,6 +93,13 @@ def check_resumable(run_dir, config, files, ignore=()):
             f"--resume {run_dir}: the options differ from the run's ({'; '.join(difference)}); "
             "give the same options as the run you resume"
         )
+    return saved
+
+
+def check_resumable(run_dir, config, files, ignore=()):
+    """`check_same_config`, and the run's data files must have the same sha256 as `files`
+    ({name: {"sha256": ...}}), wherever they are now."""
+    saved = check_same_config(run_dir, config, ignore)
     saved_files = {k: v["sha256"] for k, v in saved.get("data_files", {}).items()}
     current_files = {k: v["sha256"] for k, v in files.items()}
     if saved_files != current_files:

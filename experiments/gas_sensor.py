@@ -14,8 +14,12 @@ Figures (Arora, Cohen & Hazan 2018, Section 8 and the authors' blog; NOTES.md):
 
 All runs are full-batch, no bias (features and target are z-scored), and train every point
 of the learning-rate grid together (`tf_overparam.fullbatch`). A run folder holds
-config.json, results.json (rewritten atomically after every configuration), one PNG per
-figure and TensorBoard logs (`tensorboard --logdir <run folder>/tensorboard`).
+config.json (with the data folder read and each file's sha256 and rows), results.json
+(rewritten atomically after every configuration), one PNG per figure, TensorBoard logs
+(`tensorboard --logdir <run folder>/tensorboard`), every finished configuration's grid
+(grids/*.npz) and the engine checkpoint of the one in progress (checkpoint.npz, rewritten at
+every log point). Ctrl-C keeps all of it; `--resume <run folder>` with the same options
+continues where it stopped. `--out` never reuses a folder that holds a run.
 
 Rates and seeds (issue 12). Each configuration runs in two stages:
 1. screen: the coarse log grid (`grid_points` rates), seed 0, for `screen_fraction` of the
@@ -46,21 +50,20 @@ from tqdm import tqdm
 from experiments import _curves, _rates, _runstate, _sweep
 from experiments._common import (
     RunInterrupted,
-    UserError,
     cli,
     format_seconds,
     lazy_import,
-    lazy_pyplot,
+    lazy_keras_tensorflow_pyplot,
     make_run_dir,
     provenance,
     quiet_tensorflow,
+    resume_command,
     user_errors,
     write_json_atomic,
 )
 
 # TensorFlow, Keras and matplotlib load at first use: --help and argument errors return at once.
-keras = lazy_import("keras")
-plt = lazy_pyplot()
+keras, _, plt = lazy_keras_tensorflow_pyplot()
 initializers = lazy_import("tf_overparam.initializers")
 gas_sensor = lazy_import("tf_overparam.datasets.gas_sensor")
 fullbatch = lazy_import("tf_overparam.fullbatch")
@@ -580,19 +583,6 @@ def estimate_seconds(config, runs):
     return total
 
 
-def resume_command(run_dir, argv):
-    """The command line that continues this run."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--out", "--resume"):
-            skip = True
-        elif not arg.startswith(("--out=", "--resume=")):
-            kept.append(arg)
-    return " ".join(["python -m experiments.gas_sensor", "--resume", str(run_dir), *kept])
-
-
 @cli
 def main(argv=None):
     config, args = parse_config(argv)
@@ -623,7 +613,7 @@ def interrupted_message(run_dir, runs, argv):
     checkpoint = _runstate.load_checkpoint(run_dir)
     half = f" and {checkpoint[0]} at iteration {int(checkpoint[2][-1]):,}" if checkpoint else ""
     return (f"kept {len(done)} of {len(runs)} configurations{half} in {run_dir}; "
-            f"continue with: {resume_command(run_dir, argv or sys.argv[1:])}")
+            f"continue with: {resume_command('experiments.gas_sensor', run_dir, argv)}")
 
 
 def execute(stages, datas, config, run_dir, progress, executor, checkpoint):

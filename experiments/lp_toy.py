@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 import keras  # noqa: E402
 
 from experiments import _curves, _rates  # noqa: E402
-from experiments._common import record_run  # noqa: E402
+from experiments._common import cli, record_run  # noqa: E402
 from tf_overparam import initializers  # noqa: E402
 from tf_overparam.fullbatch import ChainSpec, FullBatchTrainer, log_schedule  # noqa: E402
 
@@ -414,6 +414,7 @@ def build_parser():
     return parser
 
 
+@cli
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)

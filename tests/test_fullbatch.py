@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import tf_overparam as to
+from _synthetic_data import regression
 from tf_overparam import initializers
 from tf_overparam.datasets import gas_sensor
 from tf_overparam.fullbatch import ChainSpec, FullBatchTrainer, log_schedule
@@ -12,9 +13,13 @@ from tf_overparam.fullbatch import ChainSpec, FullBatchTrainer, log_schedule
 STEPS = 30
 
 
-@pytest.fixture
-def ethanol(gas_sensor_dir):
-    data = gas_sensor.load_ethanol(gas_sensor_dir)
+@pytest.fixture(params=["synthetic", "real"])
+def ethanol(request):
+    """(x, y) float64: a synthetic z-scored linear problem (always), and the real Ethanol data
+    (skipped without the shared data, required under CI)."""
+    if request.param == "synthetic":
+        return regression(rows=1316, inputs=128, seed=7)  # the real data's shape
+    data = gas_sensor.load_ethanol(request.getfixturevalue("gas_sensor_dir"))
     return data.x.astype("float64"), data.y.astype("float64")
 
 
@@ -44,7 +49,13 @@ def _engine_losses(x, y, spec, rate, model_kernel_factors):
     ],
 )
 @pytest.mark.parametrize("depth, width", [(1, 1), (2, 1), (3, 4)])
-def test_engine_matches_model_fit(ethanol, float64, optimizer, rate, keras_optimizer, depth, width):
+def test_engine_matches_model_fit(ethanol, float64, optimizer, rate, keras_optimizer, depth, width, request):
+    if optimizer == "adam" and request.node.callspec.params["ethanol"] == "synthetic":
+        # Keras' float64 Adam computes beta^t from float32-rounded betas (ops.cast of a Python
+        # float goes through float32): its first step differs from the rule with exact betas
+        # (the engine's, and NumPy's) by 6.7e-6 relative, and the loss gap grows to 1.5e-5
+        # here. Reported in issue 13's hand-back; strict, so a fix shows up.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="Keras Adam float32 betas in float64"))
     # Both sides are float64 and differ only in summation order: 1e-9 relative for GD. The
     # adaptive rules divide by sqrt(second moment), which amplifies round-off in near-zero
     # gradient entries, so they get 1e-5.

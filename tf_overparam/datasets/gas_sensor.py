@@ -296,7 +296,7 @@ def load_ethanol(
     normalize=True,
     download=False,
     cache_dir=None,
-    origin=UCI_URL,
+    origin=None,
 ):
     """Loads the Ethanol rows of UCI 270 as a regression problem.
 
@@ -322,7 +322,7 @@ def load_ethanol(
             is found.
         cache_dir: where `keras.utils.get_file` stores the archive
             (default: the Keras cache, `~/.keras`).
-        origin: URL of the archive.
+        origin: URL of the archive (default `UCI_URL`).
 
     Returns:
         A `GasSensorData`.
@@ -352,6 +352,7 @@ def load_ethanol(
             f"received gas_class={gas_class!r}"
         )
     gas_class = int(gas_class)
+    origin = UCI_URL if origin is None else origin
     source, files = _locate(data_dir, download, cache_dir, origin)
 
     xs, ys, rows_per_batch, provenance = [], [], {}, {}
