@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 
-from tf_overparam.fullbatch import ChainSpec, FullBatchTrainer, GridResult  # noqa: F401 (ChainSpec: task field)
 
 
 @dataclasses.dataclass
@@ -37,17 +36,20 @@ class GridTask:
 
 @dataclasses.dataclass
 class GridOutcome:
-    """What a task returns: its `GridResult`, the diagnostics (iteration -> singular values,
-    effective-rate factor, balancedness, per grid point) and its wall time."""
+    """What a task returns: its `tf_overparam.fullbatch.GridResult`, the diagnostics
+    (iteration -> singular values, effective-rate factor, balancedness, per grid point) and
+    its wall time."""
 
     name: str
-    result: GridResult
+    result: object
     diagnostics: dict
     seconds: float
 
 
 def train_grid(task):
     """Runs one `GridTask` (in this process or in a Ray worker); returns a `GridOutcome`."""
+    from tf_overparam.fullbatch import FullBatchTrainer  # TensorFlow loads here, not at import (--help)
+
     start = time.perf_counter()
     trainer = FullBatchTrainer(task.x, task.y, task.spec, task.learning_rates, seeds=task.seeds)
     diagnostics, calls = {}, [0]

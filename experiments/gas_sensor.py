@@ -609,10 +609,13 @@ def main(argv=None):
 
 
 def interrupted_message(run_dir, runs, argv):
-    done = [r.name for r in runs if _runstate.load_grid(run_dir, r.name, fullbatch.GridResult) is not None]
+    def kept(suffix):
+        return sum(_runstate.load_grid(run_dir, r.name + suffix, fullbatch.GridResult) is not None for r in runs)
+
     checkpoint = _runstate.load_checkpoint(run_dir)
     half = f" and {checkpoint[0]} at iteration {int(checkpoint[2][-1]):,}" if checkpoint else ""
-    return (f"kept {len(done)} of {len(runs)} configurations{half} in {run_dir}; "
+    return (f"kept {kept('')} of {len(runs)} configurations (rate screens: {kept('.screen')} of {len(runs)}){half} "
+            f"in {run_dir}; "
             f"continue with: {resume_command('experiments.gas_sensor', run_dir, argv)}")
 
 
@@ -670,7 +673,7 @@ def train_all(config, datas, run_dir, figures, runs, saved, executor=None):
         nonlocal checkpoint
         _runstate.save_grid(run_dir, stage.name, grid)
         done[stage.name] = grid
-        if checkpoint is not None and checkpoint[0] == stage.name:  # the half-done one is finished now
+        if checkpoint is None or checkpoint[0] == stage.name:  # the half-done one is finished now
             _runstate.clear_checkpoint(run_dir)
             checkpoint = None
 
