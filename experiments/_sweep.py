@@ -22,7 +22,7 @@ import numpy as np
 @dataclasses.dataclass
 class GridTask:
     """One configuration to train: `spec` on (x, y) for `learning_rates` x `seeds`, logged at
-    `schedule`, with diagnostics at every `diagnostics_every`-th log."""
+    `schedule`, with the chain's factors kept at every `diagnostics_every`-th log."""
 
     name: str
     x: np.ndarray
@@ -36,14 +36,39 @@ class GridTask:
 
 @dataclasses.dataclass
 class GridOutcome:
-    """What a task returns: its `tf_overparam.fullbatch.GridResult`, the diagnostics
-    (iteration -> singular values, effective-rate factor, balancedness, per grid point) and
-    its wall time."""
+    """What a task returns: its `tf_overparam.fullbatch.GridResult`, the chain at the
+    diagnostic logs (iteration -> `chain_state`) and its wall time."""
 
     name: str
     result: object
     diagnostics: dict
     seconds: float
+    depth: int = 1
+
+
+def chain_state(trainer):
+    """What a diagnostic log keeps: the grid's factors, [(grid, n_{j-1}, n_j)] (float64)."""
+    return [np.asarray(f.numpy(), dtype=np.float64) for f in trainer.factors]
+
+
+def write_chain_state(factors, step, learning_rate, depth):
+    """TensorBoard summaries of one grid point's chain (`factors`, input side first, or the
+    single matrix of the end-to-end rule emulating depth `depth`) to the default writer:
+    the effective learning rate eta ||W_e||^{2-2/N} (eq. 27), the relative balancedness
+    (`tf_overparam.diagnostics.chain_balancedness`) and W_e's singular values. Nothing for a
+    non-finite chain."""
+    import tensorflow as tf
+
+    from tf_overparam.diagnostics import chain_balancedness
+    from tf_overparam.factorization import chain_product
+
+    if not all(np.isfinite(f).all() for f in factors):
+        return
+    singular_values = np.linalg.svd(np.asarray(chain_product(factors)), compute_uv=False)
+    _, relative = chain_balancedness([tf.constant(f) for f in factors])
+    tf.summary.scalar("effective_learning_rate", learning_rate * singular_values[0] ** (2.0 - 2.0 / depth), step=step)
+    tf.summary.scalar("balancedness", float(relative), step=step)
+    tf.summary.histogram("end_to_end_singular_values", singular_values, step=step)
 
 
 def train_grid(task):
@@ -56,19 +81,18 @@ def train_grid(task):
 
     def on_log(trainer, iteration, losses):
         if calls[0] % task.diagnostics_every == 0:
-            diagnostics[iteration] = trainer.diagnostics()
+            diagnostics[iteration] = chain_state(trainer)
         calls[0] += 1
 
     schedule = np.asarray(task.schedule)
     result = trainer.run(int(schedule[-1]), schedule=schedule, on_log=on_log)
-    return GridOutcome(task.name, result, diagnostics, time.perf_counter() - start)
+    return GridOutcome(task.name, result, diagnostics, time.perf_counter() - start, task.spec.depth)
 
 
-def write_log_point(writers, learning_rates, iteration, losses, diagnostics=None):
+def write_log_point(writers, learning_rates, iteration, losses, factors=None, depth=1):
     """Writes one logged iteration to TensorBoard, one writer per grid point: the loss, and
-    with `diagnostics` (singular values, effective-rate factor, balancedness) the effective
-    learning rate eta ||W_e||^{2-2/N} (eq. 27), the relative balancedness and W_e's singular
-    values. A grid point whose loss is not finite (diverged) is skipped."""
+    with `factors` (a `chain_state`) the chain's summaries (`write_chain_state`). A grid
+    point whose loss is not finite (diverged) is skipped."""
     import tensorflow as tf
 
     for g, writer in enumerate(writers):
@@ -76,11 +100,8 @@ def write_log_point(writers, learning_rates, iteration, losses, diagnostics=None
             continue
         with writer.as_default(step=int(iteration)):
             tf.summary.scalar("loss", losses[g])
-            if diagnostics is not None:
-                singular_values, effective, balancedness = diagnostics
-                tf.summary.scalar("effective_learning_rate", learning_rates[g] * effective[g])
-                tf.summary.scalar("balancedness", balancedness[g])
-                tf.summary.histogram("end_to_end_singular_values", singular_values[g])
+            if factors is not None:
+                write_chain_state([f[g] for f in factors], int(iteration), float(learning_rates[g]), depth)
 
 
 def tensorboard_writers(root, name, learning_rates, seeds):
@@ -98,7 +119,7 @@ def write_tensorboard(root, outcome):
     writers = tensorboard_writers(root, outcome.name, result.learning_rates, result.seeds)
     for t, iteration in enumerate(result.iterations):
         write_log_point(writers, result.learning_rates, iteration, result.losses[t],
-                        outcome.diagnostics.get(int(iteration)))
+                        outcome.diagnostics.get(int(iteration)), outcome.depth)
     for writer in writers:
         writer.close()
 

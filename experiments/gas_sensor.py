@@ -317,8 +317,8 @@ class TensorBoardLogger:
     def __call__(self, trainer, iteration, losses):
         with_diagnostics = self.calls % self.diagnostics_every == 0
         self.calls += 1
-        diagnostics = trainer.diagnostics() if with_diagnostics else None
-        _sweep.write_log_point(self.writers, self.learning_rates, iteration, losses, diagnostics)
+        factors = _sweep.chain_state(trainer) if with_diagnostics else None
+        _sweep.write_log_point(self.writers, self.learning_rates, iteration, losses, factors, trainer.spec.depth)
 
     def close(self):
         for writer in self.writers:
