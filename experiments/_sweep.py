@@ -53,22 +53,12 @@ def chain_state(trainer):
 
 def write_chain_state(factors, step, learning_rate, depth):
     """TensorBoard summaries of one grid point's chain (`factors`, input side first, or the
-    single matrix of the end-to-end rule emulating depth `depth`) to the default writer:
-    the effective learning rate eta ||W_e||^{2-2/N} (eq. 27), the relative balancedness
-    (`tf_overparam.diagnostics.chain_balancedness`) and W_e's singular values. Nothing for a
-    non-finite chain."""
-    import tensorflow as tf
+    single matrix of the end-to-end rule emulating depth `depth`) to the default writer, by
+    the library's one writer, `tf_overparam.callbacks.write_chain_summaries` (balancedness,
+    W_e's spectrum, the effective learning rate of eq. 27); nothing for a non-finite chain."""
+    from tf_overparam.callbacks import write_chain_summaries
 
-    from tf_overparam.diagnostics import chain_balancedness
-    from tf_overparam.factorization import chain_product
-
-    if not all(np.isfinite(f).all() for f in factors):
-        return
-    singular_values = np.linalg.svd(np.asarray(chain_product(factors)), compute_uv=False)
-    _, relative = chain_balancedness([tf.constant(f) for f in factors])
-    tf.summary.scalar("effective_learning_rate", learning_rate * singular_values[0] ** (2.0 - 2.0 / depth), step=step)
-    tf.summary.scalar("balancedness", float(relative), step=step)
-    tf.summary.histogram("end_to_end_singular_values", singular_values, step=step)
+    write_chain_summaries(factors, step, learning_rate, depth=depth)
 
 
 def train_grid(task):

@@ -2,7 +2,7 @@
 
     python -m experiments.gas_sensor --data-dir ../shared/data/gas_sensor [--figure depth init ...]
 
-Figures (Arora, Cohen & Hazan 2018, Section 8 and the authors' blog; NOTES.md):
+Figures (Arora, Cohen & Hazan 2018, Section 8 and the authors' blog):
 - depth:      l2 and l4 loss, depths 1-4 with hidden width 1 and a wide one, and next to
               depths 2 and 3 the end-to-end update rule (eq. 24) on a single matrix;
 - lr-grid:    for every configuration, the final loss over the learning-rate grid, and the
@@ -305,8 +305,8 @@ def _grid_table(result):
 
 class TensorBoardLogger:
     """Writes one TensorBoard run per grid point as training goes (`_sweep.write_log_point`:
-    loss, effective learning rate eta ||W_e||^{2-2/N} (eq. 27), relative balancedness, W_e's
-    singular values), the same events a Ray task's driver writes afterwards."""
+    the loss and, every `diagnostics_every` logs, the chain's state through
+    `tf_overparam.callbacks.write_chain_summaries`), the events a Ray task's driver writes."""
 
     def __init__(self, root, name, learning_rates, seeds, diagnostics_every):
         self.writers = _sweep.tensorboard_writers(root, name, learning_rates, seeds)

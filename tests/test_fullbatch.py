@@ -49,16 +49,11 @@ def _engine_losses(x, y, spec, rate, model_kernel_factors):
     ],
 )
 @pytest.mark.parametrize("depth, width", [(1, 1), (2, 1), (3, 4)])
-def test_engine_matches_model_fit(ethanol, float64, optimizer, rate, keras_optimizer, depth, width, request):
-    if optimizer == "adam" and request.node.callspec.params["ethanol"] == "synthetic":
-        # Keras' float64 Adam computes beta^t from float32-rounded betas (ops.cast of a Python
-        # float goes through float32): its first step differs from the rule with exact betas
-        # (the engine's, and NumPy's) by 6.7e-6 relative, and the loss gap grows to 1.5e-5
-        # here. Reported in issue 13's hand-back; strict, so a fix shows up.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="Keras Adam float32 betas in float64"))
+def test_engine_matches_model_fit(ethanol, float64, optimizer, rate, keras_optimizer, depth, width):
     # Both sides are float64 and differ only in summation order: 1e-9 relative for GD. The
     # adaptive rules divide by sqrt(second moment), which amplifies round-off in near-zero
-    # gradient entries, so they get 1e-5.
+    # gradient entries, so they get 1e-5. Keras' float64 Adam takes its betas through float32
+    # (ops.cast of a Python float); update_rules casts them the same way, so both follow one rule.
     x, y = ethanol
     init = initializers.Balanced(keras.initializers.RandomNormal(stddev=0.05, seed=1), seed=2)
     layer = to.OverparamDense(1, depth=depth, hidden_units=width, use_bias=False, factor_initializer=init)

@@ -237,11 +237,6 @@ def test_batch_values_from_running_means():
     np.testing.assert_allclose(mnist_cnn.batch_values_from_running_means(means), values)
 
 
-def test_spectral_norm_from_the_gram_matrix():
-    kernel = np.random.default_rng(0).normal(size=(300, 40))
-    assert mnist_cnn.spectral_norm(kernel) == pytest.approx(np.linalg.svd(kernel, compute_uv=False)[0], rel=1e-10)
-
-
 def test_running_mean_and_steps_to_threshold():
     values = [4.0, 2.0, 0.5, 3.0, 0.1, 0.1]
     np.testing.assert_allclose(mnist_cnn.running_mean(values, 2), [4.0, 3.0, 1.25, 1.75, 1.55, 0.1])
