@@ -1,0 +1,158 @@
+"""The library on Keras' other backends: the README's JAX example without TensorFlow, and
+`.keras` files moving between TensorFlow and JAX.
+
+Each test starts fresh Python processes with the backends it needs, so it runs once, in the
+JAX run of the suite (tests/conftest.py).
+"""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = REPO_ROOT / "README.md"
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="runs in the JAX run; it starts the backends it needs itself"
+)
+
+# Put first on sys.meta_path, it makes `import tensorflow` fail as if TensorFlow were not
+# installed, so that a script proves it never needs it.
+BLOCK_TENSORFLOW = textwrap.dedent(
+    """
+    import sys
+
+    class _NoTensorFlow:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("tensorflow", "tensorboard", "tensorflow_datasets"):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+            return None
+
+    sys.meta_path.insert(0, _NoTensorFlow())
+    """
+)
+
+
+def _run(script, backend, cwd, timeout=300):
+    """Runs `script` in a fresh interpreter on `backend`; returns its stdout."""
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def _jax_example():
+    blocks = re.findall(r"<!-- jax-example -->\n```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    assert len(blocks) == 1, "the README has one JAX example, marked <!-- jax-example -->"
+    return blocks[0]
+
+
+def test_readme_jax_example_runs_without_tensorflow(tmp_path):
+    script = BLOCK_TENSORFLOW + _jax_example() + textwrap.dedent(
+        """
+        import json, sys
+        import numpy as np
+        import tf_overparam
+
+        probe = rng.normal(size=(32, 16)).astype("float32")
+        print(json.dumps({
+            "backend": keras.backend.backend(),
+            "tensorflow_imported": sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"),
+            "loss": history.history["loss"],
+            "zero_loss": float(np.mean(y.astype(np.float64) ** 2)),
+            "model": model.predict(probe, verbose=0).tolist(),
+            "plain": plain.predict(probe, verbose=0).tolist(),
+            "reloaded": reloaded.predict(probe, verbose=0).tolist(),
+            "plain_layers": [type(layer).__name__ for layer in plain.layers],
+            "reloaded_layers": [type(layer).__name__ for layer in reloaded.layers],
+            "all_names": sorted(tf_overparam.__all__),
+        }))
+        """
+    )
+    result = json.loads(_run(script, "jax", tmp_path).splitlines()[-1])
+    assert result["backend"] == "jax"
+    assert result["tensorflow_imported"] == []
+    # It trained: the mean squared error fell far below that of the zero predictor, mean(y^2).
+    assert result["loss"][-1] < 0.1 * result["zero_loss"], result["loss"]
+    assert result["plain_layers"] == ["Dense"] and result["reloaded_layers"] == ["OverparamDense"]
+    out = np.asarray(result["model"])
+    # The reloaded model holds the same weights: the same function bit for bit.
+    np.testing.assert_array_equal(np.asarray(result["reloaded"]), out)
+    # Collapsed: one matmul with the product instead of three, equal to float32 rounding.
+    assert np.max(np.abs(np.asarray(result["plain"]) - out)) <= 1e-5 * np.max(np.abs(out))
+
+
+SAVE = textwrap.dedent(
+    """
+    import keras, numpy as np
+    import tf_overparam as to
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(16, 6)).astype("float32")
+    inputs = keras.Input((6,))
+    hidden = to.OverparamDense(
+        5, depth=3, hidden_units=[7, 4], activation="tanh",
+        factor_initializer=to.initializers.Balanced(keras.initializers.RandomNormal(stddev=0.5, seed=1), seed=2),
+        kernel_regularizer=keras.regularizers.L2(0.01), bias_initializer="ones",
+    )(inputs)
+    outputs = to.OverparamDense(2, depth=2, factor_initializer=to.initializers.Identity(0.9))(hidden)
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.SGD(0.01), loss=to.LpLoss(4))
+    model.fit(x, rng.normal(size=(16, 2)).astype("float32"), epochs=2, verbose=0)  # away from the init
+    model.save("model.keras")
+    np.save("x.npy", x)
+    np.save("saved_outputs.npy", model.predict(x, verbose=0))
+    """
+)
+
+LOAD = textwrap.dedent(
+    """
+    import keras, numpy as np
+    import tf_overparam as to
+
+    model = keras.saving.load_model("model.keras")
+    assert [type(layer).__name__ for layer in model.layers[1:]] == ["OverparamDense"] * 2
+    assert model.layers[1].hidden_units == [7, 4] and model.loss.p == 4.0
+    np.save("loaded_outputs.npy", model.predict(np.load("x.npy"), verbose=0))
+    np.savez("loaded_weights.npz", *[np.asarray(w) for w in model.get_weights()])
+    """
+)
+
+
+def _numpy_forward(weights, x):
+    """The saved model in float64 NumPy: tanh(x F1 F2 F3 + b1) G1 G2 + b2."""
+    f1, f2, f3, b1, g1, g2, b2 = (np.asarray(w, np.float64) for w in weights)
+    hidden = np.tanh(x @ (f1 @ f2 @ f3) + b1)
+    return hidden @ (g1 @ g2) + b2
+
+
+@pytest.mark.parametrize("saved_on, loaded_on", [("tensorflow", "jax"), ("jax", "tensorflow")])
+def test_keras_file_loads_on_the_other_backend_with_equal_outputs(tmp_path, saved_on, loaded_on):
+    _run(SAVE, saved_on, tmp_path)
+    _run(LOAD, loaded_on, tmp_path)
+    saved, loaded = np.load(tmp_path / "saved_outputs.npy"), np.load(tmp_path / "loaded_outputs.npy")
+    weights = np.load(tmp_path / "loaded_weights.npz")
+    weights = [weights[f"arr_{i}"] for i in range(len(weights.files))]
+    assert [w.shape for w in weights] == [(6, 7), (7, 4), (4, 5), (5,), (5, 2), (2, 2), (2,)]
+    # Two float32 computations of one function, on two backends: equal to float32 rounding.
+    scale = np.max(np.abs(saved))
+    assert np.max(np.abs(loaded - saved)) <= 1e-5 * scale
+    # And both are the function the loaded weights define, computed in float64 NumPy.
+    expected = _numpy_forward(weights, np.load(tmp_path / "x.npy").astype(np.float64))
+    assert np.max(np.abs(loaded - expected)) <= 1e-5 * scale
+    assert np.max(np.abs(saved - expected)) <= 1e-5 * scale
