@@ -22,7 +22,19 @@ Every number is a median over interleaved repeats (`benchmarks.timing.measure`);
 call (tracing) is reported apart. Ratios are taken within one run, so that a shared machine's
 load, which moves the absolute numbers, moves them less. The results are written atomically to
 `<out>/results.json` (default runs/benchmarks/<UTC time>/) and printed as Markdown tables.
+
+With `--backend NAME` (tensorflow, jax, torch) it runs instead the CNN and the end-to-end
+direction on that Keras backend, without TensorFlow off it (`benchmarks/backend_bench.py`).
 """
+
+import sys
+
+if __name__ == "__main__":  # dispatched before TensorFlow and Keras are imported below
+    from benchmarks import backend_bench
+
+    if backend_bench.requested_backend(sys.argv[1:]) is not None:
+        backend_bench.main(sys.argv[1:])
+        sys.exit(0)
 
 import argparse
 import dataclasses

@@ -13,8 +13,6 @@ import math
 import statistics
 import time
 
-import tensorflow as tf
-
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -74,7 +72,9 @@ def measure(cases, target_s, repeats):
 
 def compiled_loop(step, initial, unroll):
     """A case running `state = step(state)` `unroll` times per unit, all units in one
-    `tf.function` call (a `tf.range` loop); a call returns once the result is computed."""
+    `tf.function` call (a `tf.range` loop); a call returns once the result is computed.
+    TensorFlow only; `benchmarks.backend_bench.compiled_loop` is the same on any backend."""
+    import tensorflow as tf  # here, so that the timing helper above needs no TensorFlow
 
     @tf.function
     def loop(units):

@@ -156,3 +156,45 @@ def test_keras_file_loads_on_the_other_backend_with_equal_outputs(tmp_path, save
     expected = _numpy_forward(weights, np.load(tmp_path / "x.npy").astype(np.float64))
     assert np.max(np.abs(loaded - expected)) <= 1e-5 * scale
     assert np.max(np.abs(saved - expected)) <= 1e-5 * scale
+
+
+# The CNN's parameters by hand: conv 5x5x1x32 + 32, conv 5x5x32x64 + 64, dense 3136x512 + 512,
+# dense 512x10 + 10; the depth-2 twin adds a 512x512 and a 10x10 factor.
+CNN_PARAMETERS = (5 * 5 * 32 + 32) + (5 * 5 * 32 * 64 + 64) + (3136 * 512 + 512) + (512 * 10 + 10)
+TWIN_EXTRA = 512 * 512 + 10 * 10
+
+
+@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
+def test_backend_benchmark_quick_run(tmp_path, backend):
+    """`python -m benchmarks.run --backend NAME --quick`, on JAX with TensorFlow blocked."""
+    script = (BLOCK_TENSORFLOW if backend != "tensorflow" else "") + textwrap.dedent(
+        f"""
+        import runpy, sys
+        sys.argv = ["benchmarks.run", "--backend", {backend!r}, "--quick", "--out", "out"]
+        runpy.run_module("benchmarks.run", run_name="__main__")
+        """
+    )
+    _run(script, backend, tmp_path, timeout=600)
+    results = json.loads((tmp_path / "out" / f"results-{backend}.json").read_text())
+    assert results["machine"]["backend"] == backend
+    assert results["modules_loaded"]["tensorflow"] == (backend == "tensorflow")
+    cnn = results["cnn"]
+    assert cnn["models"]["plain"]["parameters"] == CNN_PARAMETERS
+    assert cnn["models"]["overparameterized"]["parameters"] == CNN_PARAMETERS + TWIN_EXTRA
+    for kind in ("train", "predict"):
+        twin, plain = (cnn["models"][name][kind] for name in ("overparameterized", "plain"))
+        for timing in (twin, plain):
+            assert timing["seconds_per_step"] * timing["steps"] == pytest.approx(sorted(timing["seconds"])[1])
+        assert cnn["ratios"][f"{kind}_time_vs_plain"] == pytest.approx(
+            twin["seconds_per_step"] / plain["seconds_per_step"])
+    direction = results["direction"]
+    assert set(direction["kernels"]) == {"64x32", "128x64"}
+    for cases in direction["kernels"].values():
+        assert cases["direction_vs_matmul"] == pytest.approx(
+            cases["end_to_end"]["seconds_per_step"] / cases["matmul"]["seconds_per_step"])
+    # A second run into the same folder refuses to overwrite the first.
+    env = {**os.environ, "KERAS_BACKEND": backend,
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    again = subprocess.run([sys.executable, "-m", "benchmarks.run", "--backend", backend, "--quick", "--out", "out"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr

@@ -8,13 +8,32 @@ for Keras 3 / TensorFlow.
   `preconditioning`.
 """
 
-from tf_overparam import callbacks, diagnostics, initializers, losses, preconditioning
+import importlib
+
+import keras
+
+from tf_overparam import diagnostics, initializers, losses, preconditioning
 from tf_overparam.layers import OverparamDense
 from tf_overparam.losses import LpLoss
 from tf_overparam.models import collapse, overparameterize
-from tf_overparam.training import EndToEndModel
 
 __version__ = "0.1.0"
+
+if keras.backend.backend() == "tensorflow":
+    from tf_overparam import callbacks
+    from tf_overparam.training import EndToEndModel
+
+# On another backend, imported on first use: they need TensorFlow, which the rest does not.
+_LAZY = {"callbacks": ("tf_overparam.callbacks", None), "EndToEndModel": ("tf_overparam.training", "EndToEndModel")}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tf_overparam' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    return module if attribute is None else getattr(module, attribute)
+
 
 __all__ = [
     "EndToEndModel",

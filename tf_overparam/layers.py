@@ -176,9 +176,10 @@ class OverparamDense(keras.layers.Layer):
         """A `keras.layers.Dense` computing the same function (kernel = end-to-end kernel)."""
         dense = keras.layers.Dense.from_config(dense_config(self.get_config()))
         dense.build((None, self.factors[0].shape[0]))
-        dense.kernel.assign(ops.cast(self.kernel, dense.kernel.dtype))
+        # Copies, not the layer's own arrays: JAX's fit donates (frees) a model's buffers.
+        dense.kernel.assign(ops.copy(ops.cast(self.kernel, dense.kernel.dtype)))
         if self.use_bias:
-            dense.bias.assign(self.bias)
+            dense.bias.assign(ops.copy(self.bias))
         return dense
 
     def get_config(self):

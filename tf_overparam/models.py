@@ -70,7 +70,7 @@ def overparameterize(
             for variable, value in zip(new.factors, balanced_factors(kernel, widths, rotation_seed=seed)):
                 variable.assign(value.astype(variable.dtype))
         if old.use_bias:
-            new.bias.assign(old.bias)
+            new.bias.assign(keras.ops.copy(old.bias))  # a copy: JAX's fit donates (frees) the old buffer
 
     return _convert_model(model, convert, copy)
 
