@@ -2,7 +2,7 @@
 
     python -m experiments.gas_sensor --data-dir ../shared/data/gas_sensor [--figure depth init ...]
 
-Figures (Arora, Cohen & Hazan 2018, Section 8 and the authors' blog; NOTES.md):
+Figures (Arora, Cohen & Hazan 2018, Section 8 and the authors' blog):
 - depth:      l2 and l4 loss, depths 1-4 with hidden width 1 and a wide one, and next to
               depths 2 and 3 the end-to-end update rule (eq. 24) on a single matrix;
 - lr-grid:    for every configuration, the final loss over the learning-rate grid, and the
@@ -33,6 +33,7 @@ from tqdm import tqdm  # noqa: E402
 
 from experiments._common import make_run_dir, write_json_atomic  # noqa: E402
 from tf_overparam import initializers  # noqa: E402
+from tf_overparam.callbacks import write_chain_summaries  # noqa: E402
 from tf_overparam.datasets import gas_sensor  # noqa: E402
 from tf_overparam.fullbatch import ChainSpec, FullBatchTrainer, log_schedule  # noqa: E402
 
@@ -168,8 +169,9 @@ def _grid_table(result):
 
 
 class TensorBoardLogger:
-    """Writes one TensorBoard run per grid point: loss, effective learning rate
-    eta ||W_e||^{2-2/N} (eq. 27), relative balancedness, and W_e's singular values."""
+    """Writes one TensorBoard run per grid point: the loss and, every `diagnostics_every`
+    logs, the chain's state (`tf_overparam.callbacks.write_chain_summaries`: balancedness,
+    W_e's spectrum, effective learning rate eta ||W_e||^{2-2/N} of eq. 27)."""
 
     def __init__(self, root, run, learning_rates, seeds, diagnostics_every):
         self.writers = [
@@ -183,17 +185,16 @@ class TensorBoardLogger:
     def __call__(self, trainer, iteration, losses):
         with_diagnostics = self.calls % self.diagnostics_every == 0
         self.calls += 1
-        if with_diagnostics:
-            singular_values, effective, balancedness = trainer.diagnostics()
+        factors = [f.numpy() for f in trainer.factors] if with_diagnostics else None
         for g, writer in enumerate(self.writers):
             if not math.isfinite(losses[g]):
                 continue
             with writer.as_default(step=iteration):
                 tf.summary.scalar("loss", losses[g])
                 if with_diagnostics:
-                    tf.summary.scalar("effective_learning_rate", self.learning_rates[g] * effective[g])
-                    tf.summary.scalar("balancedness", balancedness[g])
-                    tf.summary.histogram("end_to_end_singular_values", singular_values[g])
+                    write_chain_summaries(
+                        [f[g] for f in factors], iteration, self.learning_rates[g], depth=trainer.spec.depth
+                    )
 
     def close(self):
         for writer in self.writers:

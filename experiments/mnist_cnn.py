@@ -2,7 +2,7 @@
 
     python -m experiments.mnist_cnn --manual-dir ../shared/data/mnist [--epochs 10] [--quick]
 
-Arora, Cohen & Hazan (2018, Section 8; NOTES.md) replace each dense weight matrix of the
+Arora, Cohen & Hazan (2018, Section 8) replace each dense weight matrix of the
 TensorFlow MNIST tutorial network (tensorflow/models, tutorials/image/mnist/convolutional.py) by
 a product of two matrices (about +15% parameters) and report "optimization accelerated by
 orders of magnitude" in batch loss. This script trains both models with the same recipe:
@@ -13,7 +13,9 @@ orders of magnitude" in batch loss. This script trains both models with the same
   the tutorial does, (x - 127.5) / 255, in [-0.5, 0.5].
 - Twin: `tf_overparam.overparameterize(depth=2)`, hidden width = each layer's output width
   (3136->512->512 and 512->10->10). It starts from the plain model's convolution weights and
-  all biases (copied). Its factors (`--factor-init`):
+  all biases (copied). `--overparameterize dense,conv` expands the two convolutions too
+  (`OverparamConv2D` channel chains: the 5x5xcin x cout kernel as a product of two matrices,
+  hidden width = filters). Its factors (`--factor-init`):
     tutorial  (default) each factor drawn like every tutorial matrix, truncated normal std 0.1:
               "simply placing two matrices in succession" as the paper describes it. The
               end-to-end kernels start different from (and larger than) the plain ones.
@@ -63,6 +65,7 @@ import tensorflow as tf  # noqa: E402
 
 from experiments._common import make_run_dir, write_json_atomic  # noqa: E402
 from tf_overparam import diagnostics  # noqa: E402
+from tf_overparam.diagnostics import spectral_norm  # noqa: E402
 from tf_overparam.callbacks import OverparamTensorBoard, find_overparam_layers  # noqa: E402
 from tf_overparam.datasets import mnist  # noqa: E402
 from tf_overparam.layers import OverparamDense  # noqa: E402
@@ -73,6 +76,8 @@ DEFAULT_LEARNING_RATES = {"momentum": 0.01, "sgd": 0.01, "adam": 0.001}
 FACTOR_INITS = ("tutorial", "balanced")
 REGULARIZE = ("end_to_end", "factors")
 MODELS = ("plain", "overparameterized")
+# `--overparameterize` kinds: the plain layer classes the twin expands.
+EXPANDABLE = {"dense": keras.layers.Dense, "conv": keras.layers.Conv2D}
 # Collapse check: max |logit difference| <= COLLAPSE_RTOL * max(1, max |logit|).
 COLLAPSE_RTOL = 1e-4
 
@@ -92,6 +97,7 @@ class Config:
     l2: float = 5e-4  # the tutorial's coefficient of sum(tf.nn.l2_loss) = 0.5 * ||w||^2
     regularize: str = "end_to_end"
     factor_init: str = "tutorial"
+    overparameterize: tuple = ("dense",)  # keys of EXPANDABLE
     init_stddev: float = 0.1
     dropout: float = 0.5
     seed: int = 66478
@@ -155,12 +161,13 @@ def build_cnn(config):
 
 
 def build_twin(plain, config):
-    """The depth-2 overparameterized copy of `plain` (convolutions and biases copied)."""
+    """The depth-2 overparameterized copy of `plain` (the layers not expanded and biases copied)."""
+    layers = tuple(EXPANDABLE[kind] for kind in config.overparameterize)
     if config.factor_init == "balanced":
-        twin = overparameterize(plain, depth=2, preserve_function=True, seed=config.seed)
+        twin = overparameterize(plain, depth=2, preserve_function=True, seed=config.seed, layers=layers)
     else:
         init = keras.initializers.TruncatedNormal(stddev=config.init_stddev, seed=config.seed + 10)
-        twin = overparameterize(plain, depth=2, factor_initializer=init)
+        twin = overparameterize(plain, depth=2, factor_initializer=init, layers=layers)
     if config.regularize == "factors":
         # Same weights, the penalty moved from the end-to-end kernel to each factor.
         model_config = twin.get_config()
@@ -344,13 +351,6 @@ def count_train_steps(config):
 # ----------------------------------------------------------------------------- run
 
 
-def spectral_norm(kernel):
-    """Largest singular value of a (n, m) kernel from the eigenvalues of its m x m Gram matrix
-    (accurate for the largest one, and much cheaper than an SVD of a 3136 x 512 matrix)."""
-    kernel = np.asarray(kernel, dtype=np.float64)
-    return float(np.sqrt(max(np.linalg.eigvalsh(kernel.T @ kernel)[-1], 0.0)))
-
-
 def dense_state(model):
     """Per dense layer: its end-to-end spectral norm and, for chains, balancedness."""
     state = {}
@@ -501,6 +501,8 @@ def parse_args(argv):
                         "factorisation of the plain kernels (same starting function)")
     parser.add_argument("--regularize", choices=REGULARIZE, default="end_to_end",
                         help="twin's L2: on the end-to-end kernel (default, same objective) or on each factor")
+    parser.add_argument("--overparameterize", default="dense",
+                        help="comma-separated layer kinds the twin expands: dense (default), conv, or dense,conv")
     parser.add_argument("--seed", type=int, default=66478, help="seed of weights, shuffling and dropout")
     parser.add_argument("--strategy", choices=("none", "mirrored"), default="none",
                         help="mirrored: tf.distribute.MirroredStrategy over 2 GPUs, or 2 logical CPU devices")
@@ -516,10 +518,14 @@ def parse_args(argv):
             parser.error(f"--{name} must be a positive int, got {value}")
     if args.learning_rate is not None and not args.learning_rate > 0:
         parser.error(f"--learning-rate must be positive, got {args.learning_rate}")
+    kinds = tuple(dict.fromkeys(kind.strip() for kind in args.overparameterize.split(",")))
+    if not kinds or not set(kinds) <= set(EXPANDABLE):
+        parser.error(f"--overparameterize must be a comma-separated subset of {sorted(EXPANDABLE)}, "
+                     f"got {args.overparameterize!r}")
     overrides = dict(
         optimizer=args.optimizer, learning_rate=args.learning_rate, factor_init=args.factor_init,
         regularize=args.regularize, seed=args.seed, strategy=args.strategy, manual_dir=args.manual_dir,
-        tfds_data_dir=args.tfds_data_dir, out=args.out, steps=args.steps,
+        tfds_data_dir=args.tfds_data_dir, out=args.out, steps=args.steps, overparameterize=kinds,
     )
     if args.epochs is not None:
         overrides["epochs"] = args.epochs

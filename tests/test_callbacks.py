@@ -181,3 +181,27 @@ def test_plain_model_writes_nothing(tmp_path):
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2)])
     fit(model, [OverparamTensorBoard(tmp_path, update_freq=1)], epochs=1, steps=2)
     assert not glob.glob(f"{tmp_path}/**/events.out.tfevents.*", recursive=True)
+
+
+def test_write_chain_summaries_of_a_factor_list_with_an_emulated_depth(tmp_path):
+    # One matrix emulating a depth-3 chain (the gas sensor's end-to-end rule): balancedness 0,
+    # effective learning rate eta * s^(2 - 2/3) with the given depth, not the factor count.
+    kernel = np.array([[3.0], [4.0]])  # spectral norm 5
+    with tf.summary.create_file_writer(str(tmp_path)).as_default():
+        assert to.callbacks.write_chain_summaries([kernel], 7, learning_rate=0.1, depth=3, prefix="g/")
+        assert not to.callbacks.write_chain_summaries([np.array([[np.nan]])], 8, learning_rate=0.1)
+    events = read_events(tmp_path)
+    assert set(events) == {"g/balancedness", "g/balancedness_relative", "g/end_to_end_spectral_norm",
+                           "g/effective_learning_rate", "g/end_to_end_singular_values"}
+    assert float(events["g/balancedness"][7]) == 0.0
+    assert float(events["g/end_to_end_spectral_norm"][7]) == pytest.approx(5.0, rel=1e-6)
+    assert float(events["g/effective_learning_rate"][7]) == pytest.approx(0.1 * 5.0 ** (4.0 / 3.0), rel=1e-6)
+    assert 8 not in events["g/balancedness"]
+
+
+def test_write_chain_summaries_refuses_a_plain_layer(tmp_path):
+    dense = keras.layers.Dense(2)
+    dense.build((None, 3))
+    with tf.summary.create_file_writer(str(tmp_path)).as_default():
+        with pytest.raises(ValueError, match="plain Dense"):
+            to.callbacks.write_chain_summaries(dense, 0)

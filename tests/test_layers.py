@@ -1,4 +1,4 @@
-"""Tests for `tf_overparam.OverparamDense` (tf_overparam/layers.py)."""
+"""Tests for `tf_overparam.OverparamDense` (tf_overparam/layers/dense.py and base.py)."""
 
 import functools
 import os
@@ -152,9 +152,120 @@ def test_bad_arguments_raise_value_errors_naming_them():
     for hidden_units in [[3], [3, 3, 3], [3, 0], [-1, 2], 0, -2, [2.0, 3], [True, 3]]:
         with pytest.raises(ValueError, match="hidden_units"):
             to.OverparamDense(2, depth=3, hidden_units=hidden_units)
-    for units in [0, -3, 1.5, True]:
+    for units in [0, -3, 1.5, True, np.float32(2.0)]:
         with pytest.raises(ValueError, match="units"):
             to.OverparamDense(units, depth=2)
+
+
+def test_numpy_integers_are_accepted_as_integer_arguments():
+    layer = to.OverparamDense(np.int32(3), depth=np.int64(3), hidden_units=[np.int16(4), np.uint8(2)])
+    assert (layer.units, layer.depth, layer.hidden_units) == (3, 3, [4, 2])
+    assert all(type(v) is int for v in (layer.units, layer.depth, *layer.hidden_units))
+    layer.build((None, 5))
+    assert [tuple(f.shape) for f in layer.factors] == [(5, 4), (4, 2), (2, 3)]
+
+
+def test_kernel_before_build_is_a_clear_error():
+    layer = to.OverparamDense(3)
+    with pytest.raises(ValueError, match="before the layer is built"):
+        layer.kernel
+    with pytest.raises(ValueError, match="before the layer is built"):
+        layer.to_dense()
+
+
+# --- order of the products (issue 10 item 1) ---------------------------------------------------
+
+
+def test_inputs_first_threshold_is_the_hand_derived_flop_balance():
+    # Two factors n0 x n1 x n2: inputs first costs R (n0 n1 + n1 n2), kernel first n0 n1 n2 + R n0 n2.
+    assert to.chain.inputs_first_threshold([20, 6, 5]) == pytest.approx(600 / (120 + 30 - 100))
+    assert to.chain.inputs_first_threshold([3136, 512, 512]) == pytest.approx(3136.0)
+    # Narrow hidden layer: inputs first is always cheaper; one factor: a single order.
+    assert to.chain.inputs_first_threshold([20, 1, 5]) == float("inf")
+    assert to.chain.inputs_first_threshold([20, 5]) == 0
+    # Three factors 4 x 3 x 5 x 2, product taken from the narrow (output) end: 3*5*2 + 4*3*2.
+    assert to.chain.chain_product_flops([4, 3, 5, 2]) == 3 * 5 * 2 + 4 * 3 * 2
+    assert to.chain.inputs_first_threshold([4, 3, 5, 2]) == pytest.approx(54 / (12 + 15 + 10 - 8))
+
+
+def _rounding_bound(x, factors, dtype):
+    """Worst-case bound of the floating-point error of x @ F_1 ... F_N in `dtype`, in either
+    order: (sum of contracted widths + one rounding of each input) * eps * |x| |F_1| ... |F_N|."""
+    eps = np.finfo(dtype).eps
+    terms = x.shape[-1] + sum(f.shape[0] for f in factors[1:]) + len(factors) + 1
+    return terms * eps * functools.reduce(np.matmul, [np.abs(x)] + [np.abs(f) for f in factors])
+
+
+@pytest.mark.parametrize("policy", ["float32", "float64", "mixed_float16"])
+def test_both_orders_and_the_runtime_choice_equal_the_kernel_product(policy, monkeypatch):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        # widths 20 -> 6 -> 5: inputs first below 12 rows, kernel first from 12 rows on.
+        layer = to.OverparamDense(5, depth=2, hidden_units=6, use_bias=False,
+                                  factor_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=0))
+        layer.build((None, 20))
+        factors = _factors(layer)
+        compute = np.dtype(layer.compute_dtype)
+        applied = []
+        original = to.layers.dense.apply_chain
+        monkeypatch.setattr(to.layers.dense, "apply_chain", lambda x, f: applied.append(1) or original(x, f))
+        rng = np.random.default_rng(1)
+        for rows, inputs_first in [(4, True), (11, True), (12, False), (40, False)]:
+            applied.clear()
+            x = rng.normal(size=(rows, 20)).astype(compute)
+            out = keras.ops.convert_to_numpy(layer(x)).astype(np.float64)
+            assert bool(applied) == inputs_first, rows
+            expected = x.astype(np.float64) @ functools.reduce(np.matmul, factors)
+            assert np.all(np.abs(out - expected) <= _rounding_bound(x.astype(np.float64), factors, compute)), rows
+        # Unknown batch at trace time: the choice is made at run time (keras.ops.cond).
+        import tensorflow as tf
+
+        traced = tf.function(layer, input_signature=[tf.TensorSpec((None, 20), compute)])
+        for rows in (3, 30):
+            x = rng.normal(size=(rows, 20)).astype(compute)
+            out = traced(x).numpy().astype(np.float64)
+            expected = x.astype(np.float64) @ functools.reduce(np.matmul, factors)
+            assert np.all(np.abs(out - expected) <= _rounding_bound(x.astype(np.float64), factors, compute)), rows
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_gradients_through_the_runtime_choice_match_numpy():
+    import tensorflow as tf
+
+    layer = to.OverparamDense(5, depth=2, hidden_units=6, use_bias=False, dtype="float64",
+                              factor_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=0))
+    layer.build((None, 20))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 20), tf.float64)])
+    def gradients(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x) ** 2) / 2
+        return tape.gradient(loss, layer.factors)
+
+    f1, f2 = _factors(layer)
+    for rows in (3, 30):  # one on each side of the threshold (12)
+        x = np.random.default_rng(rows).normal(size=(rows, 20))
+        residual = x @ f1 @ f2  # dL/d(out) for L = |out|^2 / 2
+        g1, g2 = (g.numpy() for g in gradients(x))
+        np.testing.assert_allclose(g1, x.T @ residual @ f2.T, rtol=1e-10)
+        np.testing.assert_allclose(g2, (x @ f1).T @ residual, rtol=1e-10)
+
+
+# --- compatibility ------------------------------------------------------------------------------
+
+
+def test_a_keras_file_saved_by_version_0_1_0_loads_with_equal_outputs_and_penalties():
+    data = REPO_ROOT / "tests" / "data"
+    model = keras.models.load_model(data / "overparam_dense_v0_1_0.keras")
+    x = np.load(data / "overparam_dense_v0_1_0_inputs.npy")
+    assert [type(layer).__name__ for layer in model.layers[1:]] == ["OverparamDense", "OverparamDense"]
+    # Outputs and penalties computed by 0.1.0: equal to float32 rounding (the new code may
+    # multiply in the other order).
+    np.testing.assert_allclose(model.predict(x, verbose=0), np.load(data / "overparam_dense_v0_1_0_outputs.npy"),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sorted(float(v) for v in model.losses),
+                               sorted(np.load(data / "overparam_dense_v0_1_0_losses.npy")), rtol=1e-5)
 
 
 # --- regularizers -------------------------------------------------------------------------------

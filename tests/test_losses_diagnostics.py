@@ -124,3 +124,63 @@ def test_end_to_end_singular_values_match_numpy_svd_of_product():
     assert values[2] < 1e-12  # the width-2 bottleneck: rank 2
     # The hand chain: product [[3],[6],[9]], singular value 3 sqrt(14).
     np.testing.assert_allclose(to.diagnostics.end_to_end_singular_values(HAND_CHAIN), [3 * math.sqrt(14)], rtol=1e-14)
+
+
+def test_diagnostics_refuse_plain_layers_and_non_finite_factors():
+    dense = keras.layers.Dense(2)
+    dense.build((None, 3))
+    for function in (to.diagnostics.balancedness, to.diagnostics.end_to_end_singular_values):
+        with pytest.raises(ValueError, match="plain Dense with no factor chain"):
+            function(dense)
+    layer = to.OverparamDense(2, depth=2)
+    layer.build((None, 3))
+    layer.factors[1].assign(np.full((2, 2), np.nan, "float32"))
+    for function in (to.diagnostics.balancedness, to.diagnostics.end_to_end_singular_values):
+        with pytest.raises(ValueError, match="non-finite"):
+            function(layer)
+    with pytest.raises(ValueError, match="non-finite"):
+        to.diagnostics.balancedness([np.ones((2, 2)), np.array([[np.inf], [0.0]])])
+    with pytest.raises(ValueError, match="list of factor matrices"):
+        to.diagnostics.balancedness(3.0)
+
+
+def test_spectral_norm_is_the_largest_singular_value_of_the_matrix_view():
+    rng = np.random.default_rng(0)
+    for shape in [(30, 4), (4, 30), (3, 3, 2, 5)]:
+        kernel = rng.normal(size=shape)
+        expected = np.linalg.svd(kernel.reshape(-1, shape[-1]), compute_uv=False)[0]
+        assert to.diagnostics.spectral_norm(kernel) == pytest.approx(expected, rel=1e-10)
+    with pytest.raises(ValueError, match="non-finite"):
+        to.diagnostics.spectral_norm(np.array([[np.nan, 1.0]]))
+
+
+def test_effective_learning_rate_is_the_eq27_factor_for_scalars_and_arrays():
+    # eta * s^(2 - 2/N): depth 1 -> eta; depth 2 -> eta s; depth 4 -> eta s^1.5.
+    assert to.diagnostics.effective_learning_rate(0.1, 4.0, 1) == pytest.approx(0.1)
+    assert to.diagnostics.effective_learning_rate(0.1, 4.0, np.int64(2)) == pytest.approx(0.4)
+    np.testing.assert_allclose(to.diagnostics.effective_learning_rate([0.1, 0.2], [4.0, 9.0], 4),
+                               [0.1 * 8.0, 0.2 * 27.0], rtol=1e-14)
+    with pytest.raises(ValueError, match="depth"):
+        to.diagnostics.effective_learning_rate(0.1, 4.0, 0)
+
+
+def test_lp_loss_rejects_non_finite_p_and_accepts_numpy_numbers():
+    for p in [math.inf, -math.inf, math.nan, np.float64("inf")]:
+        with pytest.raises(ValueError, match="`p` must be a finite number"):
+            to.LpLoss(p)
+    assert to.LpLoss(np.int64(4)).p == 4.0
+    assert to.LpLoss(np.float32(3.0)).p == 3.0
+
+
+def test_lp_value_and_slope_by_hand():
+    from tf_overparam.losses import abs_power, lp_loss_slope, lp_loss_values
+
+    r = np.array([-2.0, -0.5, 0.0, 1.5])
+    for p in [1, 2, 3, 4, 2.5]:
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(lp_loss_values(r, p)), np.abs(r) ** p / p, rtol=1e-12)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(lp_loss_slope(r, p)),
+                                   np.sign(r) * np.abs(r) ** (p - 1), rtol=1e-12)
+    # Hand values: |-2|^3 = 8, signed -> -8; |-2|^0 signed -> sign = -1.
+    assert float(abs_power(np.array(-2.0), 3)) == 8.0
+    assert float(abs_power(np.array(-2.0), 3, signed=True)) == -8.0
+    assert float(abs_power(np.array(-2.0), 0, signed=True)) == -1.0

@@ -212,3 +212,83 @@ def test_subclassed_or_unbuilt_models_are_rejected():
         to.collapse(sub)
     with pytest.raises(ValueError, match="built"):
         to.overparameterize(keras.Sequential([keras.layers.Dense(2)]))
+
+
+class _ScaledDense(keras.layers.Dense):
+    """A Dense subclass that computes something else (twice Dense's output)."""
+
+    def call(self, inputs):
+        return 2.0 * super().call(inputs)
+
+
+def test_overparameterize_reports_converted_and_left_layers_and_warns():
+    inputs = keras.Input((8, 3))
+    conv1d = keras.layers.Conv1D(4, 3, name="conv1d")(inputs)
+    depthwise = keras.layers.Reshape((6, 4, 1))(conv1d)
+    depthwise = keras.layers.DepthwiseConv2D(2, name="depthwise")(depthwise)
+    flat = keras.layers.Flatten()(depthwise)
+    einsum = keras.layers.EinsumDense("ab,bc->ac", output_shape=5, name="einsum")(flat)
+    scaled = _ScaledDense(4, name="scaled")(einsum)
+    outputs = keras.layers.Dense(2, name="plain")(scaled)
+    model = keras.Model(inputs, outputs)
+    with pytest.warns(UserWarning, match="left these layers unchanged") as caught:
+        deep = to.overparameterize(model, depth=2)
+    report = deep.conversion_report
+    assert report.converted == (("plain", "Dense", "OverparamDense"),)
+    left = {name: (cls, reason) for name, cls, reason in report.left}
+    assert set(left) == {"conv1d", "depthwise", "einsum", "scaled"}
+    assert left["scaled"] == ("_ScaledDense", "a subclass of Dense, which may compute something else")
+    assert "no overparameterized layer is registered for EinsumDense" in left["einsum"][1]
+    message = str(caught[0].message)
+    assert all(name in message for name in left)
+    # The subclass is kept as it was (same class, same function): outputs unchanged where the
+    # only converted layer is preserved exactly.
+    assert type(deep.get_layer("scaled")) is _ScaledDense
+    assert "scaled (_ScaledDense)" in str(report)
+
+
+def test_overparameterize_of_a_pure_dense_model_is_silent_and_reports_all(recwarn):
+    model = _nested()
+    deep = to.overparameterize(model, depth=3)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    assert sorted(c[0] for c in deep.conversion_report.converted) == sorted(
+        layer.name for layer in model._flatten_layers(include_self=False) if type(layer) is keras.layers.Dense
+    )
+    assert deep.conversion_report.left == ()
+
+
+def test_layer_kwargs_override_per_layer_and_none_leaves_a_layer():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6, name="a"), keras.layers.Dense(3, name="b"),
+                              keras.layers.Dense(2, name="c")])
+    _randomize(model, seed=3)
+    per_layer = {"a": {"depth": 3, "hidden_units": [7, 5]}, "b": None, "c": {}}
+    with pytest.warns(UserWarning, match="b \\(Dense\\): `layer_kwargs` returned None"):
+        deep = to.overparameterize(model, depth=2, preserve_function=True, layer_kwargs=lambda l: per_layer[l.name])
+    a, b, c = deep.layers
+    assert (type(a).__name__, a.depth, a.hidden_units) == ("OverparamDense", 3, [7, 5])
+    assert type(b) is keras.layers.Dense
+    assert (type(c).__name__, c.depth, c.hidden_units) == ("OverparamDense", 2, [2])
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    np.testing.assert_allclose(_predict(deep, x), _predict(model, x), rtol=1e-4, atol=1e-5)
+
+
+def test_layers_and_layer_kwargs_arguments_are_checked():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match="`layers`.*EinsumDense"):
+        to.overparameterize(model, layers=(keras.layers.EinsumDense,))
+    with pytest.raises(ValueError, match="layer_kwargs"):
+        to.overparameterize(model, layer_kwargs={"depth": 3})
+    with pytest.raises(ValueError, match="layer_kwargs"):
+        to.overparameterize(model, layer_kwargs=lambda layer: 3)
+    with pytest.raises(ValueError, match="OverparamDense arguments it does not take for layer"):
+        to.overparameterize(model, layer_kwargs=lambda layer: {"kernel_sizes": (2, 2)})
+
+
+def test_collapse_folds_every_registered_layer_through_the_registry():
+    assert keras.layers.Dense in to.layers.registry.plain_classes()
+    assert to.layers.registry.overparam_class_for(keras.layers.Dense) is to.OverparamDense
+    model = keras.Sequential([keras.Input((4,)), to.OverparamDense(3, depth=3, name="x")])
+    flat = to.collapse(model)
+    assert type(flat.layers[0]) is keras.layers.Dense
+    with pytest.raises(ValueError, match="plain_class"):
+        to.layers.registry.register(type("NoPlain", (to.layers.ChainedKernelLayer,), {}))

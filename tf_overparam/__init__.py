@@ -1,8 +1,12 @@
 """tf_overparam: implicit acceleration by overparameterization (Arora, Cohen & Hazan, ICML 2018)
 for Keras 3 / TensorFlow.
 
-- `OverparamDense`: a `Dense` whose kernel is a product of `depth` factors.
+- `OverparamDense`, `OverparamConv2D`: a `Dense` / `Conv2D` whose kernel is a product of
+  `depth` factors; `layers` holds
+  the base class of such chained-kernel layers and the plain -> overparam registry.
 - `overparameterize` / `collapse`: convert whole models between the two.
+- `chain`: the chain core (validators, the product eq. 10, the factor gradients eq. 14,
+  the balanced factorisation); equations are numbered as in docs/equations.md.
 - `EndToEndModel`: trains plain `Dense` layers by the end-to-end update rule (eq. 24).
 - `initializers` (NearZero, Identity, Balanced), `losses.LpLoss`, `diagnostics`,
   `preconditioning`.
@@ -12,12 +16,12 @@ import importlib
 
 import keras
 
-from tf_overparam import diagnostics, initializers, losses, preconditioning
-from tf_overparam.layers import OverparamDense
+from tf_overparam import chain, diagnostics, initializers, layers, losses, preconditioning
+from tf_overparam.layers import OverparamConv2D, OverparamDense
 from tf_overparam.losses import LpLoss
 from tf_overparam.models import collapse, overparameterize
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 if keras.backend.backend() == "tensorflow":
     from tf_overparam import callbacks
@@ -38,11 +42,14 @@ def __getattr__(name):
 __all__ = [
     "EndToEndModel",
     "LpLoss",
+    "OverparamConv2D",
     "OverparamDense",
     "callbacks",
+    "chain",
     "collapse",
     "diagnostics",
     "initializers",
+    "layers",
     "losses",
     "overparameterize",
     "preconditioning",

@@ -8,23 +8,25 @@ runs `train` and `validation` beside this callback's run `overparam`.
 import os
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tf_overparam import diagnostics
-from tf_overparam.layers import OverparamDense
+from tf_overparam.chain import check_positive_int
+from tf_overparam.diagnostics import effective_learning_rate  # noqa: F401  (0.1.0 import path)
+from tf_overparam.layers import registry
 
 
 def find_overparam_layers(model):
-    """Every `OverparamDense` in `model`, searched recursively through nested layers and
-    models, in depth-first order, each once."""
+    """Every chained-kernel layer (`OverparamDense`, and any registered overparameterized
+    layer) in `model`, searched recursively through nested layers and models, in depth-first
+    order, each once."""
     found, seen = [], set()
 
     def visit(layer):
         if id(layer) in seen:
             return
         seen.add(id(layer))
-        if isinstance(layer, OverparamDense):
+        if registry.is_chained(layer):
             found.append(layer)
             return
         for child in getattr(layer, "_layers", None) or getattr(layer, "layers", None) or []:
@@ -40,29 +42,65 @@ def current_learning_rate(optimizer):
     return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
 
-def effective_learning_rate(learning_rate, spectral_norm, depth):
-    """`learning_rate * ||W_e||_2 ** (2 - 2 / depth)`: the factor by which a depth-N balanced
-    chain scales the step of the end-to-end matrix along W_e itself (eq. 27: for one output
-    the update is eta ||w||^{2-2/N} (g + (N-1) <g, w> w / ||w||^2); for several outputs
-    ||W_e||_2^{2-2/N} is the preconditioner's eigenvalue / N on the top singular direction,
-    eq. 26). Depth 1 gives `learning_rate`. It describes plain gradient descent; momentum and
-    adaptive optimizers rescale steps further."""
-    return float(learning_rate) * float(spectral_norm) ** (2.0 - 2.0 / depth)
+def write_chain_summaries(factors, step, learning_rate=None, depth=None, prefix="", histograms=True):
+    """Writes the state of one chain to the default `tf.summary` writer, at `step`.
 
-
-class OverparamTensorBoard(keras.callbacks.Callback):
-    """Writes, for every `OverparamDense` of the model, the chain's state to TensorBoard.
-
-    Per layer (tags start with the layer's name, e.g. `fc1/`, or with its `path` when several
-    logged layers share a name):
+    The one TensorBoard writer of the library (`OverparamTensorBoard` and the gas sensor
+    experiment both use it). Tags, each after `prefix` (e.g. "fc1/"):
     - `balancedness`: max_j ||F_{j+1} F_{j+1}^T - F_j^T F_j||_F (0 = balanced; the condition
       under which deep gradient descent follows the end-to-end rule, eq. 24);
     - `balancedness_relative`: the same divided by the largest of those Gram norms;
-    - `end_to_end_singular_values` (histogram) and `end_to_end_spectral_norm` (scalar): the
-      spectrum of the end-to-end kernel F_1 ... F_N;
-    - `effective_learning_rate`: the optimizer's current learning rate times
-      ||W_e||_2^{2-2/N} (`effective_learning_rate`, the factor of eq. 27).
+    - `end_to_end_spectral_norm` (scalar) and `end_to_end_singular_values` (histogram, if
+      `histograms`): the spectrum of the end-to-end kernel F_1 ... F_N;
+    - `effective_learning_rate` (if `learning_rate` is given): learning_rate *
+      ||W_e||_2^{2-2/N}, the factor of eq. 27 (`diagnostics.effective_learning_rate`).
     All values are computed in float64 by `tf_overparam.diagnostics`.
+
+    Args:
+        factors: a chained-kernel layer or a list of factor matrices, input side first.
+        step: int, the summary step.
+        learning_rate: float or None.
+        depth: the depth N of the effective learning rate; default the number of factors
+            (give it when a single matrix emulates a depth-N chain).
+        prefix: tag prefix.
+        histograms: bool, whether to write the singular-value histogram.
+
+    Returns:
+        True if written; False (nothing written) when the factors are not finite.
+    """
+    try:
+        chain = diagnostics.chain_factors(factors)
+    except diagnostics.NonFiniteError:
+        return False
+    depth = len(chain) if depth is None else depth
+    balance = diagnostics.balancedness(chain)
+    singular_values = diagnostics.end_to_end_singular_values(chain)
+    tf.summary.scalar(f"{prefix}balancedness", balance.absolute, step=step)
+    tf.summary.scalar(f"{prefix}balancedness_relative", balance.relative, step=step)
+    tf.summary.scalar(f"{prefix}end_to_end_spectral_norm", float(singular_values[0]), step=step)
+    if learning_rate is not None:
+        tf.summary.scalar(
+            f"{prefix}effective_learning_rate",
+            diagnostics.effective_learning_rate(learning_rate, singular_values[0], depth),
+            step=step,
+        )
+    if histograms:
+        tf.summary.histogram(f"{prefix}end_to_end_singular_values", singular_values, step=step)
+    return True
+
+
+def _matrix_chains(model):
+    return [layer for layer in find_overparam_layers(model) if all(len(f.shape) == 2 for f in layer.factors)]
+
+
+class OverparamTensorBoard(keras.callbacks.Callback):
+    """Writes, for every chained-kernel layer of the model, the chain's state to TensorBoard
+    (`write_chain_summaries`).
+
+    Per layer, the tags of `write_chain_summaries`, each after the layer's name (e.g.
+    `fc1/balancedness`), or its `path` when several logged layers share a name. Layers whose
+    factors are not matrices (a spatial convolution chain) are not logged; a layer whose
+    factors turned non-finite is skipped at that step.
 
     The step of every value is the optimizer's step count (`optimizer.iterations`, as for
     Keras' batch-level logs), also in `update_freq="epoch"` mode; the state before training
@@ -85,10 +123,11 @@ class OverparamTensorBoard(keras.callbacks.Callback):
 
     def __init__(self, log_dir, update_freq="epoch", run_name="overparam", histograms=True):
         super().__init__()
-        if update_freq != "epoch" and (
-            isinstance(update_freq, bool) or not isinstance(update_freq, int) or update_freq < 1
-        ):
-            raise ValueError(f'`update_freq` must be "epoch" or a positive int, got {update_freq!r}.')
+        if update_freq != "epoch":
+            try:
+                update_freq = check_positive_int(update_freq, "update_freq")
+            except ValueError:
+                raise ValueError(f'`update_freq` must be "epoch" or a positive int, got {update_freq!r}.') from None
         self.log_dir = os.fspath(log_dir) if run_name is None else os.path.join(os.fspath(log_dir), run_name)
         self.update_freq = update_freq
         self.histograms = histograms
@@ -98,7 +137,7 @@ class OverparamTensorBoard(keras.callbacks.Callback):
 
     def set_model(self, model):
         super().set_model(model)
-        self._layers = find_overparam_layers(model)
+        self._layers = _matrix_chains(model)
 
     def tag(self, layer):
         """The tag prefix of a layer: its name, or its path when the name is not unique."""
@@ -107,11 +146,11 @@ class OverparamTensorBoard(keras.callbacks.Callback):
 
     @property
     def layers(self):
-        """The `OverparamDense` layers this callback logs."""
+        """The chained-kernel layers this callback logs."""
         return list(self._layers)
 
     def on_train_begin(self, logs=None):
-        self._layers = find_overparam_layers(self.model)
+        self._layers = _matrix_chains(self.model)
         self._write()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -138,18 +177,9 @@ class OverparamTensorBoard(keras.callbacks.Callback):
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.log_dir)
         learning_rate = current_learning_rate(self.model.optimizer)
-        with self._writer.as_default(step=step):
+        with self._writer.as_default():
             for layer in self._layers:
-                tag = self.tag(layer)
-                balance = diagnostics.balancedness(layer)
-                singular_values = diagnostics.end_to_end_singular_values(layer)
-                tf.summary.scalar(f"{tag}/balancedness", balance.absolute)
-                tf.summary.scalar(f"{tag}/balancedness_relative", balance.relative)
-                tf.summary.scalar(f"{tag}/end_to_end_spectral_norm", float(singular_values[0]))
-                tf.summary.scalar(
-                    f"{tag}/effective_learning_rate",
-                    effective_learning_rate(learning_rate, singular_values[0], layer.depth),
+                write_chain_summaries(
+                    layer, step, learning_rate, prefix=f"{self.tag(layer)}/", histograms=self.histograms
                 )
-                if self.histograms:
-                    tf.summary.histogram(f"{tag}/end_to_end_singular_values", np.asarray(singular_values))
         self._writer.flush()

@@ -1,11 +1,18 @@
-"""Diagnostics of a factor chain: balancedness and the end-to-end spectrum."""
+"""Diagnostics of a factor chain: balancedness, the end-to-end spectrum, the spectral norm and
+the eq. 27 factor (the effective learning rate). One home for each (docs/equations.md)."""
 
 import dataclasses
 
+import keras
 import numpy as np
 from keras import ops
 
-from tf_overparam.factorization import chain_product
+from tf_overparam.chain import chain_product, check_depth
+from tf_overparam.layers.base import ChainedKernelLayer
+
+
+class NonFiniteError(ValueError):
+    """The factors of a chain hold inf or NaN (training diverged)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +48,42 @@ def chain_balancedness(factors):
     return absolute, relative
 
 
+def chain_factors(layer):
+    """The factors of a chained-kernel layer, or of a sequence of matrices, as float64 NumPy
+    arrays; a `ValueError` for anything else, for non-matrix factors and for non-finite values."""
+    if isinstance(layer, ChainedKernelLayer):
+        factors, what = list(layer.factors), f"layer {layer.name!r}"
+    elif isinstance(layer, keras.layers.Layer):
+        raise ValueError(
+            f"`layer` must be a chained-kernel layer (e.g. OverparamDense) or a list of factor "
+            f"matrices; {layer.name!r} is a plain {type(layer).__name__} with no factor chain."
+        )
+    else:
+        try:
+            factors, what = list(layer), "the chain"
+        except TypeError:
+            raise ValueError(
+                f"`layer` must be a chained-kernel layer or a list of factor matrices, got {type(layer).__name__}."
+            ) from None
+    if not factors:
+        raise ValueError("`layer` must hold at least one factor, got an empty chain.")
+    arrays = [np.asarray(ops.convert_to_numpy(f), dtype=np.float64) for f in factors]
+    shapes = [a.shape for a in arrays]
+    if any(a.ndim != 2 for a in arrays):
+        raise ValueError(
+            f"The factors of {what} have shapes {shapes}: these diagnostics are defined for a chain "
+            "of matrices (the channel chain), not for spatial kernels."
+        )
+    if not all(np.all(np.isfinite(a)) for a in arrays):
+        raise NonFiniteError(f"The factors of {what} hold non-finite values (inf or NaN): training diverged.")
+    return arrays
+
+
 def balancedness(layer):
-    """Balancedness of an `OverparamDense` layer (or a list of factor arrays).
+    """Balancedness of a chained-kernel layer (or a list of factor arrays).
+
+    Raises a `ValueError` for a layer without a factor chain (a plain `Dense`, say) and for
+    non-finite factors.
 
     Example:
 
@@ -52,16 +93,43 @@ def balancedness(layer):
     >>> balancedness(layer).relative < 1e-5
     True
     """
-    factors = [ops.convert_to_tensor(f, dtype="float64") for f in _factors_of(layer)]
+    factors = [ops.convert_to_tensor(f, dtype="float64") for f in chain_factors(layer)]
     absolute, relative = chain_balancedness(factors)
     return Balancedness(float(absolute), float(relative))
 
 
 def end_to_end_singular_values(layer):
-    """Singular values of the end-to-end kernel, descending, as a float64 NumPy array."""
-    kernel = ops.convert_to_numpy(chain_product([ops.convert_to_tensor(f) for f in _factors_of(layer)]))
-    return np.linalg.svd(kernel.astype(np.float64), compute_uv=False)
+    """Singular values of the end-to-end kernel (as a matrix), descending, float64 NumPy."""
+    kernel = chain_product(chain_factors(layer))
+    return np.linalg.svd(np.asarray(ops.convert_to_numpy(kernel), dtype=np.float64), compute_uv=False)
 
 
-def _factors_of(layer):
-    return list(layer.factors) if hasattr(layer, "factors") else list(layer)
+def spectral_norm(kernel):
+    """Largest singular value of a kernel viewed as a matrix (prod(shape[:-1]), shape[-1]).
+
+    Taken from the largest eigenvalue of the smaller Gram matrix in float64: accurate for the
+    largest singular value, and much cheaper than an SVD of a 3136 x 512 kernel.
+    """
+    kernel = np.asarray(ops.convert_to_numpy(kernel), dtype=np.float64)
+    kernel = kernel.reshape(-1, kernel.shape[-1])
+    if not np.all(np.isfinite(kernel)):
+        raise ValueError("`kernel` holds non-finite values (inf or NaN).")
+    gram = kernel.T @ kernel if kernel.shape[0] >= kernel.shape[1] else kernel @ kernel.T
+    return float(np.sqrt(max(np.linalg.eigvalsh(gram)[-1], 0.0)))
+
+
+def effective_learning_rate(learning_rate, spectral_norm, depth):
+    """`learning_rate * ||W_e||_2 ** (2 - 2 / depth)` (eq. 27's factor).
+
+    The factor by which a depth-N balanced chain scales the step of the end-to-end matrix
+    along W_e itself: for one output the update is eta ||w||^{2-2/N} (g + (N-1) <g, w> w /
+    ||w||^2); for several outputs ||W_e||_2^{2-2/N} is the preconditioner's eigenvalue / N on
+    the top singular direction (eq. 26). Depth 1 gives `learning_rate`. It describes plain
+    gradient descent; momentum and adaptive optimizers rescale steps further. Arrays
+    broadcast (NumPy); scalars give a float.
+    """
+    depth = check_depth(depth)
+    value = np.asarray(learning_rate, dtype=np.float64) * np.asarray(spectral_norm, dtype=np.float64) ** (
+        2.0 - 2.0 / depth
+    )
+    return float(value) if value.ndim == 0 else value

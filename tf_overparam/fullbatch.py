@@ -21,14 +21,13 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from tf_overparam.diagnostics import chain_balancedness
-from tf_overparam.factorization import chain_gradients, chain_product
-from tf_overparam.initializers import get as get_initializer
+from tf_overparam import update_rules
+from tf_overparam.chain import chain_gradients, chain_product, check_depth, resolve_hidden_units
 from tf_overparam.initializers import initialize_chain
-from tf_overparam.layers import check_depth, resolve_hidden_units
+from tf_overparam.losses import check_p, lp_loss_slope, lp_loss_values
 from tf_overparam.preconditioning import end_to_end_direction
+from tf_overparam.update_rules import OPTIMIZERS
 
-OPTIMIZERS = ("gd", "adagrad", "adadelta", "adam")
 UNROLL = 4  # steps per iteration of the compiled loop: fewer loop round trips, short traces
 UPDATES = ("chain", "end_to_end")
 
@@ -63,8 +62,7 @@ class ChainSpec:
             raise ValueError(f"`update` must be one of {UPDATES}, got {self.update!r}.")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
-        if not self.p >= 1:
-            raise ValueError(f"`p` must be >= 1, got {self.p!r}.")
+        check_p(self.p)
         if not self.weight_decay >= 0:
             raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay!r}.")
 
@@ -141,13 +139,7 @@ class FullBatchTrainer:
         self._run_chunk = tf.function(self._chunk)
 
     def _make_slots(self, factor):
-        zeros = lambda: tf.Variable(tf.zeros_like(factor))  # noqa: E731
-        return {
-            "gd": (),
-            "adagrad": (tf.Variable(tf.fill(factor.shape, tf.constant(0.1, self.dtype))),),
-            "adadelta": (zeros(), zeros()),
-            "adam": (zeros(), zeros()),
-        }[self.spec.optimizer]
+        return tuple(tf.Variable(value) for value in update_rules.initial_slots(self.spec.optimizer, factor))
 
     def kernel(self):
         """The grid's end-to-end kernels, (grid, inputs, units)."""
@@ -176,15 +168,15 @@ class FullBatchTrainer:
 
     def loss(self):
         """Current full-batch loss of every grid point, (grid,), as `LpLoss` computes it."""
-        return self._grid_mean(_abs_power(self._residuals(self.kernel()), self.spec.p)) / self.spec.p
+        return self._grid_mean(lp_loss_values(self._residuals(self.kernel()), self.spec.p))
 
     def _gradients(self, factors):
         """Losses and factor gradients, by hand: two matmuls with the data for the end-to-end
         gradient, then eq. 14 along the chain (fewer ops than autodiff in this hot loop)."""
         p = self.spec.p
         residual = self._residuals(chain_product(factors))
-        losses = self._grid_mean(_abs_power(residual, p)) / p
-        slope = _abs_power(residual, p - 1, signed=True)
+        losses = self._grid_mean(lp_loss_values(residual, p))
+        slope = lp_loss_slope(residual, p)
         kernel_gradient = self._from_rows(tf.matmul(slope, self._x_mean, transpose_a=True))
         gradients = chain_gradients(factors, kernel_gradient)
         decay = self.spec.weight_decay
@@ -196,26 +188,8 @@ class FullBatchTrainer:
         return losses, gradients
 
     def _apply(self, factor, gradient, slots, count):
-        """One optimizer update (Keras' rule and defaults); returns the new factor and slots."""
-        rate, optimizer, epsilon = self._rates, self.spec.optimizer, 1e-7
-        if optimizer == "gd":
-            return factor - rate * gradient, slots
-        if optimizer == "adagrad":
-            (accumulator,) = slots
-            accumulator = accumulator + tf.square(gradient)
-            return factor - rate * gradient / tf.sqrt(accumulator + epsilon), (accumulator,)
-        if optimizer == "adadelta":
-            grad_sq, delta_sq = slots
-            grad_sq = 0.95 * grad_sq + 0.05 * tf.square(gradient)
-            delta = tf.sqrt(delta_sq + epsilon) / tf.sqrt(grad_sq + epsilon) * gradient
-            return factor - rate * delta, (grad_sq, 0.95 * delta_sq + 0.05 * tf.square(delta))
-        first, second = slots  # adam
-        first = first + (gradient - first) * 0.1
-        second = second + (tf.square(gradient) - second) * 0.001
-        step = tf.cast(count + 1, self.dtype)
-        beta_1, beta_2 = tf.constant(0.9, self.dtype), tf.constant(0.999, self.dtype)
-        alpha = rate * tf.sqrt(1 - tf.pow(beta_2, step)) / (1 - tf.pow(beta_1, step))
-        return factor - alpha * first / (tf.sqrt(second) + epsilon), (first, second)
+        """One optimizer update (`update_rules`); returns the new factor and slots."""
+        return update_rules.apply_update(self.spec.optimizer, factor, gradient, slots, count, self._rates)
 
     def _step(self, state):
         """One step of every grid point. Grid points never mix (column g of X K and of X^T R
@@ -263,18 +237,6 @@ class FullBatchTrainer:
     def iteration(self):
         return int(self._step_count.numpy())
 
-    def diagnostics(self):
-        """Per grid point: end-to-end singular values (grid, min(inputs, units)), the effective
-        learning-rate factor ||W_e||^{2-2/N} of eq. 27 (spectral norm), and the relative
-        balancedness of the chain (0 for a single matrix)."""
-        kernel = self.kernel()
-        finite = tf.reduce_all(tf.math.is_finite(kernel), axis=(1, 2))
-        safe = tf.where(finite[:, tf.newaxis, tf.newaxis], kernel, tf.zeros_like(kernel))
-        singular_values = tf.where(finite[:, tf.newaxis], tf.linalg.svd(safe, compute_uv=False), math.nan).numpy()
-        effective = singular_values[:, 0] ** (2.0 - 2.0 / self.spec.depth)
-        _, relative = chain_balancedness([tf.cast(f, tf.float64) for f in self.factors])
-        return singular_values, effective, relative.numpy()
-
     def run(self, iterations, schedule=None, on_log=None):
         """Trains for `iterations` steps, logging at `schedule` (default `log_schedule`).
 
@@ -301,39 +263,11 @@ class FullBatchTrainer:
         )
 
 
-def _abs_power(values, p, signed=False):
-    """|values|^p, or sign(values) |values|^p if `signed`; an integer p multiplies, which is
-    several times faster than `tf.pow`."""
-    if float(p) != int(p):
-        result = tf.pow(tf.abs(values), p)
-        return result * tf.sign(values) if signed else result
-    p = int(p)
-    natural = (p % 2 == 1) == signed  # values^p is already the wanted value
-    result, base = None, values if natural else tf.abs(values)
-    while p:
-        if p & 1:
-            result = base if result is None else result * base
-        p >>= 1
-        if p:
-            base = base * base
-    result = tf.ones_like(values) if result is None else result
-    return result if natural or not signed else result * tf.sign(values)
-
-
-def _seeded(initializer, seed):
-    """A copy of a (serialisable) initializer with `seed`, if it takes one."""
-    initializer = get_initializer(initializer)
-    config = initializer.get_config()
-    if "seed" in config:
-        return initializer.__class__.from_config({**config, "seed": seed})
-    return initializer
-
-
 def _initial_chain(spec, seed, inputs, units):
     """The initial matrices of one grid point: the chain's factors, or for the end-to-end
     rule the end-to-end kernel of the chain it emulates (float64 NumPy arrays)."""
     widths = [inputs, *resolve_hidden_units(spec.hidden_units, spec.depth, units), units]
-    chain = initialize_chain(_seeded(spec.initializer, seed), list(zip(widths[:-1], widths[1:])), dtype="float64")
+    chain = initialize_chain(update_rules.seeded(spec.initializer, seed), list(zip(widths[:-1], widths[1:])), dtype="float64")
     chain = [np.asarray(f) for f in chain]
     if spec.update == "end_to_end" and spec.depth > 1:
         return [np.asarray(chain_product(chain))]

@@ -8,7 +8,7 @@ identity and balanced initialisations need.
 import keras
 import numpy as np
 
-from tf_overparam.factorization import balanced_factors
+from tf_overparam.chain import balanced_factors
 
 PACKAGE = "tf_overparam"
 
@@ -100,9 +100,9 @@ class Identity(ChainInitializer):
 class Balanced(ChainInitializer):
     """Draws an end-to-end kernel and factors it into an exactly balanced chain.
 
-    The chain satisfies W_{j+1}^T W_{j+1} = W_j W_j^T (NOTES.md), the condition under which
+    The chain satisfies W_{j+1}^T W_{j+1} = W_j W_j^T (docs/equations.md), the condition under which
     gradient descent on the chain follows the end-to-end update rule (eq. 24). Hidden spaces
-    are turned by seeded random rotations (see `factorization.balanced_factors`); a hidden
+    are turned by seeded random rotations (see `chain.balanced_factors`); a hidden
     width below the rank of the draw keeps its best rank-h approximation.
 
     Args:
@@ -162,15 +162,17 @@ def initialize_chain(initializer, shapes, dtype=None):
     An unseeded Keras initializer fixes a random seed when it is made (every call gives the same
     values), so each factor gets a fresh instance.
     """
+    from tf_overparam.update_rules import seeded
+
     initializer = get(initializer)
     if isinstance(initializer, ChainInitializer):
         return initializer.chain(shapes, dtype=dtype)
-    config = initializer.get_config()
+    seed = initializer.get_config().get("seed", "absent")
     values = []
     for j, shape in enumerate(shapes):
-        if isinstance(config.get("seed"), int):
-            initializer = initializer.__class__.from_config({**config, "seed": config["seed"] + j})
-        elif j > 0 and "seed" in config and config["seed"] is None:
-            initializer = initializer.__class__.from_config(config)
+        if isinstance(seed, int):
+            initializer = seeded(initializer, seed + j)
+        elif j > 0 and seed is None:
+            initializer = seeded(initializer, None)
         values.append(initializer(shape, dtype=dtype))
     return values

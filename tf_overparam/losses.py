@@ -1,7 +1,55 @@
-"""The l_p regression loss of the paper's Section 7."""
+"""The l_p regression loss of the paper's Section 7, its value and its gradient (one home).
+
+For a residual r = y_hat - y the loss is (1/p) |r|^p (docs/equations.md, "l_p loss") and its
+derivative with respect to y_hat is sign(r) |r|^{p-1}. `LpLoss` (for `model.fit`) and the
+full-batch engine (`tf_overparam.fullbatch`, which writes its gradient by hand) both use the
+functions below.
+"""
+
+import math
+import numbers
 
 import keras
 from keras import ops
+
+
+def abs_power(values, p, signed=False):
+    """|values|^p, or sign(values) |values|^p if `signed`.
+
+    An integer p is computed by repeated multiplication (several times faster than a power op
+    in the full-batch engine's hot loop, and exact at 0); any other p by `ops.power`.
+    """
+    if float(p) != int(p):
+        result = ops.power(ops.abs(values), p)
+        return result * ops.sign(values) if signed else result
+    p = int(p)
+    natural = (p % 2 == 1) == signed  # values^p is already the wanted value
+    result, base = None, values if natural else ops.abs(values)
+    while p:
+        if p & 1:
+            result = base if result is None else result * base
+        p >>= 1
+        if p:
+            base = base * base
+    result = ops.ones_like(values) if result is None else result
+    return result if natural or not signed else result * ops.sign(values)
+
+
+def lp_loss_values(residual, p):
+    """(1/p) |residual|^p, element-wise."""
+    return abs_power(residual, p) / p
+
+
+def lp_loss_slope(residual, p):
+    """d/d(residual) of (1/p) |residual|^p = sign(residual) |residual|^{p-1}, element-wise."""
+    return abs_power(residual, p - 1, signed=True)
+
+
+def check_p(p):
+    """Returns `p` as a float >= 1, or raises a `ValueError` naming it (also for inf and NaN)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p) or not p >= 1:
+        raise ValueError(f"`p` must be a finite number >= 1, got {p!r}.")
+    return float(p)
 
 
 @keras.saving.register_keras_serializable(package="tf_overparam")
@@ -11,7 +59,7 @@ class LpLoss(keras.losses.Loss):
     p = 2 is half the mean squared error; the paper's acceleration shows with p = 4.
 
     Args:
-        p: float >= 1, the exponent.
+        p: finite float >= 1, the exponent.
         reduction, name, dtype: as for `keras.losses.Loss`.
 
     Example:
@@ -21,14 +69,13 @@ class LpLoss(keras.losses.Loss):
     """
 
     def __init__(self, p=2.0, reduction="sum_over_batch_size", name=None, dtype=None):
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not p >= 1:
-            raise ValueError(f"`p` must be a number >= 1, got {p!r}.")
+        p = check_p(p)
         super().__init__(name=name or f"l{p:g}_loss", reduction=reduction, dtype=dtype)
-        self.p = float(p)
+        self.p = p
 
     def call(self, y_true, y_pred):
         y_true = ops.cast(y_true, y_pred.dtype)
-        return ops.mean(ops.power(ops.abs(y_pred - y_true), self.p), axis=-1) / self.p
+        return ops.mean(lp_loss_values(y_pred - y_true, self.p), axis=-1)
 
     def get_config(self):
         return {**super().get_config(), "p": self.p}

@@ -1,0 +1,94 @@
+"""The chain core (tf_overparam/chain.py): validators and shapes, and the rule that the
+library's maths modules use `keras.ops` only (they run on the JAX backend too)."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from tf_overparam import chain
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_check_positive_int_accepts_integrals_and_refuses_bools_floats_and_small_values():
+    for value in (1, 7, np.int8(3), np.int64(2**40), np.uint16(5)):
+        result = chain.check_positive_int(value, "units")
+        assert result == int(value) and type(result) is int
+    for value in (0, -1, True, False, 2.0, np.float64(3.0), "3", None, [2]):
+        with pytest.raises(ValueError, match="`units` must be a positive int"):
+            chain.check_positive_int(value, "units")
+    assert chain.check_positive_int(0, "steps", minimum=0) == 0
+    with pytest.raises(ValueError, match="`steps` must be an int >= 0"):
+        chain.check_positive_int(-1, "steps", minimum=0)
+
+
+def test_check_depth_and_hidden_units():
+    assert chain.check_depth(np.int32(4)) == 4
+    for depth in (0, 1.0, True, np.float32(2)):
+        with pytest.raises(ValueError, match="`depth`"):
+            chain.check_depth(depth)
+    assert chain.resolve_hidden_units(None, 3, 5) == [5, 5]
+    assert chain.resolve_hidden_units(np.int64(2), 3, 5) == [2, 2]
+    assert chain.resolve_hidden_units((np.int16(4), 1), 3, 5) == [4, 1]
+    assert chain.resolve_hidden_units(None, 1, 5) == []
+    with pytest.raises(ValueError, match="`hidden_filters`"):
+        chain.resolve_hidden_units([2], 3, 5, name="hidden_filters")
+    with pytest.raises(ValueError, match="`hidden_units`"):
+        chain.resolve_hidden_units(object(), 3, 5)
+
+
+def test_chain_shapes_link_inputs_hidden_and_units():
+    assert chain.chain_shapes(6, [4, 2], 3) == [(6, 4), (4, 2), (2, 3)]
+    assert chain.chain_shapes(6, [], 3) == [(6, 3)]
+
+
+def test_apply_chain_equals_the_product_of_the_chain():
+    rng = np.random.default_rng(0)
+    factors = [rng.normal(size=s) for s in [(5, 3), (3, 4), (4, 2)]]
+    x = rng.normal(size=(2, 3, 5))
+    expected = x @ (factors[0] @ factors[1] @ factors[2])
+    np.testing.assert_allclose(np.asarray(chain.apply_chain(x, factors)), expected, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(chain.chain_product(factors)), factors[0] @ factors[1] @ factors[2],
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("module", ["chain.py", "layers/base.py", "layers/dense.py", "layers/registry.py",
+                                    "models.py", "diagnostics.py", "losses.py", "initializers.py",
+                                    "update_rules.py"])
+def test_maths_modules_do_not_import_tensorflow(module):
+    source = (REPO_ROOT / "tf_overparam" / module).read_text()
+    assert not re.search(r"^\s*(import tensorflow|from tensorflow)", source, re.MULTILINE)
+
+
+def test_overparam_dense_trains_on_the_jax_backend():
+    pytest.importorskip("jax")
+    script = textwrap.dedent(
+        """
+        import numpy as np, keras
+        import tf_overparam as to
+        assert keras.backend.backend() == "jax"
+        x = np.random.default_rng(0).normal(size=(16, 6)).astype("float32")
+        layer = to.OverparamDense(3, depth=3, hidden_units=[4, 2], bias_initializer="ones",
+                                  factor_initializer=to.initializers.Balanced(seed=0))
+        out = np.asarray(layer(x))
+        f = [np.asarray(v, np.float64) for v in layer.factors]
+        expected = x @ f[0] @ f[1] @ f[2] + 1.0
+        assert np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max(), np.abs(out - expected).max()
+        assert to.diagnostics.balancedness(layer).relative < 1e-5
+        model = keras.Sequential([keras.Input((6,)), to.OverparamDense(2, depth=2, kernel_regularizer="l2")])
+        model.compile("sgd", "mse")
+        history = model.fit(x, x[:, :2], epochs=3, verbose=0)
+        assert np.all(np.isfinite(history.history["loss"]))
+        print("ok")
+        """
+    )
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -1,0 +1,225 @@
+"""The chain core: validators, chain shapes, the end-to-end product (eq. 10), the factor
+gradients (eq. 14) and the balanced factorisation. No Keras layer lives here; every other
+module imports these from here (numbering: docs/equations.md).
+
+Keras stores a dense kernel as (inputs, units), the transpose of the paper's W. A chain of
+factors F_1, ..., F_N in Keras layout (F_j of shape (n_{j-1}, n_j), input side first) has the
+end-to-end kernel F_1 F_2 ... F_N = (W_N ... W_1)^T, and the paper's balancedness condition
+W_{j+1}^T W_{j+1} = W_j W_j^T (docs/equations.md, "Balancedness") reads F_{j+1} F_{j+1}^T = F_j^T F_j.
+"""
+
+import numbers
+
+import numpy as np
+from keras import ops
+
+
+def check_positive_int(value, name, minimum=1):
+    """Returns `value` as a Python int >= `minimum`, or raises a `ValueError` naming `name`.
+
+    Any `numbers.Integral` is accepted (NumPy integers included); bools and floats are not.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
+    return int(value)
+
+
+def check_depth(depth):
+    """Returns `depth` as an int >= 1, or raises a `ValueError` naming it."""
+    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:
+        raise ValueError(f"`depth` must be an int >= 1, got {depth!r}.")
+    return int(depth)
+
+
+def resolve_hidden_units(hidden_units, depth, units, name="hidden_units"):
+    """The list of depth - 1 hidden widths; `None` means `units` for every hidden layer.
+
+    Args:
+        hidden_units: None, a positive int (every hidden width) or a sequence of depth - 1
+            positive ints.
+        depth: int >= 1, the number of factors.
+        units: the width used when `hidden_units` is None.
+        name: the argument's name in error messages (e.g. "hidden_filters").
+    """
+    depth = check_depth(depth)
+    if hidden_units is None:
+        return [int(units)] * (depth - 1)
+    if isinstance(hidden_units, numbers.Integral) and not isinstance(hidden_units, bool):
+        hidden_units = [hidden_units] * (depth - 1)
+    try:
+        hidden_units = list(hidden_units)
+    except TypeError:
+        hidden_units = None
+    if hidden_units is None or len(hidden_units) != depth - 1 or not all(
+        isinstance(h, numbers.Integral) and not isinstance(h, bool) and h > 0 for h in hidden_units
+    ):
+        raise ValueError(
+            f"`{name}` must be a positive int or a list of depth - 1 = "
+            f"{depth - 1} positive ints, got {hidden_units!r}."
+        )
+    return [int(h) for h in hidden_units]
+
+
+def chain_widths(inputs, hidden_units, units):
+    """The widths n_0, ..., n_N of a chain: inputs, the hidden widths, units."""
+    return [int(inputs), *[int(h) for h in hidden_units], int(units)]
+
+
+def chain_shapes(inputs, hidden_units, units):
+    """The factor shapes (n_{j-1}, n_j) of a chain, input side first."""
+    widths = chain_widths(inputs, hidden_units, units)
+    return list(zip(widths[:-1], widths[1:]))
+
+
+def chain_product_flops(widths):
+    """Multiply-adds of `chain_product` for a chain of these widths (in the order it uses)."""
+    if len(widths) <= 2:
+        return 0
+    if widths[-1] <= widths[0]:
+        return sum(widths[j - 1] * widths[j] * widths[-1] for j in range(1, len(widths) - 1))
+    return sum(widths[0] * widths[j] * widths[j + 1] for j in range(1, len(widths) - 1))
+
+
+def inputs_first_threshold(widths):
+    """Rows below which applying the factors to the inputs one at a time costs fewer
+    multiply-adds than forming the end-to-end kernel first and applying it.
+
+    Inputs first costs rows * sum_j n_{j-1} n_j; kernel first costs `chain_product_flops` +
+    rows * n_0 n_N. Returns `math.inf` when inputs first always wins (narrow hidden layers) and
+    0 for a single factor (the two orders are the same).
+    """
+    if len(widths) <= 2:
+        return 0
+    per_row = sum(a * b for a, b in zip(widths[:-1], widths[1:])) - widths[0] * widths[-1]
+    if per_row <= 0:
+        return float("inf")
+    return chain_product_flops(widths) / per_row
+
+
+def apply_chain(inputs, factors):
+    """inputs @ F_1 @ F_2 ... @ F_N, applied one factor at a time (leading dims broadcast)."""
+    outputs = inputs
+    for factor in factors:
+        outputs = ops.matmul(outputs, factor)
+    return outputs
+
+
+def _matmul(a, b, transpose_a=False):
+    """a @ b (or a^T @ b), as a broadcast product where a contracted or kept size is 1: the
+    width-1 chains of the paper then cost element-wise ops instead of tiny batched matmuls."""
+    if transpose_a and a.shape[-1] == 1 and b.shape[-1] == 1:
+        return ops.sum(a * b, axis=-2, keepdims=True)
+    if transpose_a:
+        a = ops.swapaxes(a, -1, -2)
+    if a.shape[-1] == 1:
+        return a * b
+    return ops.matmul(a, b)
+
+
+def chain_product(factors):
+    """End-to-end kernel F_1 F_2 ... F_N of a chain of factors (eq. 10, docs/equations.md).
+
+    The product is taken from the narrower end, so a chain ending in a single unit costs
+    matrix-vector products only. Leading batch dimensions broadcast.
+
+    Args:
+        factors: a non-empty sequence of tensors, F_j of shape (..., n_{j-1}, n_j).
+
+    Returns:
+        The tensor F_1 ... F_N of shape (..., n_0, n_N).
+    """
+    factors = list(factors)
+    if not factors:
+        raise ValueError("`factors` must hold at least one matrix, got an empty sequence.")
+    if factors[-1].shape[-1] <= factors[0].shape[-2]:
+        product = factors[-1]
+        for factor in reversed(factors[:-1]):
+            product = _matmul(factor, product)
+    else:
+        product = factors[0]
+        for factor in factors[1:]:
+            product = _matmul(product, factor)
+    return product
+
+
+def chain_gradients(factors, kernel_gradient):
+    """Gradients of the factors from the gradient G of the end-to-end kernel (eq. 14).
+
+    In Keras layout eq. 14 reads dL/dF_j = (F_1 ... F_{j-1})^T G (F_{j+1} ... F_N)^T. It is
+    evaluated as v_j S_{j+1}^T with v_1 = G, v_{j+1} = F_j^T v_j and S_j = F_j S_{j+1}, so a
+    chain ending in a single unit costs matrix-vector products only. Batch dims broadcast.
+
+    Args:
+        factors: sequence of tensors F_j of shape (..., n_{j-1}, n_j).
+        kernel_gradient: tensor (..., n_0, n_N), the gradient of the loss at F_1 ... F_N.
+
+    Returns:
+        A list with the gradient of each factor.
+    """
+    factors = list(factors)
+    suffixes = [None] * (len(factors) + 1)  # suffixes[j] = F_{j+1} ... F_N (0-based), None = I
+    for j in range(len(factors) - 1, 0, -1):
+        suffixes[j] = factors[j] if suffixes[j + 1] is None else _matmul(factors[j], suffixes[j + 1])
+    gradients, projected = [], kernel_gradient
+    for j, factor in enumerate(factors):
+        suffix = suffixes[j + 1]
+        gradients.append(projected if suffix is None else _matmul(projected, ops.swapaxes(suffix, -1, -2)))
+        if j + 1 < len(factors):
+            projected = _matmul(factor, projected, transpose_a=True)
+    return gradients
+
+
+def balanced_factors(kernel, hidden_units, rotation_seed=None):
+    """Factors a kernel into a balanced chain (docs/equations.md, "Balanced factors").
+
+    With the thin SVD kernel = A diag(s) B^T of rank r, the chain is F_1 = A S^{1/N},
+    F_j = S^{1/N} (1 < j < N), F_N = S^{1/N} B^T, padded with zeros to the hidden widths, so
+    that F_{j+1} F_{j+1}^T = F_j^T F_j = S^{2/N} (padded) holds exactly. Each hidden space is
+    then turned by a random orthogonal matrix Q_j (F_j <- Q_{j-1}^T F_j Q_j), which keeps the
+    product and the balancedness and avoids a chain of exactly zero columns.
+
+    If a hidden width h is smaller than the rank of the kernel, the chain can only hold the
+    kernel's best rank-h approximation (its top h singular values); that is what it holds.
+
+    Args:
+        kernel: array of shape (inputs, units).
+        hidden_units: sequence of depth - 1 positive ints, the hidden widths.
+        rotation_seed: int or None, seeds the hidden-space rotations.
+
+    Returns:
+        A list of depth float64 NumPy arrays, input side first.
+    """
+    kernel = np.asarray(kernel, dtype=np.float64)
+    if kernel.ndim != 2:
+        raise ValueError(f"`kernel` must be 2-D (inputs, units), got shape {kernel.shape}.")
+    widths = [kernel.shape[0], *[int(h) for h in hidden_units], kernel.shape[1]]
+    depth = len(widths) - 1
+    left, singular_values, right_t = np.linalg.svd(kernel, full_matrices=False)
+    rank = min(len(singular_values), *widths[1:-1]) if depth > 1 else len(singular_values)
+    root = singular_values[:rank] ** (1.0 / depth)
+
+    def embed(block, shape):
+        padded = np.zeros(shape)
+        padded[: block.shape[0], : block.shape[1]] = block
+        return padded
+
+    if depth == 1:
+        return [kernel.copy()]
+    factors = [embed(left[:, :rank] * root, (widths[0], widths[1]))]
+    for j in range(1, depth - 1):
+        factors.append(embed(np.diag(root), (widths[j], widths[j + 1])))
+    factors.append(embed(root[:, None] * right_t[:rank], (widths[-2], widths[-1])))
+
+    rng = np.random.default_rng(rotation_seed)
+    for j in range(1, depth):
+        rotation = _random_orthogonal(widths[j], rng)
+        factors[j - 1] = factors[j - 1] @ rotation
+        factors[j] = rotation.T @ factors[j]
+    return factors
+
+
+def _random_orthogonal(size, rng):
+    """A Haar-distributed random orthogonal matrix (QR with the sign fix of Mezzadri 2007)."""
+    q, r = np.linalg.qr(rng.standard_normal((size, size)))
+    return q * np.sign(np.diag(r))
