@@ -1,8 +1,9 @@
-"""The library on Keras' other backends: the README's JAX example without TensorFlow, and
-`.keras` files moving between TensorFlow and JAX.
+"""The library on Keras' other backends: the README's JAX example without TensorFlow, `.keras`
+files moving between TensorFlow and JAX, the benchmark without TensorFlow, and copies that
+outlive JAX's donated buffers.
 
-Each test starts fresh Python processes with the backends it needs, so it runs once, in the
-JAX run of the suite (tests/conftest.py).
+The tests that start fresh Python processes with the backends they need run once, in the JAX
+run of the suite (tests/conftest.py).
 """
 
 import json
@@ -20,7 +21,8 @@ import pytest
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
 
-pytestmark = pytest.mark.skipif(
+# Tests that start fresh processes with the backends they need run once, in the JAX run.
+in_the_jax_run = pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="runs in the JAX run; it starts the backends it needs itself"
 )
 
@@ -62,6 +64,7 @@ def _jax_example():
     return blocks[0]
 
 
+@in_the_jax_run
 def test_readme_jax_example_runs_without_tensorflow(tmp_path):
     script = BLOCK_TENSORFLOW + _jax_example() + textwrap.dedent(
         """
@@ -117,6 +120,19 @@ SAVE = textwrap.dedent(
     model.save("model.keras")
     np.save("x.npy", x)
     np.save("saved_outputs.npy", model.predict(x, verbose=0))
+
+    # Both forms of OverparamConv2D: a channel chain (strided, 'same') and a spatial chain.
+    images = rng.normal(size=(4, 9, 9, 2)).astype("float32")
+    random = keras.initializers.RandomNormal(stddev=0.4, seed=5)
+    conv = keras.Sequential([
+        keras.Input((9, 9, 2)),
+        to.OverparamConv2D(4, 3, strides=2, padding="same", depth=3, factor_initializer=random, activation="relu"),
+        to.OverparamConv2D(3, 4, kernel_sizes=(3, 2), padding="valid", factor_initializer=random),
+    ])
+    conv.save("conv.keras")
+    np.save("images.npy", images)
+    np.save("saved_conv_outputs.npy", conv.predict(images, verbose=0))
+    np.savez("saved_conv_weights.npz", *[np.asarray(w) for w in conv.get_weights()])
     """
 )
 
@@ -130,6 +146,12 @@ LOAD = textwrap.dedent(
     assert model.layers[1].hidden_units == [7, 4] and model.loss.p == 4.0
     np.save("loaded_outputs.npy", model.predict(np.load("x.npy"), verbose=0))
     np.savez("loaded_weights.npz", *[np.asarray(w) for w in model.get_weights()])
+
+    conv = keras.saving.load_model("conv.keras")
+    assert [type(layer).__name__ for layer in conv.layers] == ["OverparamConv2D"] * 2
+    assert conv.layers[1].kernel_sizes is not None and conv.layers[0].strides == (2, 2)
+    np.save("loaded_conv_outputs.npy", conv.predict(np.load("images.npy"), verbose=0))
+    np.savez("loaded_conv_weights.npz", *[np.asarray(w) for w in conv.get_weights()])
     """
 )
 
@@ -141,6 +163,7 @@ def _numpy_forward(weights, x):
     return hidden @ (g1 @ g2) + b2
 
 
+@in_the_jax_run
 @pytest.mark.parametrize("saved_on, loaded_on", [("tensorflow", "jax"), ("jax", "tensorflow")])
 def test_keras_file_loads_on_the_other_backend_with_equal_outputs(tmp_path, saved_on, loaded_on):
     _run(SAVE, saved_on, tmp_path)
@@ -156,6 +179,14 @@ def test_keras_file_loads_on_the_other_backend_with_equal_outputs(tmp_path, save
     expected = _numpy_forward(weights, np.load(tmp_path / "x.npy").astype(np.float64))
     assert np.max(np.abs(loaded - expected)) <= 1e-5 * scale
     assert np.max(np.abs(saved - expected)) <= 1e-5 * scale
+    # The convolutions: the same weights, bit for bit, and the same outputs to float32 rounding.
+    saved_weights, loaded_weights = (np.load(tmp_path / f"{kind}_conv_weights.npz") for kind in ("saved", "loaded"))
+    assert saved_weights.files == loaded_weights.files and len(saved_weights.files) == 3 + 1 + 2 + 1
+    for name in saved_weights.files:
+        np.testing.assert_array_equal(loaded_weights[name], saved_weights[name])
+    saved, loaded = np.load(tmp_path / "saved_conv_outputs.npy"), np.load(tmp_path / "loaded_conv_outputs.npy")
+    assert saved.shape == (4, 2, 2, 3)  # 9 -> 5 (stride 2, same), then a 4x4 valid kernel: 2
+    assert np.max(np.abs(loaded - saved)) <= 1e-5 * np.max(np.abs(saved))
 
 
 # The CNN's parameters by hand: conv 5x5x1x32 + 32, conv 5x5x32x64 + 64, dense 3136x512 + 512,
@@ -164,6 +195,7 @@ CNN_PARAMETERS = (5 * 5 * 32 + 32) + (5 * 5 * 32 * 64 + 64) + (3136 * 512 + 512)
 TWIN_EXTRA = 512 * 512 + 10 * 10
 
 
+@in_the_jax_run
 @pytest.mark.parametrize("backend", ["jax", "tensorflow"])
 def test_backend_benchmark_quick_run(tmp_path, backend):
     """`python -m benchmarks.run --backend NAME --quick`, on JAX with TensorFlow blocked."""
@@ -198,3 +230,24 @@ def test_backend_benchmark_quick_run(tmp_path, backend):
     again = subprocess.run([sys.executable, "-m", "benchmarks.run", "--backend", backend, "--quick", "--out", "out"],
                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_converted_models_own_their_arrays_and_train_apart():
+    # JAX's fit donates a model's buffers (frees them for the updated ones): a converted copy that
+    # shared an array with its source would find it deleted once the source trains.
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(32, 6)).astype("float32"), rng.normal(size=(32, 3)).astype("float32")
+    import tf_overparam as to
+
+    plain = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="relu", bias_initializer="ones"),
+                              keras.layers.Dense(3)])
+    deep = to.overparameterize(plain, depth=2, preserve_function=True)
+    folded = to.collapse(deep)
+    before = {name: keras.ops.convert_to_numpy(model.predict(x, verbose=0))
+              for name, model in (("deep", deep), ("folded", folded))}
+    for model in (plain, deep, folded):  # each trains; the others keep their own weights
+        model.compile(keras.optimizers.SGD(0.1), loss="mse")
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+        if model is plain:
+            for name, other in (("deep", deep), ("folded", folded)):
+                np.testing.assert_array_equal(other.predict(x, verbose=0), before[name])
