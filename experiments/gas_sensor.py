@@ -12,31 +12,47 @@ Figures (Arora, Cohen & Hazan 2018, Section 8 and the authors' blog):
 
 All runs are full-batch, no bias (features and target are z-scored), and train every point
 of the learning-rate grid together (`tf_overparam.fullbatch`). A run folder holds
-config.json, results.json (rewritten atomically after every configuration), one PNG per
-figure and TensorBoard logs (`tensorboard --logdir <run folder>/tensorboard`).
+config.json (with the data folder read and each file's sha256 and rows), results.json
+(rewritten atomically after every configuration), one PNG per figure, TensorBoard logs
+(`tensorboard --logdir <run folder>/tensorboard`), every finished configuration's grid
+(grids/*.npz) and the engine checkpoint of the one in progress (checkpoint.npz, rewritten at
+every log point). Ctrl-C keeps all of it; `--resume <run folder>` with the same options
+continues where it stopped. `--out` never reuses a folder that holds a run.
 """
 
 import argparse
 import dataclasses
+import json
 import math
+import pathlib
 import sys
 import time
 
-import keras
-import matplotlib
+import numpy as np
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from experiments import _runstate
+from experiments._common import (
+    RunInterrupted,
+    cli,
+    format_seconds,
+    lazy_import,
+    lazy_keras_tensorflow_pyplot,
+    make_run_dir,
+    quiet_tensorflow,
+    resume_command,
+    user_errors,
+    write_json_atomic,
+)
 
-from experiments._common import make_run_dir, write_json_atomic  # noqa: E402
-from tf_overparam import initializers  # noqa: E402
-from tf_overparam.callbacks import write_chain_summaries  # noqa: E402
-from tf_overparam.datasets import gas_sensor  # noqa: E402
-from tf_overparam.fullbatch import ChainSpec, FullBatchTrainer, log_schedule  # noqa: E402
+# TensorFlow, Keras and matplotlib load at first use: --help and argument errors return at once.
+keras, tf, plt = lazy_keras_tensorflow_pyplot()
+initializers = lazy_import("tf_overparam.initializers")
+gas_sensor = lazy_import("tf_overparam.datasets.gas_sensor")
+fullbatch = lazy_import("tf_overparam.fullbatch")
+callbacks = lazy_import("tf_overparam.callbacks")
 
+DATA_ENV_VAR = "TF_OVERPARAM_GAS_SENSOR_DIR"  # tf_overparam.datasets.gas_sensor.ENV_VAR (tested)
 FIGURES = ("depth", "lr-grid", "optimizers", "init")
 TARGET_FACTORS = (4.0, 2.0, 1.0)  # targets: these multiples of depth-1 GD's best final loss
 
@@ -85,7 +101,7 @@ class RunConfig:
 
     name: str
     label: str
-    spec: ChainSpec
+    spec: "fullbatch.ChainSpec"
     style: str = "-"
 
 
@@ -101,7 +117,7 @@ def configurations(config):
         label = f"{'eq. 24 ' if update == 'end_to_end' else optimizer.upper() + ' '}depth {depth}"
         label += f", width {width}" if width_tag else ""
         label += tag.replace("-", ", ")
-        spec = ChainSpec(depth=depth, hidden_units=width, update=update, optimizer=optimizer, initializer=init, p=p)
+        spec = fullbatch.ChainSpec(depth=depth, hidden_units=width, update=update, optimizer=optimizer, initializer=init, p=p)
         style = ":" if update == "end_to_end" else "--" if width_tag and width > 1 else "-"
         return RunConfig(name, label, spec, style)
 
@@ -192,7 +208,7 @@ class TensorBoardLogger:
             with writer.as_default(step=iteration):
                 tf.summary.scalar("loss", losses[g])
                 if with_diagnostics:
-                    write_chain_summaries(
+                    callbacks.write_chain_summaries(
                         [f[g] for f in factors], iteration, self.learning_rates[g], depth=trainer.spec.depth
                     )
 
@@ -201,24 +217,40 @@ class TensorBoardLogger:
             writer.close()
 
 
-def run_configuration(run, data, config, run_dir, progress):
-    """Trains one configuration over the whole grid; returns its `GridResult`."""
-    trainer = FullBatchTrainer(data.x, data.y, run.spec, config.learning_rates(run.spec), seeds=config.seeds)
-    schedule = log_schedule(config.iterations, config.log_points)
+def run_configuration(run, data, config, run_dir, progress, checkpoint=None):
+    """Trains one configuration over the whole grid; returns its `GridResult`. The engine
+    state is checkpointed (atomically) at every log point; `checkpoint` (from
+    `_runstate.load_checkpoint`) continues a half-done one."""
+    trainer = fullbatch.FullBatchTrainer(
+        data.x, data.y, run.spec, config.learning_rates(run.spec), seeds=config.seeds
+    )
+    schedule = fullbatch.log_schedule(config.iterations, config.log_points)
     logger = TensorBoardLogger(
         run_dir / "tensorboard", run, trainer.learning_rates, trainer.seeds, max(1, len(schedule) // 50)
     )
-    last = [0]
+    logged = []
+    if checkpoint is not None:
+        _, state, iterations, losses = checkpoint
+        trainer.set_state(state)
+        logged = list(losses)
+        logger.calls = len(logged)  # diagnostics at the same log points as an uninterrupted run
+        progress.update(trainer.iteration)
+    last = [trainer.iteration]
 
     def on_log(trainer, iteration, losses):
+        logged.append(losses)
+        # Checkpoint first: an interruption before TensorBoard's write loses that step rather
+        # than writing it twice on resume.
+        _runstate.save_checkpoint(run_dir, run.name, trainer.get_state(), schedule[: len(logged)], logged)
         logger(trainer, iteration, losses)
         progress.update(iteration - last[0])
         last[0] = iteration
 
     try:
-        return trainer.run(config.iterations, schedule=schedule, on_log=on_log)
+        result = trainer.run(config.iterations, schedule=schedule[len(logged):], on_log=on_log)
     finally:
         logger.close()
+    return dataclasses.replace(result, iterations=schedule, losses=np.asarray(logged, dtype=np.float64))
 
 
 def _plot_panels(path, title_runs, draw_run, xlabel, ylabel, log_x=False):
@@ -301,51 +333,135 @@ def add_targets_and_ratios(summaries, results, runs_by_loss):
     return table
 
 
-def main(argv=None):
+# Measured: the full run (25 configurations, 10^6 iterations, 9 rates) took 126 min on 2 cores.
+SECONDS_PER_ITERATION = 3.0e-4  # per configuration and iteration, for a grid of 9 points
+SECONDS_PER_CONFIGURATION = 3.0  # tracing and setup
+
+
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--figure", nargs="+", choices=FIGURES + ("all",), default=["all"], help="which figures (default all)"
     )
-    parser.add_argument("--iterations", type=int, help="full-batch iterations per run (default 1e6)")
+    parser.add_argument(
+        "--iterations", type=int,
+        help="full-batch iterations per run (default 1e6: all figures take about 2 hours on 2 CPU cores)",
+    )
     parser.add_argument("--seeds", type=int, default=1, help="number of initialisation seeds (default 1)")
-    parser.add_argument("--out", help="output folder (default runs/gas_sensor/<UTC time>)")
-    parser.add_argument("--data-dir", help=f"folder of UCI batch*.dat files (or set {gas_sensor.ENV_VAR})")
+    parser.add_argument("--out", help="output folder, new or empty (default runs/gas_sensor/<UTC time>)")
+    parser.add_argument(
+        "--resume", metavar="DIR",
+        help="continue the interrupted run in DIR (give the same options; the data may have moved)",
+    )
+    parser.add_argument("--data-dir", help=f"folder of UCI batch*.dat files (or set {DATA_ENV_VAR})")
     parser.add_argument("--download", action="store_true", help="download the UCI archive if no data is found")
-    parser.add_argument("--quick", action="store_true", help="CI scale: a short horizon and a coarse grid")
+    parser.add_argument("--quick", action="store_true", help="CI scale: a short horizon and a coarse grid (~1 min)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    return parser
+
+
+def parse_config(argv):
+    """The `Config` of a command line (argparse errors exit 2)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.iterations is not None and args.iterations < 1:
         parser.error(f"--iterations must be a positive int, got {args.iterations}")
     if args.seeds < 1:
         parser.error(f"--seeds must be a positive int, got {args.seeds}")
-
+    if args.resume and args.out:
+        parser.error("--resume continues a run in its own folder; leave out --out")
     overrides = dict(
         figures=FIGURES if "all" in args.figure else tuple(dict.fromkeys(args.figure)),
-        seeds=tuple(range(args.seeds)), data_dir=args.data_dir, out=args.out,
+        seeds=tuple(range(args.seeds)), data_dir=args.data_dir, out=args.resume or args.out,
     )
     if args.iterations is not None:
         overrides["iterations"] = args.iterations
-    config = Config.quick(**overrides) if args.quick else Config(**overrides)
+    return (Config.quick(**overrides) if args.quick else Config(**overrides)), args
 
-    data = gas_sensor.load_ethanol(config.data_dir, download=args.download)
-    run_dir = make_run_dir(config.out, "gas_sensor")
+
+def load_data(config, download):
+    """The Ethanol data; a missing folder, an empty or corrupt file or a failed download is a
+    `UserError` (one line on the command line)."""
+    with user_errors():
+        return gas_sensor.load_ethanol(config.data_dir, download=download)
+
+
+def open_run(config, data, resume):
+    """The run folder: a new one (config.json written), or with `resume` the folder of a run
+    with the same config and data files (by sha256), whose saved summaries are returned."""
+    record = {**_jsonable(config), "data": data.description, "data_source": data.source, "data_files": data.files}
+    if not resume:
+        run_dir = make_run_dir(config.out, "gas_sensor")
+        write_json_atomic(run_dir / "config.json", record)
+        return run_dir, {}
+    saved = _runstate.check_resumable(config.out, _jsonable(config), data.files, ignore=("out", "data_dir"))
+    run_dir = pathlib.Path(config.out)
+    if saved.get("data_source") != data.source:  # same files, moved: record where they are read now
+        write_json_atomic(run_dir / "config.json", {**saved, "data_source": data.source, "data_files": data.files})
+    results = run_dir / "results.json"
+    return run_dir, (json.loads(results.read_text())["configurations"] if results.exists() else {})
+
+
+def estimate_seconds(config, runs):
+    """Rough wall time of a run from the measured full run's speed."""
+    grid = config.grid_points * len(config.seeds) / 9.0
+    return len(runs) * (SECONDS_PER_CONFIGURATION + config.iterations * SECONDS_PER_ITERATION * max(grid, 0.25))
+
+
+@cli
+def main(argv=None):
+    config, args = parse_config(argv)
+    quiet_tensorflow()
+    data = load_data(config, args.download)
+    run_dir, saved = open_run(config, data, resume=args.resume is not None)
     print(f"data: {data.description}\nfrom: {data.source}\noutput: {run_dir}")
-    write_json_atomic(run_dir / "config.json", {**_jsonable(config), "data": data.description})
 
     figures = configurations(config)
     runs = list({run.name: run for figure_runs in figures.values() for run in figure_runs}.values())
+    print(f"{len(runs)} configurations x {config.iterations:,} iterations x {config.grid_points} rates x "
+          f"{len(config.seeds)} seeds; estimated total time {format_seconds(estimate_seconds(config, runs))}")
+    try:
+        return train_all(config, data, run_dir, figures, runs, saved)
+    except KeyboardInterrupt:
+        raise RunInterrupted(interrupted_message(run_dir, runs, argv)) from None
+
+
+def interrupted_message(run_dir, runs, argv):
+    done = [r.name for r in runs if _runstate.load_grid(run_dir, r.name, fullbatch.GridResult) is not None]
+    checkpoint = _runstate.load_checkpoint(run_dir)
+    half = f" and {checkpoint[0]} at iteration {int(checkpoint[2][-1]):,}" if checkpoint else ""
+    return (f"kept {len(done)} of {len(runs)} configurations{half} in {run_dir}; "
+            f"continue with: {resume_command('experiments.gas_sensor', run_dir, argv)}")
+
+
+def train_all(config, data, run_dir, figures, runs, saved):
+    """Trains every configuration not yet finished in `run_dir`, writing results.json, the
+    figures and the finished grids after each one; returns `run_dir`."""
     runs_by_loss = {p: [r for r in runs if r.spec.p == p] for p in sorted({r.spec.p for r in runs})}
     results, summaries, started = {}, {}, time.time()
+    checkpoint = _runstate.load_checkpoint(run_dir)
     progress = tqdm(total=config.iterations * len(runs), unit="it", unit_scale=True, file=sys.stdout, mininterval=5)
     for run in runs:
         progress.set_description(run.name)
-        run_started = time.time()
-        results[run.name] = run_configuration(run, data, config, run_dir, progress)
-        summaries[run.name] = {
-            "label": run.label, "loss_p": run.spec.p, "spec": _jsonable(run.spec),
-            "grid": _grid_table(results[run.name]), "seconds": time.time() - run_started,
-        }
+        finished = _runstate.load_grid(run_dir, run.name, fullbatch.GridResult)
+        if finished is not None and run.name in saved:  # kept from the interrupted run
+            results[run.name] = finished
+            summaries[run.name] = {k: saved[run.name][k] for k in ("label", "loss_p", "spec", "grid", "seconds")}
+            progress.update(config.iterations)
+        else:
+            run_started = time.time()
+            resume_from = checkpoint if checkpoint is not None and checkpoint[0] == run.name else None
+            results[run.name] = run_configuration(run, data, config, run_dir, progress, resume_from)
+            summaries[run.name] = {
+                "label": run.label, "loss_p": run.spec.p, "spec": _jsonable(run.spec),
+                "grid": _grid_table(results[run.name]), "seconds": time.time() - run_started,
+            }
+            _runstate.save_grid(run_dir, run.name, results[run.name])
         targets = add_targets_and_ratios(summaries, results, {p: [r for r in rs if r.name in results] for p, rs in runs_by_loss.items()})
         _write_results(run_dir, data, config, summaries, targets, results, time.time() - started)
+        if checkpoint is None or checkpoint[0] == run.name:  # the half-done one is finished now
+            _runstate.clear_checkpoint(run_dir)
+            checkpoint = None
         _plot_figures(run_dir, config, figures, results, summaries)
     progress.close()
     _print_summary(summaries, targets, time.time() - started)

@@ -51,7 +51,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from experiments._common import record_run  # noqa: E402
+from experiments._common import cli, record_run  # noqa: E402
 from tf_overparam.factorization import balanced_factors  # noqa: E402
 from tf_overparam.losses import LpLoss  # noqa: E402
 from tf_overparam.preconditioning import end_to_end_direction  # noqa: E402
@@ -380,6 +380,7 @@ def build_parser():
     return parser
 
 
+@cli
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)

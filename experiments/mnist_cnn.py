@@ -37,7 +37,8 @@ orders of magnitude" in batch loss. This script trains both models with the same
   the same order (one shuffle seed) and the same dropout masks (seeded dropout layer).
 
 A run folder (`--out`, default runs/mnist_cnn/<UTC time>) holds config.json, results.json
-(rewritten atomically after each model), batch_loss.png, the collapsed twin
+(rewritten atomically after each model), each trained model's `<name>.weights.h5` (`--resume
+<run>` keeps the finished ones), batch_loss.png, the collapsed twin
 `overparameterized_collapsed.keras` and TensorBoard logs (`tensorboard --logdir <run>/tensorboard`):
 per model `train`/`validation` (Keras, per epoch), `batch` (the raw loss of every batch) and,
 for the twin, `overparam` (`tf_overparam.callbacks.OverparamTensorBoard`: balancedness,
@@ -45,31 +46,54 @@ end-to-end singular values, effective learning rate).
 
 "Batch loss" is the loss of each training batch at the weights before its step, as the
 tutorial prints it ("Minibatch loss"): the cross-entropy part and the full objective (with the
-L2 penalty). Steps to a threshold use a trailing running mean over `--window` (50) batches, so a
+L2 penalty). Steps to a threshold use a trailing running mean over `Config.window` (50) batches, so a
 single lucky batch does not count.
 """
 
 import argparse
 import dataclasses
+import json
 import os
+import pathlib
 import platform
+import shutil
 import time
 
-import keras
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from experiments import _runstate
+from experiments._common import (
+    RunInterrupted,
+    cli,
+    format_seconds,
+    lazy_import,
+    lazy_keras_tensorflow_pyplot,
+    make_run_dir,
+    resume_command,
+    quiet_tensorflow,
+    user_errors,
+    write_json_atomic,
+)
 
-from experiments._common import make_run_dir, write_json_atomic  # noqa: E402
-from tf_overparam import diagnostics  # noqa: E402
-from tf_overparam.diagnostics import spectral_norm  # noqa: E402
-from tf_overparam.callbacks import OverparamTensorBoard, find_overparam_layers  # noqa: E402
-from tf_overparam.datasets import mnist  # noqa: E402
-from tf_overparam.layers import OverparamDense  # noqa: E402
-from tf_overparam.models import collapse, overparameterize  # noqa: E402
+# TensorFlow, Keras and matplotlib load at first use: --help and argument errors return at once.
+keras, tf, plt = lazy_keras_tensorflow_pyplot()
+diagnostics = lazy_import("tf_overparam.diagnostics")
+overparam_callbacks = lazy_import("tf_overparam.callbacks")
+mnist = lazy_import("tf_overparam.datasets.mnist")
+layers = lazy_import("tf_overparam.layers")
+models_module = lazy_import("tf_overparam.models")
+_keras_classes = lazy_import("experiments._mnist_keras")
+MNIST_ENV_VAR = "TF_OVERPARAM_MNIST_DIR"  # tf_overparam.datasets.mnist.ENV_VAR (tested)
+NUM_TRAIN = 60000  # tf_overparam.datasets.mnist.NUM_TRAIN
+
+
+def __getattr__(name):
+    """`BatchCrossEntropy` and `BatchRecorder` live in `experiments._mnist_keras` (Keras
+    subclasses: importing them imports Keras)."""
+    if name in ("BatchCrossEntropy", "BatchRecorder"):
+        return getattr(_keras_classes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 OPTIMIZERS = ("momentum", "sgd", "adam")
 DEFAULT_LEARNING_RATES = {"momentum": 0.01, "sgd": 0.01, "adam": 0.001}
@@ -77,7 +101,7 @@ FACTOR_INITS = ("tutorial", "balanced")
 REGULARIZE = ("end_to_end", "factors")
 MODELS = ("plain", "overparameterized")
 # `--overparameterize` kinds: the plain layer classes the twin expands.
-EXPANDABLE = {"dense": keras.layers.Dense, "conv": keras.layers.Conv2D}
+EXPANDABLE = {"dense": "Dense", "conv": "Conv2D"}  # --overparameterize kind -> keras.layers class name
 # Collapse check: max |logit difference| <= COLLAPSE_RTOL * max(1, max |logit|).
 COLLAPSE_RTOL = 1e-4
 
@@ -162,12 +186,12 @@ def build_cnn(config):
 
 def build_twin(plain, config):
     """The depth-2 overparameterized copy of `plain` (the layers not expanded and biases copied)."""
-    layers = tuple(EXPANDABLE[kind] for kind in config.overparameterize)
+    expanded = tuple(getattr(keras.layers, EXPANDABLE[kind]) for kind in config.overparameterize)
     if config.factor_init == "balanced":
-        twin = overparameterize(plain, depth=2, preserve_function=True, seed=config.seed, layers=layers)
+        twin = models_module.overparameterize(plain, depth=2, preserve_function=True, seed=config.seed, layers=expanded)
     else:
         init = keras.initializers.TruncatedNormal(stddev=config.init_stddev, seed=config.seed + 10)
-        twin = overparameterize(plain, depth=2, factor_initializer=init, layers=layers)
+        twin = models_module.overparameterize(plain, depth=2, factor_initializer=init, layers=expanded)
     if config.regularize == "factors":
         # Same weights, the penalty moved from the end-to-end kernel to each factor.
         model_config = twin.get_config()
@@ -193,31 +217,11 @@ def make_optimizer(config, steps_per_epoch):
     return keras.optimizers.Adam(rate)
 
 
-@keras.saving.register_keras_serializable(package="tf_overparam_experiments")
-class BatchCrossEntropy(keras.metrics.Metric):
-    """The mean softmax cross-entropy (from logits) of the latest batch only, not a running
-    mean. In `fit` it is the data term of that batch's loss, before the step."""
-
-    def __init__(self, name="batch_cross_entropy", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.value = self.add_variable(shape=(), initializer="zeros", aggregation="mean", name="value")
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        losses = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
-        self.value.assign(keras.ops.cast(keras.ops.mean(losses), self.value.dtype))
-
-    def result(self):
-        return keras.ops.copy(self.value)  # a snapshot: convert_to_tensor would alias the variable
-
-    def reset_state(self):
-        self.value.assign(0.0)
-
-
 def compile_model(model, config, steps_per_epoch):
     model.compile(
         optimizer=make_optimizer(config, steps_per_epoch),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy", BatchCrossEntropy()],
+        metrics=["accuracy", _keras_classes.BatchCrossEntropy()],
     )
 
 
@@ -231,50 +235,6 @@ def batch_values_from_running_means(means):
     k = np.arange(means.size, dtype=np.float64)
     previous = np.concatenate([[0.0], means[:-1]])
     return (k + 1) * means - k * previous
-
-
-class BatchRecorder(keras.callbacks.Callback):
-    """Records every training batch's loss (full objective, from Keras' running mean; see
-    `batch_values_from_running_means`) and cross-entropy (`BatchCrossEntropy`), its learning
-    rate and wall time, and writes them to TensorBoard at step = optimizer steps taken."""
-
-    def __init__(self, log_dir=None):
-        super().__init__()
-        self.log_dir = log_dir
-        self.loss, self.cross_entropy, self.learning_rate, self.seconds = [], [], [], []
-        self._writer = None
-        self._epoch_means = []
-
-    def on_train_begin(self, logs=None):
-        if self.log_dir is not None and self._writer is None:
-            self._writer = tf.summary.create_file_writer(str(self.log_dir))
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_means = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.learning_rate.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
-        self._started = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.seconds.append(time.perf_counter() - self._started)
-        if len(self._epoch_means) != batch:
-            raise RuntimeError("BatchRecorder needs every batch (steps_per_execution=1).")
-        self._epoch_means.append(float(logs["loss"]))
-        loss = float(batch_values_from_running_means(self._epoch_means)[-1])
-        cross_entropy = float(logs["batch_cross_entropy"])
-        self.loss.append(loss)
-        self.cross_entropy.append(cross_entropy)
-        if self._writer is not None:
-            with self._writer.as_default(step=len(self.loss)):
-                tf.summary.scalar("batch_loss", loss)
-                tf.summary.scalar("batch_cross_entropy", cross_entropy)
-                tf.summary.scalar("learning_rate", self.learning_rate[-1])
-
-    def on_train_end(self, logs=None):
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
 
 
 def running_mean(values, window):
@@ -343,7 +303,7 @@ def train_batches(config, train):
 
 
 def count_train_steps(config):
-    examples = config.train_examples or (mnist.NUM_TRAIN - config.validation_size)
+    examples = config.train_examples or (NUM_TRAIN - config.validation_size)
     steps = examples // config.batch_size
     return min(steps, config.steps) if config.steps else steps
 
@@ -355,9 +315,9 @@ def dense_state(model):
     """Per dense layer: its end-to-end spectral norm and, for chains, balancedness."""
     state = {}
     for layer in model.layers:
-        if isinstance(layer, (OverparamDense, keras.layers.Dense)):
-            state[layer.name] = {"spectral_norm": spectral_norm(keras.ops.convert_to_numpy(layer.kernel))}
-        if isinstance(layer, OverparamDense):
+        if isinstance(layer, (layers.OverparamDense, keras.layers.Dense)):
+            state[layer.name] = {"spectral_norm": diagnostics.spectral_norm(keras.ops.convert_to_numpy(layer.kernel))}
+        if isinstance(layer, layers.OverparamDense):
             balance = diagnostics.balancedness(layer)
             state[layer.name].update(balancedness=balance.absolute, balancedness_relative=balance.relative)
     return state
@@ -367,10 +327,10 @@ def train_one(name, model, config, data, steps_per_epoch, run_dir):
     """Fits one model; returns (results dict, its test-set logits)."""
     train, validation, test = data
     tensorboard = run_dir / "tensorboard" / name
-    recorder = BatchRecorder(tensorboard / "batch")
+    recorder = _keras_classes.BatchRecorder(tensorboard / "batch")
     callbacks = [keras.callbacks.TensorBoard(str(tensorboard), update_freq="epoch", write_graph=False), recorder]
-    if find_overparam_layers(model):
-        callbacks.append(OverparamTensorBoard(str(tensorboard), update_freq=config.diagnostics_every))
+    if overparam_callbacks.find_overparam_layers(model):
+        callbacks.append(overparam_callbacks.OverparamTensorBoard(str(tensorboard), update_freq=config.diagnostics_every))
     initial_state = dense_state(model)
     keras.utils.set_random_seed(config.seed)
     started = time.perf_counter()
@@ -430,7 +390,7 @@ def loss_thresholds(config, models):
 
 def check_collapse(twin, twin_logits, test, run_dir):
     """Collapses the twin, checks it predicts the same, saves and reloads it."""
-    folded = collapse(twin)
+    folded = models_module.collapse(twin)
     # The deployment copy carries no training state (collapse copies the compile config).
     collapsed = keras.Sequential.from_config(folded.get_config())
     collapsed.set_weights(folded.get_weights())
@@ -506,12 +466,18 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=66478, help="seed of weights, shuffling and dropout")
     parser.add_argument("--strategy", choices=("none", "mirrored"), default="none",
                         help="mirrored: tf.distribute.MirroredStrategy over 2 GPUs, or 2 logical CPU devices")
-    parser.add_argument("--manual-dir", help=f"folder of the four MNIST *-ubyte.gz files (or set {mnist.ENV_VAR})")
+    parser.add_argument("--manual-dir", help=f"folder of the four MNIST *-ubyte.gz files (or set {MNIST_ENV_VAR})")
     parser.add_argument("--tfds-data-dir",
                         help="where tfds keeps the prepared data (default tfds': ~/tensorflow_datasets)")
-    parser.add_argument("--out", help="output folder (default runs/mnist_cnn/<UTC time>)")
-    parser.add_argument("--quick", action="store_true", help="CI scale: 640 training examples, 2 epochs")
+    parser.add_argument("--out", help="output folder, new or empty (default runs/mnist_cnn/<UTC time>)")
+    parser.add_argument("--resume", metavar="DIR",
+                        help="continue the interrupted run in DIR: finished models are kept (same options)")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI scale: 640 training examples, 2 epochs (the full run: about 1 hour on 2 CPU cores)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
+    if args.resume and args.out:
+        parser.error("--resume continues a run in its own folder; leave out --out")
     for name in ("epochs", "steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -525,32 +491,54 @@ def parse_args(argv):
     overrides = dict(
         optimizer=args.optimizer, learning_rate=args.learning_rate, factor_init=args.factor_init,
         regularize=args.regularize, seed=args.seed, strategy=args.strategy, manual_dir=args.manual_dir,
-        tfds_data_dir=args.tfds_data_dir, out=args.out, steps=args.steps, overparameterize=kinds,
+        tfds_data_dir=args.tfds_data_dir, out=args.resume or args.out, steps=args.steps, overparameterize=kinds,
     )
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
-    return Config.quick(**overrides) if args.quick else Config(**overrides)
+    return Config.quick(**overrides) if args.quick else Config(**overrides), args
 
 
+# Measured on the full run (2 CPU cores): 91 ms per step for the plain model, 271 for the twin.
+SECONDS_PER_STEP = {"plain": 0.091, "overparameterized": 0.271}
+
+
+def open_run(config, resume):
+    """(run folder, results of the finished models): a new folder, or with `resume` the folder
+    of a run with the same config, whose finished models are kept."""
+    if not resume:
+        return make_run_dir(config.out, "mnist_cnn"), {}
+    run_dir = pathlib.Path(config.out)
+    _runstate.check_same_config(run_dir, dataclasses.asdict(config), ignore=("out", "manual_dir", "tfds_data_dir"))
+    results = run_dir / "results.json"
+    finished = json.loads(results.read_text()).get("models", {}) if results.exists() else {}
+    return run_dir, {name: r for name, r in finished.items() if (run_dir / f"{name}.weights.h5").exists()}
+
+
+@cli
 def main(argv=None):
-    config = parse_args(argv)
+    config, args = parse_args(argv)
+    quiet_tensorflow()
     strategy = make_strategy(config.strategy)  # before anything initialises TensorFlow
     started = time.time()
-    data = load_data(config)
+    with user_errors():
+        data = load_data(config)
     train, validation, test = data
     validation = mnist.eval_pipeline(validation, batch_size=config.eval_batch_size, take=config.validation_examples)
     test = mnist.eval_pipeline(test, batch_size=config.eval_batch_size, take=config.test_examples)
     data = (train, validation, test)
     steps_per_epoch = count_train_steps(config)
-    run_dir = make_run_dir(config.out, "mnist_cnn")
+    run_dir, finished = open_run(config, resume=args.resume is not None)
     machine = {
         "cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
         "tensorflow": tf.__version__, "keras": keras.__version__, "strategy": config.strategy,
         "replicas": strategy.num_replicas_in_sync,
     }
+    estimate = sum(SECONDS_PER_STEP.values()) * steps_per_epoch * config.epochs
     print(f"output: {run_dir}\nsteps per epoch: {steps_per_epoch}, epochs: {config.epochs}, "
-          f"replicas: {strategy.num_replicas_in_sync}")
-    write_json_atomic(run_dir / "config.json", {**dataclasses.asdict(config), "machine": machine})
+          f"replicas: {strategy.num_replicas_in_sync}\n2 models ({', '.join(finished) or 'none'} finished); "
+          f"estimated total time {format_seconds(estimate)}")
+    if not finished:
+        write_json_atomic(run_dir / "config.json", {**dataclasses.asdict(config), "machine": machine})
 
     with strategy.scope():
         plain = build_cnn(config)
@@ -570,12 +558,15 @@ def main(argv=None):
         "config": dataclasses.asdict(config), "machine": machine, "steps_per_epoch": steps_per_epoch,
         "parameters": parameters, "models": models,
     }
-    for name, model in (("plain", plain), ("overparameterized", twin)):
-        models[name], logits[name] = train_one(name, model, config, data, steps_per_epoch, run_dir)
-        print(f"{name}: test accuracy {models[name]['test_accuracy']:.4f}, "
-              f"{models[name]['fit_seconds']:.0f} s ({models[name]['seconds_per_step'] * 1000:.0f} ms/step)")
-        results["seconds"] = time.time() - started
-        write_json_atomic(run_dir / "results.json", results)
+    try:
+        for name, model in (("plain", plain), ("overparameterized", twin)):
+            models[name], logits[name] = train_or_restore(name, model, config, data, steps_per_epoch, run_dir, finished)
+            results["seconds"] = time.time() - started
+            write_json_atomic(run_dir / "results.json", results)
+    except KeyboardInterrupt:
+        kept = ", ".join(models) or "no model"
+        raise RunInterrupted(f"kept {kept} (of plain, overparameterized) in {run_dir}; continue with: "
+                             f"{resume_command('experiments.mnist_cnn', run_dir, argv)}") from None
 
     results["thresholds_cross_entropy"] = threshold_table(
         models, config.thresholds, "batch_cross_entropy", config.window
@@ -592,6 +583,23 @@ def main(argv=None):
     if not results["collapse"]["passed"]:
         raise AssertionError(f"collapsed model does not predict as the overparameterized one: {results['collapse']}")
     return run_dir
+
+
+def train_or_restore(name, model, config, data, steps_per_epoch, run_dir, finished):
+    """Trains one model and saves its weights, or for a model `finished` in the resumed run
+    loads its weights and keeps its results. Returns (results, test logits)."""
+    weights = run_dir / f"{name}.weights.h5"
+    if name in finished:
+        model.optimizer.build(model.trainable_variables)  # its saved state is restored too
+        model.load_weights(weights)
+        print(f"{name}: kept from the resumed run")
+        return finished[name], model.predict(data[2], verbose=0)
+    shutil.rmtree(run_dir / "tensorboard" / name, ignore_errors=True)  # an interrupted try's partial logs
+    results, logits = train_one(name, model, config, data, steps_per_epoch, run_dir)
+    model.save_weights(weights)
+    print(f"{name}: test accuracy {results['test_accuracy']:.4f}, "
+          f"{results['fit_seconds']:.0f} s ({results['seconds_per_step'] * 1000:.0f} ms/step)")
+    return results, logits
 
 
 def print_summary(results):

@@ -40,7 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from experiments._common import record_run  # noqa: E402
+from experiments._common import cli, record_run  # noqa: E402
 from tf_overparam.preconditioning import end_to_end_direction  # noqa: E402
 
 NAME = "not_a_regularizer"
@@ -226,6 +226,7 @@ def build_parser():
     return parser
 
 
+@cli
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import tf_overparam as to
+from _synthetic_data import regression
 from tf_overparam import initializers
 from tf_overparam.datasets import gas_sensor
 from tf_overparam.fullbatch import ChainSpec, FullBatchTrainer, log_schedule
@@ -12,9 +13,13 @@ from tf_overparam.fullbatch import ChainSpec, FullBatchTrainer, log_schedule
 STEPS = 30
 
 
-@pytest.fixture
-def ethanol(gas_sensor_dir):
-    data = gas_sensor.load_ethanol(gas_sensor_dir)
+@pytest.fixture(params=["synthetic", "real"])
+def ethanol(request):
+    """(x, y) float64: a synthetic z-scored linear problem (always), and the real Ethanol data
+    (skipped without the shared data, required under CI)."""
+    if request.param == "synthetic":
+        return regression(rows=1316, inputs=128, seed=7)  # the real data's shape
+    data = gas_sensor.load_ethanol(request.getfixturevalue("gas_sensor_dir"))
     return data.x.astype("float64"), data.y.astype("float64")
 
 
@@ -47,7 +52,8 @@ def _engine_losses(x, y, spec, rate, model_kernel_factors):
 def test_engine_matches_model_fit(ethanol, float64, optimizer, rate, keras_optimizer, depth, width):
     # Both sides are float64 and differ only in summation order: 1e-9 relative for GD. The
     # adaptive rules divide by sqrt(second moment), which amplifies round-off in near-zero
-    # gradient entries, so they get 1e-5.
+    # gradient entries, so they get 1e-5. Keras' float64 Adam takes its betas through float32
+    # (ops.cast of a Python float); update_rules casts them the same way, so both follow one rule.
     x, y = ethanol
     init = initializers.Balanced(keras.initializers.RandomNormal(stddev=0.05, seed=1), seed=2)
     layer = to.OverparamDense(1, depth=depth, hidden_units=width, use_bias=False, factor_initializer=init)

@@ -271,17 +271,69 @@ def test_no_rows_of_class(tmp_path, no_env):
 
 
 def test_missing_data_message(tmp_path, no_env):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.warns(UserWarning, match="no batch"):
-        with pytest.raises(FileNotFoundError) as info:
-            load_ethanol(empty)
+    with pytest.raises(FileNotFoundError) as info:
+        load_ethanol()
     message = str(info.value)
     assert gas_sensor.UCI_URL in message
     assert "https://archive.ics.uci.edu/dataset/270" in message
     assert ENV_VAR in message
     assert "--data-dir" in message and "download=True" in message
-    assert str(empty) in message
+
+
+def test_explicit_data_dir_is_never_replaced(tmp_path, monkeypatch):
+    # Valid data under the environment variable must not stand in for a wrong data_dir.
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "batch1.dat").write_text(_good_line())
+    monkeypatch.setenv(ENV_VAR, str(good))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no batch<N>.dat files") as info:
+        load_ethanol(empty)
+    assert str(empty) in str(info.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_ethanol(tmp_path / "typo")
+
+
+def test_row_less_batch_file_is_an_error_naming_it(tmp_path, no_env):
+    (tmp_path / "batch2.dat").write_text(_good_line())
+    for content in ("", "\n  \n"):
+        (tmp_path / "batch1.dat").write_text(content)
+        with pytest.raises(ValueError, match=r"batch1\.dat holds no rows"):
+            load_ethanol(tmp_path)
+
+
+def test_files_read_are_recorded_with_sha256_and_rows(tmp_path, no_env):
+    import hashlib
+
+    (tmp_path / "batch1.dat").write_text(_good_line() + _good_line(gas=2) + _good_line(conc="20"))
+    (tmp_path / "batch3.dat").write_text(_good_line(gas=3))
+    (tmp_path / "batch4.dat").write_text(_good_line(conc="30"))
+    data = load_ethanol(tmp_path, normalize=False)
+    assert set(data.files) == {"batch1", "batch3", "batch4"}
+    for name, rows, used in (("batch1", 3, 2), ("batch3", 1, 0), ("batch4", 1, 1)):
+        path = tmp_path / f"{name}.dat"
+        assert data.files[name] == {
+            "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "rows": rows,
+            "rows_used": used,
+        }
+
+
+def test_non_finite_values_are_rejected_naming_file_and_line(tmp_path, no_env):
+    (tmp_path / "batch1.dat").write_text(_good_line() + _line(1, "10", ["0.5"] * 64 + ["-inf"] + ["0.5"] * 63))
+    with pytest.raises(ValueError, match=r"batch1\.dat, line 2: value '-inf' of feature 65 is not a finite"):
+        load_ethanol(tmp_path)
+    (tmp_path / "batch1.dat").write_text(_good_line(conc="NaN"))
+    with pytest.raises(ValueError, match=r"batch1\.dat, line 1: concentration 'NaN' is not a finite"):
+        load_ethanol(tmp_path)
+
+
+def test_download_from_an_unreachable_url_is_a_connection_error(tmp_path, no_env):
+    # Port 9 (discard) on the loopback: nothing listens, the connection is refused at once.
+    with pytest.raises(ConnectionError, match=r"could not download http://127\.0\.0\.1:9/uci\.zip") as info:
+        load_ethanol(download=True, origin="http://127.0.0.1:9/uci.zip", cache_dir=tmp_path / "cache")
+    assert "check the network" in str(info.value) and "\n" not in str(info.value)
+    assert not list((tmp_path / "cache").rglob("*.zip"))
 
 
 def test_missing_data_env_var_named(tmp_path, monkeypatch):

@@ -237,11 +237,6 @@ def test_batch_values_from_running_means():
     np.testing.assert_allclose(mnist_cnn.batch_values_from_running_means(means), values)
 
 
-def test_spectral_norm_from_the_gram_matrix():
-    kernel = np.random.default_rng(0).normal(size=(300, 40))
-    assert mnist_cnn.spectral_norm(kernel) == pytest.approx(np.linalg.svd(kernel, compute_uv=False)[0], rel=1e-10)
-
-
 def test_running_mean_and_steps_to_threshold():
     values = [4.0, 2.0, 0.5, 3.0, 0.1, 0.1]
     np.testing.assert_allclose(mnist_cnn.running_mean(values, 2), [4.0, 3.0, 1.25, 1.75, 1.55, 0.1])
@@ -359,4 +354,89 @@ def test_quick_run_under_mirrored_strategy_in_a_subprocess(mnist_dir, tfds_dir, 
         assert model["steps"] == 3
         # Loss and cross-entropy are aggregated over both replicas consistently.
         assert model["batch_loss"][0] - model["batch_cross_entropy"][0] == pytest.approx(penalties[name], rel=1e-4)
+    assert results["collapse"]["passed"]
+
+
+# ----------------------------------------------------------------------------- issue 13
+
+
+def _fake_manual_dir(folder):
+    folder.mkdir()
+    for name in mnist.FILES:
+        (folder / name).write_bytes(gzip.compress(b"not MNIST"))
+    return folder
+
+
+def test_corrupt_manual_file_is_reported_before_tfds(tmp_path):
+    folder = _fake_manual_dir(tmp_path / "manual")
+    with pytest.raises(mnist.MnistCorruptError, match="train-images-idx3-ubyte.gz is corrupt or not the original"):
+        mnist.load_mnist("test", manual_dir=folder, data_dir=tmp_path / "tfds")
+    assert not (tmp_path / "tfds").exists()  # tfds was never asked
+
+
+def test_corrupt_manual_file_is_reported_even_with_a_tfds_cache(mnist_dir, tfds_dir, tmp_path):
+    folder = tmp_path / "manual"
+    folder.mkdir()
+    for name in mnist.FILES:
+        (folder / name).symlink_to(mnist_dir / name)
+    (folder / mnist.FILES[3]).unlink()
+    (folder / mnist.FILES[3]).write_bytes((mnist_dir / mnist.FILES[3]).read_bytes()[:-10])  # truncated
+    assert mnist.load_mnist("test", data_dir=tfds_dir[0]) is not None  # the cache alone would serve
+    with pytest.raises(mnist.MnistCorruptError, match=f"{mnist.FILES[3]} is corrupt"):
+        mnist.load_mnist("test", manual_dir=folder, data_dir=tfds_dir[0])
+
+
+def test_cli_corrupt_mnist_is_one_line_exit_2(tmp_path, capsys):
+    folder = _fake_manual_dir(tmp_path / "manual")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        mnist_cnn.main(["--quick", "--manual-dir", str(folder), "--tfds-data-dir", str(tmp_path / "t"), "--out", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: MNIST file") and "is corrupt" in lines[0] and mnist.MIRROR_URL in lines[0]
+    assert not out.exists()
+
+
+def test_cli_out_at_a_run_folder_refuses(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        mnist_cnn.main(["--quick", "--out", str(tmp_path)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and "already holds a run" in lines[0]
+    assert (tmp_path / "config.json").read_text() == "{}\n" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_interrupted_run_resumes_keeping_the_finished_model(mnist_dir, tfds_dir, tmp_path, capsys, monkeypatch):
+    argv = ["--quick", "--epochs", "1", "--steps", "3", "--manual-dir", str(mnist_dir),
+            "--tfds-data-dir", str(tfds_dir[0])]
+    reference = json.loads((mnist_cnn.main([*argv, "--out", str(tmp_path / "ref")]) / "results.json").read_text())
+    train_one = mnist_cnn.train_one
+
+    def interrupt_the_twin(name, *args):
+        if name == "overparameterized":
+            raise KeyboardInterrupt
+        return train_one(name, *args)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(mnist_cnn, "train_one", interrupt_the_twin)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        mnist_cnn.main([*argv, "--out", str(run)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 130 and len(lines) == 1
+    assert lines[0] == (f"interrupted: kept plain (of plain, overparameterized) in {run}; continue with: "
+                        f"python -m experiments.mnist_cnn --resume {run} {' '.join(argv)}")
+    kept = json.loads((run / "results.json").read_text())["models"]
+    assert list(kept) == ["plain"]
+
+    monkeypatch.setattr(mnist_cnn, "train_one", train_one)
+    mnist_cnn.main(["--resume", str(run), *argv])
+    assert "plain: kept from the resumed run" in capsys.readouterr().out
+    results = json.loads((run / "results.json").read_text())
+    assert results["models"]["plain"] == kept["plain"]  # kept, not retrained
+    for name in ("plain", "overparameterized"):
+        np.testing.assert_allclose(
+            results["models"][name]["batch_loss"], reference["models"][name]["batch_loss"], rtol=1e-6
+        )
+        assert read_scalars(run / "tensorboard" / name / "batch", "batch_loss")[1] == [1, 2, 3]  # no step twice
     assert results["collapse"]["passed"]

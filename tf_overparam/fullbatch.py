@@ -262,6 +262,41 @@ class FullBatchTrainer:
             kernels=self.kernel().numpy(),
         )
 
+    # ------------------------------------------------------------------ checkpoint state
+
+    def get_state(self):
+        """The full training state as NumPy arrays (a flat dict, e.g. for `np.savez`): the
+        factors, the optimizer slots, the step count, the divergence marks and the divergence
+        bound. `set_state` on a trainer built with the same arguments continues exactly."""
+        state = {f"factor_{j}": f.numpy() for j, f in enumerate(self.factors)}
+        for j, slots in enumerate(self._slots):
+            state.update({f"slot_{j}_{k}": s.numpy() for k, s in enumerate(slots)})
+        state["step"] = self._step_count.numpy()
+        state["diverged_at"] = self._diverged_at.numpy()
+        state["divergence_bound"] = self.divergence_bound.numpy()
+        return state
+
+    def set_state(self, state):
+        """Restores a state from `get_state` (of a trainer with the same x, y, spec, rates and
+        seeds). Raises ValueError if a part is missing or has another shape."""
+        expected = self.get_state()
+        for key, current in expected.items():
+            if key not in state or np.shape(state[key]) != np.shape(current):
+                got = "missing" if key not in state else f"shape {np.shape(state[key])}"
+                raise ValueError(
+                    f"`state` does not fit this trainer: {key!r} should have shape {np.shape(current)}, "
+                    f"got {got}; restore it into a trainer built with the same spec, learning rates and seeds."
+                )
+        variables = list(self.factors) + [s for slots in self._slots for s in slots]
+        keys = [f"factor_{j}" for j in range(len(self.factors))]
+        keys += [f"slot_{j}_{k}" for j, slots in enumerate(self._slots) for k in range(len(slots))]
+        for variable, key in zip(variables, keys):
+            variable.assign(np.asarray(state[key]))
+        self._step_count.assign(int(state["step"]))
+        self._diverged_at.assign(np.asarray(state["diverged_at"], dtype=np.int64))
+        self.divergence_bound = tf.constant(np.asarray(state["divergence_bound"]), dtype=self.dtype)
+        self._run_chunk = tf.function(self._chunk)  # the bound is a constant of the traced loop
+
 
 def _initial_chain(spec, seed, inputs, units):
     """The initial matrices of one grid point: the chain's factors, or for the end-to-end

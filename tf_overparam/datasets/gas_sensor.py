@@ -32,13 +32,13 @@ References:
 
 import argparse
 import dataclasses
+import hashlib
 import math
 import os
 import pathlib
 import re
 import shutil
 import urllib.parse
-import warnings
 import zipfile
 
 import numpy as np
@@ -90,6 +90,8 @@ class GasSensorData:
         source: the directory the batch files were read from.
         gas_class: the gas class kept (1 = Ethanol).
         normalized: whether features and target were z-scored.
+        files: dict batch name -> {"path", "sha256", "rows" (all rows of the file),
+            "rows_used" (rows of `gas_class`)}: what was read, to record with a run.
     """
 
     x: np.ndarray
@@ -104,6 +106,7 @@ class GasSensorData:
     source: str
     gas_class: int = 1
     normalized: bool = True
+    files: dict = dataclasses.field(default_factory=dict)
 
     @property
     def num_rows(self):
@@ -291,7 +294,7 @@ def load_ethanol(
     normalize=True,
     download=False,
     cache_dir=None,
-    origin=UCI_URL,
+    origin=None,
 ):
     """Loads the Ethanol rows of UCI 270 as a regression problem.
 
@@ -317,7 +320,7 @@ def load_ethanol(
             is found.
         cache_dir: where `keras.utils.get_file` stores the archive
             (default: the Keras cache, `~/.keras`).
-        origin: URL of the archive.
+        origin: URL of the archive (default `UCI_URL`).
 
     Returns:
         A `GasSensorData`.
@@ -347,15 +350,27 @@ def load_ethanol(
             f"received gas_class={gas_class!r}"
         )
     gas_class = int(gas_class)
+    origin = UCI_URL if origin is None else origin
     source, files = _locate(data_dir, download, cache_dir, origin)
 
-    xs, ys, rows_per_batch = [], [], {}
+    xs, ys, rows_per_batch, provenance = [], [], {}, {}
     for name, path in files.items():
         classes, concentrations, features = parse_batch_file(path)
+        if classes.size == 0:
+            raise ValueError(
+                f"{path} holds no rows (empty or blank lines only); restore the "
+                f"file from the UCI archive ({UCI_URL}) or remove it"
+            )
         keep = classes == gas_class
         xs.append(features[keep])
         ys.append(concentrations[keep])
         rows_per_batch[name] = int(keep.sum())
+        provenance[name] = {
+            "path": str(path),
+            "sha256": _sha256(path),
+            "rows": int(classes.size),
+            "rows_used": rows_per_batch[name],
+        }
     x = np.concatenate(xs, axis=0)
     y = np.concatenate(ys, axis=0).reshape(-1, 1)
     if x.shape[0] == 0:
@@ -388,7 +403,16 @@ def load_ethanol(
         source=str(source),
         gas_class=gas_class,
         normalized=bool(normalize),
+        files=provenance,
     )
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _zscore_stats(a):
@@ -407,14 +431,15 @@ def _locate(data_dir, download, cache_dir, origin):
     holds batch files."""
     tried = []
     if data_dir is not None:
+        # An explicit folder is never silently replaced by another source.
         found = find_batch_files(data_dir)
         if found:
             return found
-        tried.append(f"data_dir={os.fspath(data_dir)!r}")
-        warnings.warn(
-            f"no batch<N>.dat files under data_dir={os.fspath(data_dir)!r}; "
-            f"trying ${ENV_VAR}" + (" and the download" if download else ""),
-            stacklevel=3,
+        state = ("does not exist" if not pathlib.Path(data_dir).expanduser().exists()
+                 else "holds no batch<N>.dat files")
+        raise FileNotFoundError(
+            f"data_dir={os.fspath(data_dir)!r} {state}: pass the folder holding "
+            f"batch1.dat ... batch10.dat (from {UCI_PAGE})"
         )
     env_dir = os.environ.get(ENV_VAR)
     if env_dir:
@@ -493,14 +518,22 @@ def _download_and_extract(origin, cache_dir):
         # exist yet (it tests it with os.access), so create it first.
         cache_dir = pathlib.Path(cache_dir).expanduser()
         cache_dir.mkdir(parents=True, exist_ok=True)
-    archive = pathlib.Path(
-        get_file(
-            fname=fname,
-            origin=origin,
-            cache_dir=None if cache_dir is None else os.fspath(cache_dir),
-            cache_subdir="datasets",
+    try:
+        archive = pathlib.Path(
+            get_file(
+                fname=fname,
+                origin=origin,
+                cache_dir=None if cache_dir is None else os.fspath(cache_dir),
+                cache_subdir="datasets",
+            )
         )
-    )
+    except Exception as e:  # get_file raises a bare Exception for URL errors
+        message = " ".join(str(e).split())
+        raise ConnectionError(
+            f"could not download {origin} ({message}); check the network, or "
+            f"get the archive from {UCI_PAGE} by hand and pass the folder "
+            "of its batch files as `data_dir`"
+        ) from e
     target = archive.with_name(archive.name.removesuffix(".zip") + "_extracted")
     if not target.is_dir():
         _extract_zip(archive, target)

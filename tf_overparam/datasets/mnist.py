@@ -21,6 +21,7 @@ later calls read the prepared data and need neither the folder nor the network.
 experiments (cache, seeded shuffle, scaling, batch, prefetch).
 """
 
+import hashlib
 import os
 import pathlib
 
@@ -33,6 +34,13 @@ FILES = (
     "t10k-images-idx3-ubyte.gz",
     "t10k-labels-idx1-ubyte.gz",
 )
+# (size in bytes, sha256) of the original files, as registered in tfds' url_checksums/mnist.txt.
+FILE_CHECKSUMS = {
+    "train-images-idx3-ubyte.gz": (9912422, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+    "train-labels-idx1-ubyte.gz": (28881, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+    "t10k-images-idx3-ubyte.gz": (1648877, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+    "t10k-labels-idx1-ubyte.gz": (4542, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+}
 MIRROR_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 ORIGINAL_URL = "http://yann.lecun.com/exdb/mnist/"
 NUM_TRAIN = 60000
@@ -43,6 +51,10 @@ PIXEL_DEPTH = 255.0
 
 class MnistNotFoundError(FileNotFoundError):
     """MNIST could be neither read from a manual folder nor downloaded."""
+
+
+class MnistCorruptError(ValueError):
+    """A file of the manual folder is not the original (size or sha256 differ)."""
 
 
 def _instructions(manual_dir=None):
@@ -60,6 +72,9 @@ def resolve_manual_dir(manual_dir=None):
     Raises:
         MnistNotFoundError: a folder was named but it is missing or lacks some of the files
             (an explicit folder is not silently replaced by a download).
+        MnistCorruptError: a file's size or sha256 is not the original's. This is checked here,
+            before tfds, so a corrupt file is reported even when tfds has prepared MNIST before
+            (tfds would use its cache and never read the folder).
     """
     source = "manual_dir"
     if manual_dir is None and os.environ.get(ENV_VAR):
@@ -74,7 +89,23 @@ def resolve_manual_dir(manual_dir=None):
         raise MnistNotFoundError(
             f"MNIST folder {path} (from {source}) lacks {', '.join(missing)}. " + _instructions(path)
         )
+    for name in FILES:
+        check_file(path / name)
     return path
+
+
+def check_file(path):
+    """Raises `MnistCorruptError` unless the file at `path` has the size and sha256 of the
+    original MNIST file of its name."""
+    path = pathlib.Path(path)
+    size, sha256 = FILE_CHECKSUMS[path.name]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if path.stat().st_size != size or digest != sha256:
+        raise MnistCorruptError(
+            f"MNIST file {path} is corrupt or not the original ({path.stat().st_size} bytes, sha256 "
+            f"{digest[:12]}..., expected {size} bytes, sha256 {sha256[:12]}...): download it again "
+            f"from {MIRROR_URL}{path.name}"
+        )
 
 
 def download_config(manual_dir=None):
