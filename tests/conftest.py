@@ -26,12 +26,15 @@ import keras  # noqa: E402 - after the JAX precision switch
 TENSORFLOW_ONLY = {
     "test_benchmarks.py": "the TensorFlow benchmark sections (tf.function loops, the full-batch engine)",
     "test_callbacks.py": "the TensorBoard callback writes through tf.summary, as Keras' own does",
+    "test_cli_robustness.py": "the experiments' command lines stay on TensorFlow",
     "test_fullbatch.py": "the full-batch grid engine is TensorFlow code (the experiments' engine)",
+    "test_fullbatch_state.py": "the full-batch grid engine is TensorFlow code (the experiments' engine)",
     "test_gas_sensor_data.py": "a data loader of the experiments, backend-independent NumPy",
     "test_gas_sensor_experiment.py": "the experiments stay on TensorFlow",
     "test_lp_toy.py": "the experiments stay on TensorFlow",
     "test_mnist_cnn.py": "the experiments stay on TensorFlow (tf.data, tfds)",
     "test_not_a_regularizer.py": "the experiments stay on TensorFlow",
+    "test_packaging.py": "packaging metadata, backend-independent",
 }
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
