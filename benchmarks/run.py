@@ -14,9 +14,9 @@
 2. The layer: the MNIST tutorial CNN (`experiments.mnist_cnn.build_cnn`) with plain `Dense`,
    with `OverparamDense` (`overparameterize(depth=2)`) and after `collapse`; train step
    (`train_on_batch`) and inference (`predict_on_batch`) on a random batch of 64.
-3. The update rule: one eq. 24 step (`end_to_end_direction`, depth 2) against one SGD step,
-   each in a compiled loop, per kernel shape; for a single output, the closed form (eq. 27)
-   against the SVD path (`_svd_direction`) on the same kernel.
+3. The update rule: one eq. 24 step (`end_to_end_direction`, depth 2) against one SGD step and
+   in units of one `W^T G` matmul of the same kernel, exact and amortised (`refresh_every`),
+   each in a compiled loop, per kernel shape (a single output takes the closed form, eq. 27).
 
 Every number is a median over interleaved repeats (`benchmarks.timing.measure`); the first
 call (tracing) is reported apart. Ratios are taken within one run, so that a shared machine's
@@ -55,7 +55,8 @@ from tf_overparam.fullbatch import UNROLL, ChainSpec, FullBatchTrainer
 from tf_overparam.initializers import NearZero
 from tf_overparam.losses import LpLoss
 from tf_overparam.models import collapse, overparameterize
-from tf_overparam.preconditioning import _svd_direction, end_to_end_direction
+from tf_overparam.optimizers import EndToEnd
+from tf_overparam.preconditioning import apply_preconditioner, compute_preconditioner, end_to_end_direction
 
 from benchmarks.timing import Case, compiled_loop, measure
 
@@ -234,19 +235,43 @@ def grid_result(shape, rates, methods, peak_rate):
 # ----------------------------------------------------------------------------- 2. the layer
 
 
+def _compiled(model, optimizer=None):
+    model.compile(optimizer or keras.optimizers.SGD(0.01, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
 def cnn_models():
-    """The tutorial CNN, its depth-2 overparameterized twin and the twin collapsed, compiled."""
+    """The tutorial CNN in the variants of section 2, compiled (momentum SGD, cross-entropy).
+
+    With the tutorial's L2 penalty on the dense layers (`kernel_regularizer`, which on the twin
+    acts on the end-to-end kernel and so needs the product F_1 F_2 every step): plain, the
+    depth-2 twin (`overparameterize`), the twin collapsed, and the plain CNN trained by
+    `EndToEnd(depth=2)` on its dense kernels (the twin's dynamics without its factors). Without
+    the penalty: plain and the twin, where nothing needs the product.
+    """
     plain = mnist_cnn.build_cnn(mnist_cnn.Config())
     twin = overparameterize(plain, depth=DEPTH)
-    models = {"plain": plain, "overparameterized": twin, "collapsed": collapse(twin)}
-    for model in models.values():
-        model.compile(keras.optimizers.SGD(0.01, momentum=0.9),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return models
+    unpenalized = mnist_cnn.build_cnn(mnist_cnn.Config(l2=0.0))
+    end_to_end = EndToEnd(keras.optimizers.SGD(0.01, momentum=0.9), depth=DEPTH, variables=["*fc*/kernel"])
+    models = {
+        "plain": plain,
+        "overparameterized": twin,
+        "collapsed": collapse(twin),
+        "plain, EndToEnd optimizer": (mnist_cnn.build_cnn(mnist_cnn.Config()), end_to_end),
+        "plain, no L2": unpenalized,
+        "overparameterized, no L2": overparameterize(unpenalized, depth=DEPTH),
+    }
+    return {name: _compiled(*(model if isinstance(model, tuple) else (model,))) for name, model in models.items()}
+
+
+# Each model's baseline: the plain CNN with the same objective.
+_CNN_BASELINES = {"plain, no L2": "plain, no L2", "overparameterized, no L2": "plain, no L2"}
 
 
 def layer_section(config):
-    """Section 2: train step and inference time of the three CNNs, ratios to the plain one."""
+    """Section 2: train step and inference time of the CNN variants, as ratios to the plain CNN
+    with the same objective (and the `EndToEnd` optimizer's step also to the twin's)."""
     rng = np.random.default_rng(0)
     x = tf.constant(rng.uniform(-0.5, 0.5, size=(config.cnn_batch, 28, 28, 1)), tf.float32)
     y = tf.constant(rng.integers(0, 10, size=config.cnn_batch))
@@ -260,46 +285,65 @@ def layer_section(config):
     for name, model in models.items():
         section["models"][name] = {
             "parameters": int(model.count_params()),
+            "baseline": _CNN_BASELINES.get(name, "plain"),
             **{kind: timings[f"{name}/{kind}"] for kind in ("train", "predict")},
         }
-    plain = section["models"]["plain"]
-    for name in ("overparameterized", "collapsed"):
-        section["ratios"][name] = {
-            f"{kind}_time_vs_plain": section["models"][name][kind]["seconds_per_step"] / plain[kind]["seconds_per_step"]
-            for kind in ("train", "predict")
-        }
+
+    def ratio(name, baseline, kind):
+        return section["models"][name][kind]["seconds_per_step"] / section["models"][baseline][kind]["seconds_per_step"]
+
+    for name, model in section["models"].items():
+        section["ratios"][name] = {f"{kind}_time_vs_plain": ratio(name, model["baseline"], kind) for kind in ("train", "predict")}
+    section["ratios"]["plain, EndToEnd optimizer"]["train_time_vs_overparameterized"] = ratio(
+        "plain, EndToEnd optimizer", "overparameterized", "train")
     return section
 
 
 # ----------------------------------------------------------------------------- 3. the update rule
 
 
-def _update_case(kernel, direction):
-    return compiled_loop(lambda w: w - UPDATE_RATE * direction(w), kernel, UNROLL)
+REFRESH_EVERY = 10  # the amortised rule's k reported
+
+
+def _update_case(kernel, direction, grad):
+    """w <- w - r direction(w, G(w)) in a compiled loop; G(w) = G + 1e-3 w, so that no step's work
+    is loop-invariant (a constant preconditioner applied to a constant G could be hoisted)."""
+    return compiled_loop(lambda w: w - UPDATE_RATE * direction(w, grad + 1e-3 * w), kernel, UNROLL)
 
 
 def update_rule_section(config):
-    """Section 3: an eq. 24 step against an SGD step, and eq. 27 against the SVD path."""
+    """Section 3: the eq. 24 direction in units of one `W^T G` matmul of the same kernel.
+
+    Cases per kernel, each a whole step w <- w - r d(w): `sgd` (d = G), `matmuls` (d = W (W^T G),
+    two matmuls of the `W^T G` kind), `exact` (d = eq. 24 at the current W) and
+    `between_refreshes` (d = P(W_0) G with a preconditioner kept from the start: the step of the
+    amortised rule between refreshes). One matmul is half the `matmuls` step; the amortised rule
+    with refresh_every = k costs between_refreshes + (exact - between_refreshes) / k on average.
+    """
     rng = np.random.default_rng(0)
     cases = {}
     for shape in config.kernels:
         kernel = tf.constant(rng.normal(scale=0.1, size=shape), tf.float32)
         grad = tf.constant(rng.normal(scale=0.01, size=shape), tf.float32)
+        kept = compute_preconditioner(kernel, DEPTH)
         key = "x".join(map(str, shape))
-        cases[f"{key}/sgd"] = _update_case(kernel, lambda w, g=grad: g)
-        cases[f"{key}/end_to_end"] = _update_case(kernel, lambda w, g=grad: end_to_end_direction(w, g, DEPTH))
-        if 1 in shape:
-            cases[f"{key}/svd"] = _update_case(kernel, lambda w, g=grad: _svd_direction(w, g, DEPTH))
+        cases[f"{key}/sgd"] = _update_case(kernel, lambda w, g: g, grad)
+        cases[f"{key}/matmuls"] = _update_case(kernel, lambda w, g: tf.matmul(w, tf.matmul(w, g, transpose_a=True)), grad)
+        cases[f"{key}/exact"] = _update_case(kernel, lambda w, g: end_to_end_direction(w, g, DEPTH), grad)
+        cases[f"{key}/between_refreshes"] = _update_case(kernel, lambda w, g, p=kept: apply_preconditioner(p, g), grad)
     timings = measure(cases, config.target_s, config.repeats)
-    section = {"depth": DEPTH, "kernels": {}}
+    section = {"depth": DEPTH, "refresh_every": REFRESH_EVERY, "kernels": {}}
     for name, timing in timings.items():
         key, rule = name.split("/")
         section["kernels"].setdefault(key, {})[rule] = timing
     for rules in section["kernels"].values():
-        end_to_end = rules["end_to_end"]["seconds_per_step"]  # eq. 27 for a single output
-        rules["end_to_end_vs_sgd"] = end_to_end / rules["sgd"]["seconds_per_step"]
-        if "svd" in rules:
-            rules["svd_vs_fast"] = rules["svd"]["seconds_per_step"] / end_to_end
+        seconds = {rule: rules[rule]["seconds_per_step"] for rule in ("sgd", "matmuls", "exact", "between_refreshes")}
+        matmul = seconds["matmuls"] / 2
+        rules["exact_vs_sgd"] = seconds["exact"] / seconds["sgd"]
+        rules["exact_in_matmuls"] = seconds["exact"] / matmul
+        rules["between_refreshes_in_matmuls"] = seconds["between_refreshes"] / matmul
+        rules["amortised_in_matmuls"] = (
+            seconds["between_refreshes"] + (seconds["exact"] - seconds["between_refreshes"]) / REFRESH_EVERY) / matmul
     return section
 
 
@@ -359,32 +403,35 @@ def format_tables(results):
         f"{grids[1]['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s (grid); peak "
         f"({fullbatch['peak_matmul']['size']}^2 matmul) {fullbatch['peak_matmul']['flops_per_s'] / 1e9:.1f} GFLOP/s.",
         "",
-        f"MNIST CNN, batch {results['layer']['batch']} (ms):",
+        f"MNIST CNN, batch {results['layer']['batch']} (ms; x plain: against the plain CNN with the same objective):",
         "",
         "| model | parameters | train step | x plain | inference | x plain | first train call (s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     layer = results["layer"]
     for name, model in layer["models"].items():
-        ratio = layer["ratios"].get(name, {"train_time_vs_plain": 1.0, "predict_time_vs_plain": 1.0})
+        ratio = layer["ratios"][name]
         lines.append(
             f"| {name} | {model['parameters']:,} | {1e3 * model['train']['seconds_per_step']:.1f} | "
             f"{ratio['train_time_vs_plain']:.2f} | {1e3 * model['predict']['seconds_per_step']:.1f} | "
             f"{ratio['predict_time_vs_plain']:.2f} | {model['train']['first_call_s']:.1f} |"
         )
+    lines += ["", "The `EndToEnd` optimizer's train step is "
+              f"{layer['ratios']['plain, EndToEnd optimizer']['train_time_vs_overparameterized']:.2f}x the twin's."]
     lines += [
         "",
-        f"Update rule, depth {results['update_rule']['depth']}, one step in a compiled loop (us):",
+        f"Update rule, depth {results['update_rule']['depth']}: eq. 24 direction in `W^T G` matmuls of the "
+        "same kernel (a whole step each, compiled loop):",
         "",
-        "| kernel | SGD | eq. 24 | x SGD | SVD path | SVD / eq. 27 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| kernel | SGD step (us) | eq. 24 step (us) | x SGD | exact (matmuls) | between refreshes (matmuls) | "
+        f"refresh_every={results['update_rule']['refresh_every']} (matmuls) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key, rules in results["update_rule"]["kernels"].items():
-        svd = (f"{1e6 * rules['svd']['seconds_per_step']:,.1f} | {rules['svd_vs_fast']:.1f}x"
-               if "svd" in rules else " | ")
         lines.append(
-            f"| {key} | {1e6 * rules['sgd']['seconds_per_step']:,.1f} | "
-            f"{1e6 * rules['end_to_end']['seconds_per_step']:,.1f} | {rules['end_to_end_vs_sgd']:.1f}x | {svd} |"
+            f"| {key} | {1e6 * rules['sgd']['seconds_per_step']:,.1f} | {1e6 * rules['exact']['seconds_per_step']:,.1f} | "
+            f"{rules['exact_vs_sgd']:.1f}x | {rules['exact_in_matmuls']:.1f} | {rules['between_refreshes_in_matmuls']:.1f} | "
+            f"{rules['amortised_in_matmuls']:.1f} |"
         )
     return "\n".join(lines)
 

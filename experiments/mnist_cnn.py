@@ -162,7 +162,7 @@ def build_cnn(config):
     def normal(offset):
         return keras.initializers.TruncatedNormal(stddev=std, seed=seed + offset)
 
-    l2 = keras.regularizers.L2(config.l2 / 2.0)
+    l2 = keras.regularizers.L2(config.l2 / 2.0) if config.l2 else None  # l2=0: no penalty at all
     return keras.Sequential(
         [
             keras.Input((28, 28, 1)),

@@ -55,28 +55,39 @@ def _check_fullbatch(fullbatch):
 
 def _check_layer(layer):
     models = layer["models"]
-    assert set(models) == {"plain", "overparameterized", "collapsed"}
+    assert set(models) == {"plain", "overparameterized", "collapsed", "plain, EndToEnd optimizer",
+                           "plain, no L2", "overparameterized, no L2"}
     parameters = {name: model["parameters"] for name, model in models.items()}
     assert parameters["collapsed"] == parameters["plain"] < parameters["overparameterized"]
-    for name in ("overparameterized", "collapsed"):
+    assert parameters["plain, EndToEnd optimizer"] == parameters["plain, no L2"] == parameters["plain"]
+    assert parameters["overparameterized, no L2"] == parameters["overparameterized"]
+    baselines = {"plain, no L2": "plain, no L2", "overparameterized, no L2": "plain, no L2"}
+    for name, model in models.items():
+        baseline = models[baselines.get(name, "plain")]
         for kind in ("train", "predict"):
-            _check_timing(models[name][kind])
-            expected = models[name][kind]["seconds_per_step"] / models["plain"][kind]["seconds_per_step"]
+            _check_timing(model[kind])
+            expected = model[kind]["seconds_per_step"] / baseline[kind]["seconds_per_step"]
             assert layer["ratios"][name][f"{kind}_time_vs_plain"] == pytest.approx(expected)
+    end_to_end = models["plain, EndToEnd optimizer"]["train"]["seconds_per_step"]
+    assert layer["ratios"]["plain, EndToEnd optimizer"]["train_time_vs_overparameterized"] == pytest.approx(
+        end_to_end / models["overparameterized"]["train"]["seconds_per_step"])
 
 
 def _check_update_rule(update_rule):
     kernels = update_rule["kernels"]
     assert set(kernels) == {f"{a}x{b}" for a, b in run.Config.quick().kernels}
-    for key, rules in kernels.items():
-        single_output = "1" in key.split("x")
-        assert ("svd" in rules) == single_output
-        for rule in ("sgd", "end_to_end") + (("svd",) if single_output else ()):
+    k = update_rule["refresh_every"]
+    for rules in kernels.values():
+        for rule in ("sgd", "matmuls", "exact", "between_refreshes"):
             _check_timing(rules[rule])
-        fast = rules["end_to_end"]["seconds_per_step"]
-        assert rules["end_to_end_vs_sgd"] == pytest.approx(fast / rules["sgd"]["seconds_per_step"])
-        if single_output:
-            assert rules["svd_vs_fast"] == pytest.approx(rules["svd"]["seconds_per_step"] / fast)
+        seconds = {rule: rules[rule]["seconds_per_step"] for rule in ("sgd", "matmuls", "exact", "between_refreshes")}
+        matmul = seconds["matmuls"] / 2  # the matmuls step is W (W^T G): two matmuls
+        assert rules["exact_vs_sgd"] == pytest.approx(seconds["exact"] / seconds["sgd"])
+        assert rules["exact_in_matmuls"] == pytest.approx(seconds["exact"] / matmul)
+        assert rules["between_refreshes_in_matmuls"] == pytest.approx(seconds["between_refreshes"] / matmul)
+        # k - 1 steps between refreshes and one exact step, per k steps.
+        assert rules["amortised_in_matmuls"] == pytest.approx(
+            ((k - 1) * seconds["between_refreshes"] + seconds["exact"]) / k / matmul)
 
 
 def test_quick_run_writes_every_section(gas_sensor_dir, tmp_path, capsys):

@@ -16,3 +16,25 @@ def is_concrete(value):
 
         return not isinstance(value, jax.core.Tracer)
     return True
+
+
+def replicas_in_sync():
+    """How many replicas sum their gradients in the current `tf.distribute` strategy (1 outside
+    one, and on other backends, whose Keras distribution averages no per-replica gradients)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.distribute.get_strategy().num_replicas_in_sync
+    return 1
+
+
+def current_value(variable):
+    """The variable's value as a NumPy array, also while a function is being traced (TF reads it
+    outside the graph); None where it has no concrete value (a JAX tracer)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.init_scope():
+            return keras.ops.convert_to_numpy(variable.value)
+    value = variable.value
+    return keras.ops.convert_to_numpy(value) if is_concrete(value) else None

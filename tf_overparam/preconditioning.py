@@ -1,28 +1,179 @@
-"""The end-to-end update rule (eq. 24 of the write-up, eq. 10 of the paper) and its
-preconditioner (eq. 26).
+"""The end-to-end update rule (eq. 24 of docs/equations.md, eq. 10 of the paper) and its
+preconditioner (eq. 26), in `keras.ops`.
 
 Gradient descent with step eta on a balanced depth-N chain moves the end-to-end matrix W as
 
     W <- (1 - eta lambda N) W - eta sum_{j=1..N} [W W^T]^{(j-1)/N} G [W^T W]^{(N-j)/N},
 
-G = dL_1/dW. The sum is `end_to_end_direction(W, G, N)`. It is invariant under transposition,
-direction(W^T, G^T) = direction(W, G)^T, so Keras' (inputs, units) kernels are used as they
-are. All functions take leading batch dimensions and run inside `tf.function`.
+G = dL_1/dW. The sum is `end_to_end_direction(W, G, N)` = P(W) G, with P(W) the preconditioner
+of eq. 26. It is invariant under transposition, direction(W^T, G^T) = direction(W, G)^T, so
+Keras' (inputs, units) kernels are used as they are. All functions take leading batch
+dimensions and trace inside compiled functions.
+
+How it is computed. P(W) is built once (`compute_preconditioner`) and applied to G
+(`apply_preconditioner`). Orient W so that it has at least as many rows as columns (a >= b,
+transposing otherwise) and take the eigendecomposition of the small Gram matrix
+W^T W = V diag(lambda) V^T (b x b) instead of an SVD of W. With B = W V (whose columns are
+s_r u_r, so U is never formed and W's left null space needs no basis):
+
+    P(W) G = [ (G V) diag(t) + B (M o (B^T G V)) ] V^T,
+    t_r = lambda_r^{(N-1)/N},   M_{r,r'} = sum_{j=2..N} lambda_r^{(j-1)/N - 1} lambda_{r'}^{(N-j)/N},
+
+where the j = 1 term G [W^T W]^{(N-1)/N} is the first part (it is the one reaching W's left
+null space, [W W^T]^0 = I there) and the j >= 2 terms, U S^{2(j-1)/N} U^T G V S^{2(N-j)/N} V^T
+with U = B S^{-1}, the second. On the null space of W^T W, 0^0 = 1 (the j = N term keeps
+G's component there) and M's rows of zero eigenvalues are 0. Applying P costs four matmuls of
+G's size (G V, B^T (G V), B (...), (...) V^T); building it one Gram matmul, one b x b eigh and
+B = W V. (`end_to_end_direction` of a kernel more than 2.5 times taller than wide skips B:
+G Q1 + W Q2 with b x b matrices Q1, Q2, three matmuls of G's size.) A kernel with one column (or
+one row) takes the closed form of eq. 27 instead: lambda is ||w||^2, V = 1, and the formula reads ||w||^{2-2/N} (g + (N-1) <g, w>/||w||^2 w).
+
+Precision, chosen by measurement (benchmarks/run.py and tests/test_preconditioning.py): float64
+kernels are computed in float64 (1e-12 of the NumPy reference). A float32 kernel forms its Gram
+matrix in float32; the Gram squares the condition number, and the eigenvalues it loses are the
+small ones, whose fractional powers weigh most at large depth. At depths 2 and 3 the eigh runs in
+float32; from depth 4 on in float64, which costs one float64 eigh of the b x b Gram only.
+Measured on a 3136 x 512 kernel of condition number 1e3 against a float64 SVD evaluation, relative
+Frobenius error: 3.3e-5, 4.0e-5 (depths 2, 3; float32 eigh), 2.1e-5, 8.7e-5 (depths 4, 8; float64
+eigh, where a float32 eigh measured 8.4e-5 and 2.5e-4, too close to issue 10's 1e-4 at depth 4).
+float16/bfloat16 kernels are computed in float32.
+
+Amortised use (Shampoo-style): keep the `Preconditioner` of a kernel W_r for k steps and apply it
+to each new gradient, D_t = P(W_r) G_t; a step in between costs the four matmuls with G only.
+`tf_overparam.optimizers.EndToEnd(refresh_every=k)` does that.
 """
 
-import tensorflow as tf
+import collections
 
-from tf_overparam.layers import check_depth
+import keras
+import numpy as np
+from keras import ops
+
+from tf_overparam.chain import check_depth
+
+Preconditioner = collections.namedtuple("Preconditioner", ["projected_kernel", "basis", "direct_weights", "cross_weights"])
+Preconditioner.__doc__ = """P(W) of eq. 26 in factored form, for W oriented tall (a >= b; W^T when wider than tall).
+
+Fields (leading batch dimensions allowed): `projected_kernel` B = W V (a, b); `basis` V (b, b), the
+eigenvectors of W^T W; `direct_weights` t (1, b) and `cross_weights` M (b, b), see the module
+docstring. t is NaN where the kernel held inf or NaN, so the direction is NaN there."""
+
+# At these depths and above a float32 kernel's Gram matrix is eigendecomposed in float64 (see the
+# module docstring for the measurement).
+FLOAT64_EIGH_FROM_DEPTH = 4
+
+
+def _compute_dtype(kernel):
+    dtype = keras.backend.standardize_dtype(kernel.dtype)
+    return "float64" if dtype == "float64" else "float32"
+
+
+def _is_wide(shape):
+    return shape[-2] < shape[-1]
+
+
+def _transpose(x):
+    return ops.swapaxes(x, -1, -2)
+
+
+def _rounding_level(rows, cols, dtype):
+    """Eigenvalues of W^T W below this fraction of the largest are taken as exact zeros.
+
+    The kernel's own rounding: singular values below max(a, b) eps s_max (NumPy's rank
+    tolerance), that is lambda below (max(a, b) eps)^2 lambda_max; and the Gram matrix's
+    rounding, about eps lambda_max (2 eps here: measured, a higher level zeroes real eigenvalues
+    of a float32 kernel of condition number 1e3, 1e-6 lambda_max). A fractional power would blow
+    the noise up (to ~eps^{1/4} relative at depth 8)."""
+    eps = float(np.finfo(dtype).eps)
+    return max((max(rows, cols) * eps) ** 2, 2 * eps)
+
+
+def _weights(eigenvalues, depth):
+    """t = lambda^{(N-1)/N} (..., 1, b) and M (..., b, b) of the module docstring (0^0 = 1)."""
+    positive = eigenvalues > 0
+    safe = ops.where(positive, eigenvalues, ops.ones_like(eigenvalues))
+    cross = ops.zeros(ops.shape(eigenvalues) + (eigenvalues.shape[-1],), eigenvalues.dtype)
+    for j in range(2, depth + 1):
+        row = ops.where(positive, ops.power(safe, (j - 1) / depth - 1), ops.zeros_like(eigenvalues))
+        column = ops.power(eigenvalues, (depth - j) / depth)  # 0^0 = 1: the j = N term
+        cross = cross + row[..., :, None] * column[..., None, :]
+    return ops.power(eigenvalues, (depth - 1) / depth)[..., None, :], cross
+
+
+def _spectrum(kernel, depth):
+    """(W, V, t, M) of the module docstring for `kernel` oriented tall, in the compute dtype;
+    t is NaN where the kernel is not finite."""
+    depth = check_depth(depth)
+    kernel = ops.convert_to_tensor(kernel)
+    dtype = _compute_dtype(kernel)
+    kernel = ops.cast(kernel, dtype)
+    if _is_wide(kernel.shape):
+        kernel = _transpose(kernel)
+    rows, cols = kernel.shape[-2], kernel.shape[-1]
+    finite = ops.all(ops.isfinite(kernel), axis=(-2, -1))
+    kernel = ops.where(finite[..., None, None], kernel, ops.zeros_like(kernel))
+    if cols == 1:  # eq. 27: lambda = ||w||^2, V = 1, no decomposition
+        eigenvalues = ops.sum(ops.square(kernel), axis=(-2, -1))[..., None]
+        basis = ops.ones(ops.shape(kernel)[:-2] + (1, 1), dtype)
+    else:
+        eigh_dtype = "float64" if dtype == "float64" or depth >= FLOAT64_EIGH_FROM_DEPTH else "float32"
+        gram = ops.cast(ops.matmul(_transpose(kernel), kernel), eigh_dtype)
+        finite = ops.logical_and(finite, ops.all(ops.isfinite(gram), axis=(-2, -1)))  # W^T W overflowed
+        gram = ops.where(finite[..., None, None], gram, ops.zeros_like(gram))
+        eigenvalues, basis = ops.eigh(gram)
+        noise = _rounding_level(rows, cols, dtype) * ops.max(eigenvalues, axis=-1, keepdims=True)
+        eigenvalues = ops.where(eigenvalues > noise, eigenvalues, ops.zeros_like(eigenvalues))
+        basis = ops.cast(basis, dtype)
+    direct, cross = (ops.cast(x, dtype) for x in _weights(eigenvalues, depth))
+    direct = ops.where(finite[..., None, None], direct, ops.full_like(direct, float("nan")))
+    return kernel, basis, direct, cross
+
+
+def compute_preconditioner(kernel, depth):
+    """P(W) of eq. 26 for `kernel` (..., a, b), as a `Preconditioner` (see the module docstring).
+
+    Args:
+        kernel: tensor (..., a, b), the end-to-end kernel W.
+        depth: int >= 1, the depth N of the chain being emulated.
+    """
+    kernel, basis, direct, cross = _spectrum(kernel, depth)
+    return Preconditioner(ops.matmul(kernel, basis), basis, direct, cross)
+
+
+def _oriented(grad, dtype):
+    """`grad` cast to `dtype` and oriented tall, and whether it was transposed."""
+    g = ops.cast(grad, dtype)
+    return (_transpose(g), True) if _is_wide(g.shape) else (g, False)
+
+
+def apply_preconditioner(preconditioner, grad):
+    """P(W) G: the direction of eq. 24 for the gradient `grad` (..., a, b) of the kernel that
+    `preconditioner` was computed from (or, amortised, of a later kernel). Four matmuls of
+    G's size; the result has `grad`'s shape and dtype."""
+    grad = ops.convert_to_tensor(grad)
+    projected, basis, direct, cross = preconditioner
+    g, wide = _oriented(grad, projected.dtype)
+    g_basis = ops.matmul(g, basis)
+    inner = cross * ops.matmul(_transpose(projected), g_basis)
+    direction = ops.matmul(g_basis * direct + ops.matmul(projected, inner), _transpose(basis))
+    return ops.cast(_transpose(direction) if wide else direction, grad.dtype)
+
+
+# A kernel this many times taller than wide (oriented) takes the direct form in
+# `end_to_end_direction`: three matmuls of G's size and five b x b ones, against five of G's size
+# (B = W V and `apply_preconditioner`'s four); 5 b^3 < 2 a b^2 when a > 2.5 b.
+DIRECT_FORM_ASPECT = 2.5
 
 
 def end_to_end_direction(kernel, grad, depth):
-    """sum_j [W W^T]^{(j-1)/N} G [W^T W]^{(N-j)/N} (eq. 24), from one SVD.
+    """sum_j [W W^T]^{(j-1)/N} G [W^T W]^{(N-j)/N} (eq. 24), from the Gram eigendecomposition.
 
-    With the SVD W = U diag(s) V^T the sum is U (M o (U^T G V)) V^T with
-    M_{r,r'} = sum_j s_r^{2(j-1)/N} s_{r'}^{2(N-j)/N} (NOTES.md), where the singular values of
-    the null spaces are 0 and 0^0 = 1. A kernel with a dimension of size 1 (a single output)
-    takes the closed form of eq. 27 instead, which costs O(d) and no SVD. A kernel holding
-    inf or NaN gives a NaN direction, so divergence shows as usual.
+    The singular values of the null spaces are 0 and 0^0 = 1. A kernel with a dimension of size
+    1 (a single output) takes the closed form of eq. 27. A kernel holding inf or NaN (or so large
+    that W^T W overflows) gives a NaN direction, so divergence shows as usual. See the module
+    docstring for the algorithm and the precision per depth. A kernel much taller than wide
+    (`DIRECT_FORM_ASPECT`) is computed as G Q1 + W Q2 with the b x b matrices Q1 = V diag(t) V^T
+    and Q2 = V (M o (V^T (W^T G) V)) V^T, the same sum without forming B = W V.
 
     Args:
         kernel: tensor (..., a, b), the end-to-end kernel W.
@@ -30,78 +181,47 @@ def end_to_end_direction(kernel, grad, depth):
         depth: int >= 1, the depth N of the chain being emulated; depth 1 returns `grad`.
 
     Returns:
-        The direction, shaped like `kernel`.
+        The direction, shaped like `kernel`, in `grad`'s dtype.
     """
     depth = check_depth(depth)
-    kernel = tf.convert_to_tensor(kernel)
-    grad = tf.convert_to_tensor(grad, dtype=kernel.dtype)
+    grad = ops.convert_to_tensor(grad)
     if depth == 1:
         return grad
-    finite = tf.reduce_all(tf.math.is_finite(kernel), axis=(-2, -1), keepdims=True)
-    safe_kernel = tf.where(finite, kernel, tf.zeros_like(kernel))
-    if kernel.shape[-2] == 1 or kernel.shape[-1] == 1:
-        direction = _single_output_direction(safe_kernel, grad, depth)
-    else:
-        direction = _svd_direction(safe_kernel, grad, depth)
-    return tf.where(finite, direction, tf.constant(float("nan"), kernel.dtype))
-
-
-def _single_output_direction(w, g, depth):
-    """Eq. 27: ||w||^{2-2/N} (g + (N-1) <g, w>/||w||^2 w), and 0 at w = 0."""
-    squared_norm = tf.reduce_sum(tf.square(w), axis=(-2, -1), keepdims=True)
-    inner = tf.reduce_sum(g * w, axis=(-2, -1), keepdims=True)
-    radial = (depth - 1) * tf.math.divide_no_nan(inner, squared_norm)
-    return tf.pow(squared_norm, (depth - 1) / depth) * (g + radial * w)
+    kernel = ops.convert_to_tensor(kernel)
+    rows, cols = max(kernel.shape[-2:]), min(kernel.shape[-2:])
+    if rows <= DIRECT_FORM_ASPECT * cols:
+        return apply_preconditioner(compute_preconditioner(kernel, depth), grad)
+    w, basis, direct, cross = _spectrum(kernel, depth)
+    g, wide = _oriented(grad, w.dtype)
+    basis_t = _transpose(basis)
+    right = ops.matmul(basis * direct, basis_t)
+    inner = cross * ops.matmul(ops.matmul(basis_t, ops.matmul(_transpose(w), g)), basis)
+    direction = ops.matmul(g, right) + ops.matmul(w, ops.matmul(ops.matmul(basis, inner), basis_t))
+    return ops.cast(_transpose(direction) if wide else direction, grad.dtype)
 
 
 def _singular_value_powers(s, depth):
     """s^{2(j-1)/N} for j = 1..N, stacked on a new leading axis (0^0 = 1)."""
-    exponents = tf.cast(tf.range(depth), s.dtype) * (2.0 / depth)
-    return tf.pow(s[tf.newaxis], tf.reshape(exponents, [depth] + [1] * s.shape.rank))
-
-
-def _without_rounding_noise(s, rows, cols):
-    """Singular values below the rounding level (max(a, b) eps s_max, NumPy's rank tolerance)
-    taken as exact zeros, as `_psd_power` does: a fractional power s^{2/N} would blow their
-    rounding error up (to ~eps^{1/4} relative at depth 8)."""
-    eps = tf.experimental.numpy.finfo(s.dtype.as_numpy_dtype).eps
-    noise = max(rows, cols) * eps * tf.reduce_max(s, axis=-1, keepdims=True)
-    return tf.where(s > noise, s, tf.zeros_like(s))
-
-
-def _svd_direction(kernel, grad, depth):
-    rows, cols = kernel.shape[-2], kernel.shape[-1]
-    s, u, v = tf.linalg.svd(kernel, full_matrices=False)
-    s = _without_rounding_noise(s, rows, cols)
-    powers = _singular_value_powers(s, depth)  # powers[j-1] = s^{2(j-1)/N}
-    weights = tf.reduce_sum(powers[:, ..., :, tf.newaxis] * powers[::-1, ..., tf.newaxis, :], axis=0)
-    u_t_grad = tf.linalg.matmul(u, grad, adjoint_a=True)
-    direction = tf.linalg.matmul(u, tf.linalg.matmul(weights * tf.linalg.matmul(u_t_grad, v), v, adjoint_b=True))
-    top_power = powers[-1]  # s^{2(N-1)/N}: the weight where the other side's singular value is 0
-    if rows > s.shape[-1]:  # the left null space of W
-        left_rest = grad - tf.linalg.matmul(u, u_t_grad)
-        direction += tf.linalg.matmul(tf.linalg.matmul(left_rest, v) * top_power[..., tf.newaxis, :], v, adjoint_b=True)
-    if cols > s.shape[-1]:  # the right null space of W
-        right_rest = grad - tf.linalg.matmul(tf.linalg.matmul(grad, v), v, adjoint_b=True)
-        direction += tf.linalg.matmul(u * top_power[..., tf.newaxis, :], tf.linalg.matmul(u, right_rest, adjoint_a=True))
-    return direction
+    return ops.stack([ops.power(s, 2.0 * j / depth) for j in range(depth)])
 
 
 def preconditioner_eigenvalues(kernel, depth):
     """Eigenvalues of the preconditioner P of eq. 26, arranged as an (..., a, b) tensor.
 
     Entry [r, r'] is sum_j s_r^{2(j-1)/N} s'_{r'}^{2(N-j)/N}, the eigenvalue of the eigenvector
-    u_r v_{r'}^T, where s and s' are the singular values of the (a, b) kernel padded with zeros
-    to lengths a and b.
+    u_r v_{r'}^T, where s and s' are the singular values of the (a, b) kernel (descending) padded
+    with zeros to lengths a and b. Singular values below max(a, b) eps s_max count as zeros.
     """
     depth = check_depth(depth)
-    kernel = tf.convert_to_tensor(kernel)
+    kernel = ops.convert_to_tensor(kernel)
     rows, cols = kernel.shape[-2], kernel.shape[-1]
-    s = _without_rounding_noise(tf.linalg.svd(kernel, compute_uv=False), rows, cols)
-    pad = [[0, 0]] * (s.shape.rank - 1)
-    left = _singular_value_powers(tf.pad(s, pad + [[0, rows - s.shape[-1]]]), depth)
-    right = _singular_value_powers(tf.pad(s, pad + [[0, cols - s.shape[-1]]]), depth)
-    return tf.reduce_sum(left[:, ..., :, tf.newaxis] * right[::-1, ..., tf.newaxis, :], axis=0)
+    s = ops.svd(kernel, compute_uv=False)
+    eps = np.finfo(keras.backend.standardize_dtype(kernel.dtype)).eps
+    s = ops.where(s > max(rows, cols) * eps * ops.max(s, axis=-1, keepdims=True), s, ops.zeros_like(s))
+    pad = [[0, 0]] * (len(s.shape) - 1)
+    left = _singular_value_powers(ops.pad(s, pad + [[0, rows - s.shape[-1]]]), depth)
+    right = _singular_value_powers(ops.pad(s, pad + [[0, cols - s.shape[-1]]]), depth)
+    return ops.sum(left[:, ..., :, None] * ops.flip(right, axis=0)[:, ..., None, :], axis=0)
 
 
 def _psd_power(matrix, exponent):
@@ -111,32 +231,32 @@ def _psd_power(matrix, exponent):
     a fractional power would blow their rounding error up.
     """
     if exponent == 0:
-        return tf.eye(matrix.shape[-1], dtype=matrix.dtype)
-    eigenvalues, eigenvectors = tf.linalg.eigh(matrix)
-    noise = matrix.shape[-1] * tf.experimental.numpy.finfo(matrix.dtype.as_numpy_dtype).eps
-    noise *= tf.reduce_max(tf.abs(eigenvalues), axis=-1, keepdims=True)
-    eigenvalues = tf.where(eigenvalues > noise, eigenvalues, tf.zeros_like(eigenvalues))
-    scaled = eigenvectors * tf.pow(eigenvalues, exponent)[..., tf.newaxis, :]
-    return tf.linalg.matmul(scaled, eigenvectors, adjoint_b=True)
+        return ops.eye(matrix.shape[-1], dtype=matrix.dtype)
+    eigenvalues, eigenvectors = ops.eigh(matrix)
+    noise = matrix.shape[-1] * np.finfo(keras.backend.standardize_dtype(matrix.dtype)).eps
+    noise = noise * ops.max(ops.abs(eigenvalues), axis=-1, keepdims=True)
+    eigenvalues = ops.where(eigenvalues > noise, eigenvalues, ops.zeros_like(eigenvalues))
+    scaled = eigenvectors * ops.power(eigenvalues, exponent)[..., None, :]
+    return ops.matmul(scaled, _transpose(eigenvectors))
 
 
 def preconditioner_matrix(kernel, depth):
     """The explicit preconditioner P of eq. 26 for an (a, b) kernel, an (a b, a b) matrix.
 
     P = sum_j [W W^T]^{(j-1)/N} (kron) [W^T W]^{(N-j)/N}, so that with row-major vec (the
-    order of `tf.reshape`), vec(end_to_end_direction(W, G, N)) = P vec(G). Built from
+    order of `ops.reshape`), vec(end_to_end_direction(W, G, N)) = P vec(G). Built from
     eigendecompositions of W W^T and W^T W; meant for small kernels and for checking.
     """
     depth = check_depth(depth)
-    kernel = tf.convert_to_tensor(kernel)
-    if kernel.shape.rank != 2:
+    kernel = ops.convert_to_tensor(kernel)
+    if len(kernel.shape) != 2:
         raise ValueError(f"`kernel` must be 2-D for `preconditioner_matrix`, got shape {kernel.shape}.")
     rows, cols = kernel.shape
-    left_gram = tf.linalg.matmul(kernel, kernel, adjoint_b=True)
-    right_gram = tf.linalg.matmul(kernel, kernel, adjoint_a=True)
-    total = tf.zeros((rows * cols, rows * cols), dtype=kernel.dtype)
+    left_gram = ops.matmul(kernel, _transpose(kernel))
+    right_gram = ops.matmul(_transpose(kernel), kernel)
+    total = ops.zeros((rows * cols, rows * cols), dtype=kernel.dtype)
     for j in range(1, depth + 1):
         left = _psd_power(left_gram, (j - 1) / depth)
         right = _psd_power(right_gram, (depth - j) / depth)
-        total += tf.reshape(tf.einsum("ik,jl->ijkl", left, right), (rows * cols, rows * cols))
+        total = total + ops.reshape(ops.einsum("ik,jl->ijkl", left, right), (rows * cols, rows * cols))
     return total

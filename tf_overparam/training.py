@@ -1,36 +1,36 @@
-"""`EndToEndModel`: trains single-matrix `Dense` layers by the end-to-end update rule (eq. 24)."""
+"""`EndToEndModel`: a model whose kernels train by the end-to-end update rule (eq. 24), through the
+`tf_overparam.optimizers.EndToEnd` optimizer wrapper."""
 
 import keras
-import tensorflow as tf
-from keras.src.losses.loss import unscale_loss_for_distribution
+
+# Private, no public API serves: `EndToEndModel(inputs, outputs)` must return a Functional model
+# of this class (see `__new__`). Present in every Keras 3 release.
 from keras.src.models.functional import Functional
 from keras.src.models.model import functional_init_arguments
 
-from tf_overparam.layers import check_depth
-from tf_overparam.preconditioning import end_to_end_direction
+from tf_overparam.chain import check_depth
+from tf_overparam.optimizers import EndToEnd, _check_weight_decay, is_preconditioned_by_default
 
 
 @keras.saving.register_keras_serializable(package="tf_overparam")
 class EndToEndModel(keras.Model):
-    """A `keras.Model` whose training step emulates depth-`depth` chains in its `Dense` layers.
+    """A `keras.Model` whose kernels train as if they were balanced depth-`depth` chains.
 
-    In `train_step` the gradient G of every 2-D kernel W of the model's `Dense` layers is
-    replaced by `end_to_end_direction(W, G, depth) + weight_decay * depth * W`, so that with
+    `compile` wraps the given optimizer in `tf_overparam.optimizers.EndToEnd(optimizer, depth,
+    weight_decay)`, so the gradient G of every kernel W selected by the default rule (>= 2-D
+    variables named "kernel": Dense and its subclasses, Conv kernels as matrices; not
+    `OverparamDense` factors, see `is_preconditioned_by_default`) is replaced by
+    `end_to_end_direction(W, G, depth) + weight_decay * depth * W`. With
     `keras.optimizers.SGD(eta)` each step is exactly eq. 24 (eq. 10 of the paper):
 
         W <- (1 - eta lambda N) W - eta sum_j [W W^T]^{(j-1)/N} G [W^T W]^{(N-j)/N}.
 
     That is what plain gradient descent on a balanced depth-N chain does to its end-to-end
-    matrix, up to O(eta^2) per step. Other variables (biases, other layers) get their plain
-    gradient and no weight decay. Another optimizer (Adam, AdaGrad, ...) receives the
-    preconditioned gradient as if it were the gradient: its own scaling then acts on top of
-    the preconditioner, which is not the same as running it on the deep chain.
-
-    The step otherwise is Keras' own: `optimizer.scale_loss` (mixed precision), metrics,
-    `sample_weight`, `steps_per_execution` and `tf.distribute` strategies behave as with a
-    plain `keras.Model` (the direction is linear in G, so per-replica directions sum to the
-    direction of the summed gradient). Use it like `keras.Model`, as a Functional model or as
-    a subclass.
+    matrix, up to O(eta^2) per step. Other variables get their plain gradient and no weight
+    decay. The training step is Keras' own, so mixed precision, metrics, `sample_weight`,
+    `steps_per_execution` and `tf.distribute` strategies behave as with a plain `keras.Model`.
+    For any other model class use the `EndToEnd` optimizer directly; this class is that, kept
+    for its `depth`/`weight_decay` arguments.
 
     Args:
         depth: int >= 1, the emulated chain depth N; 1 is plain training.
@@ -54,50 +54,26 @@ class EndToEndModel(keras.Model):
     def __init__(self, *args, depth=2, weight_decay=0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.depth = check_depth(depth)
-        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
-            raise ValueError(f"`weight_decay` must be a float >= 0, got {weight_decay!r}.")
-        self.weight_decay = float(weight_decay)
+        self.weight_decay = _check_weight_decay(weight_decay)
 
     def preconditioned_kernels(self):
-        """The kernel variables the update rule applies to: the 2-D kernels of `Dense` layers."""
-        return [
-            layer.kernel
-            for layer in self._flatten_layers(include_self=False)
-            if type(layer) is keras.layers.Dense and len(layer.kernel.shape) == 2
-        ]
+        """The variables the update rule applies to, by `EndToEnd`'s default rule."""
+        return [v for v in self.trainable_variables if is_preconditioned_by_default(v)]
 
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-            batch_size = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
-            self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=batch_size)
-            scaled_loss = self.optimizer.scale_loss(loss)
-        variables = self.trainable_variables
-        gradients = tape.gradient(scaled_loss, variables)
-        self.optimizer.apply_gradients(zip(self._precondition(gradients, variables, self.optimizer.scale_loss(tf.ones_like(loss))), variables))
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    def compile(self, optimizer="rmsprop", **kwargs):
+        """`keras.Model.compile`, with `optimizer` wrapped in `EndToEnd(optimizer, depth, weight_decay)`
+        (an `EndToEnd` given as it is, as when a saved model is loaded)."""
+        optimizer = keras.optimizers.get(optimizer)
+        if not isinstance(optimizer, EndToEnd):
+            optimizer = EndToEnd(optimizer, depth=self.depth, weight_decay=self.weight_decay)
+        super().compile(optimizer=optimizer, **kwargs)
 
-    def _precondition(self, gradients, variables, loss_scale):
-        kernels = {id(kernel) for kernel in self.preconditioned_kernels()}
-        if not kernels:
-            raise ValueError(
-                "`EndToEndModel` found no 2-D kernel of a `keras.layers.Dense` layer to apply the "
-                "end-to-end update to; build the model from Dense layers (OverparamDense layers "
-                "are trained as deep chains and are not preconditioned)."
-            )
-        # Each replica's gradient carries 1/replicas of the loss; the decay term must too.
-        decay_scale = self.weight_decay * self.depth / self.distribute_strategy.num_replicas_in_sync
-        preconditioned = []
-        for gradient, variable in zip(gradients, variables):
-            if gradient is not None and id(variable) in kernels:
-                kernel = tf.convert_to_tensor(variable)
-                gradient = end_to_end_direction(kernel, gradient, self.depth)
-                if decay_scale:
-                    gradient += tf.cast(decay_scale * loss_scale, kernel.dtype) * kernel
-            preconditioned.append(gradient)
-        return preconditioned
+    def compile_from_config(self, config):
+        # Keras skips a custom `compile` on load; this one is safe to call (the saved optimizer
+        # is the `EndToEnd` already), as `keras.Model.compile_from_config` would.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def get_config(self):
         config = super().get_config()
