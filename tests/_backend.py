@@ -58,3 +58,17 @@ def layer_gradients(layer, loss_fn, inputs):
         return loss_fn(outputs)
 
     return gradients(fn, *[v.value for v in layer.trainable_variables])
+
+
+def compiled(fn):
+    """`fn` compiled as the backend compiles a train step (tf.function, jax.jit); torch: as is."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn)
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    return fn

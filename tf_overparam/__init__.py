@@ -20,15 +20,16 @@ from tf_overparam import chain, diagnostics, initializers, layers, losses, preco
 from tf_overparam.layers import OverparamConv2D, OverparamDense
 from tf_overparam.losses import LpLoss
 from tf_overparam.models import collapse, overparameterize
+from tf_overparam.training import EndToEndModel
 
 __version__ = "0.2.0"
 
 if keras.backend.backend() == "tensorflow":
     from tf_overparam import callbacks
-    from tf_overparam.training import EndToEndModel
 
-# On another backend, imported on first use: they need TensorFlow, which the rest does not.
-_LAZY = {"callbacks": ("tf_overparam.callbacks", None), "EndToEndModel": ("tf_overparam.training", "EndToEndModel")}
+# On another backend, imported on first use: it writes through tf.summary, which needs
+# TensorFlow; the rest of the library does not.
+_LAZY = {"callbacks": ("tf_overparam.callbacks", None)}
 
 
 def __getattr__(name):
