@@ -21,6 +21,15 @@ def keras_float64_rtol(rtol):
     return rtol if keras.backend.backend() == "tensorflow" else max(rtol, KERAS_FLOAT32_RTOL)
 
 
+def assert_allclose_through_keras(actual, expected, rtol, atol=0.0, **kwargs):
+    """`np.testing.assert_allclose` on TensorFlow; where Keras demotes float64, to float32
+    rounding of the array's scale (rounding errors scale with the largest entries, not each one)."""
+    if keras.backend.backend() != "tensorflow":
+        rtol = max(rtol, KERAS_FLOAT32_RTOL)
+        atol = max(atol, KERAS_FLOAT32_RTOL * float(np.max(np.abs(expected))))
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, **kwargs)
+
+
 def gradients(fn, *args):
     """The gradients of the scalar `fn(*args)` with respect to each of `args`, as NumPy arrays.
 
