@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import tempfile
 import time
@@ -215,12 +216,32 @@ def write_json_atomic(path, obj):
     replace_atomic(path, write)
 
 
+def provenance():
+    """What produced a run, for its config.json: the package version and the git commit of the
+    checkout (`git_dirty`: uncommitted changes; None outside a git checkout)."""
+    import tf_overparam
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"package_version": tf_overparam.__version__, "git_commit": commit,
+            "git_dirty": None if status is None else bool(status)}
+
+
 def record_run(out, name, config, run, plot, summarize):
     """Runs `run(config)` and records it in a run folder: config.json, results.json (with the
     run's wall time as `total_seconds`) and `<name>.png` from `plot(results, config, path)`;
     `summarize(results, config)` prints the summary. Returns the results."""
     directory = make_run_dir(out, name)
-    write_json_atomic(directory / "config.json", config)
+    write_json_atomic(directory / "config.json", {**dataclasses.asdict(config), "provenance": provenance()})
     start = time.perf_counter()
     results = run(config)
     results["total_seconds"] = time.perf_counter() - start

@@ -23,18 +23,27 @@ Delta_2' = -(eta/2) Delta_2^{p-1}: from Delta_2 = -y_2 the ODE approximation rea
 |Delta_2| = eps y_2 after ((eps y_2)^{2-p} - y_2^{2-p}) / ((p - 2) eta/2) iterations (p > 2).
 
 Overparameterized runs start from the small end-to-end kernel w_0 = init_scale (1, 1)/sqrt 2
-(w = 0 is a fixed point of depth >= 2):
-- depth 2: GD on the factors of x -> x^T F_1 F_2 (F_1: 2 x h, F_2: h x 1), balanced at
-  w_0 (`factorization.balanced_factors`), gradients by autodiff;
-- end to end: w <- w - eta `end_to_end_direction`(w, dL/dw, 2) (eq. 24, eq. 27 for one
+(w = 0 is a fixed point of depth >= 2). Every method runs on the shared full-batch engine
+(`tf_overparam.fullbatch.FullBatchTrainer`, x = I_2, the l_p loss of `LpLoss`), a log grid of
+rates at once:
+- gd: depth 1 from w = 0;
+- depth2: GD on the factors of x -> x^T F_1 F_2 (F_1: 2 x h, F_2: h x 1), balanced at w_0
+  (`initializers.Balanced`, `factorization.balanced_factors`), eq. 14 for the factor gradients;
+- end_to_end: w <- w - eta `end_to_end_direction`(w, dL/dw, 2) (eq. 24, eq. 27 for one
   output), which balanced depth-2 GD follows up to O(eta^2) per step.
 
-Every method runs a log grid of rates at once (a batch), the GD batch also holding
-(1 -/+ margin) x bound. A run is diverged once its loss is inf/NaN or exceeds
-`divergence_factor` times its initial loss; it is then frozen and never reaches the target.
-"Iterations to target" is the first iteration from which a coordinate's relative error
-|w_k - y_k| / y_k stays <= target to the end of the run; the best rate is the fastest to
-bring both coordinates there.
+Counting (`experiments._curves`, shared with the gas sensor): a run is diverged when the engine
+stops it (loss non-finite or above `divergence_factor` x its initial loss) or by the bounded
+blow-up rule on its logged loss; "iterations to target" is the first logged iteration from which
+a coordinate's relative error |w_k - y_k| / y_k stays <= target at every later log (the log
+schedule is `log_schedule(iterations, log_points)`: log-spaced early, gaps <= 0.5% later).
+
+Headline: each method at its LARGEST STABLE RATE. Stable rates need not form an interval (the
+end-to-end rule can converge above a rate at which it diverges), so the largest stable rate is
+the one below the method's first divergence on the grid, refined by a bisection of that
+stability edge (`experiments._rates.stability_edge`: `edge_rounds` rounds of 3 rates); for
+GD the edge found must bracket the bound 4 / y1^(p-2). The fastest rate of the grid (wherever
+it lies) is reported beside it.
 
     python -m experiments.lp_toy [--p 4] [--y1 10] [--y2 1] [--quick] [--out DIR]
 """
@@ -49,12 +58,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
+import keras  # noqa: E402
+
+from experiments import _curves, _rates  # noqa: E402
 from experiments._common import cli, record_run  # noqa: E402
-from tf_overparam.factorization import balanced_factors  # noqa: E402
-from tf_overparam.losses import LpLoss  # noqa: E402
-from tf_overparam.preconditioning import end_to_end_direction  # noqa: E402
+from tf_overparam import initializers  # noqa: E402
+from tf_overparam.fullbatch import ChainSpec, FullBatchTrainer, log_schedule  # noqa: E402
 
 NAME = "lp_toy"
 METHODS = ("gd", "depth2", "end_to_end")
@@ -76,7 +86,8 @@ class Config:
     init_scale: float = 1e-3
     hidden_units: int = 1
     divergence_factor: float = 1e6
-    checkpoints: int = 300
+    log_points: int = 2000  # log_schedule: 1000 log-spaced (1.3% apart) + gaps of 0.1% of the horizon
+    edge_rounds: int = 3  # stability-edge bisection: each round divides the bracket's log width by 4
 
     def __post_init__(self):
         if isinstance(self.p, bool) or not isinstance(self.p, int) or self.p < 2 or self.p % 2:
@@ -91,7 +102,7 @@ class Config:
             raise ValueError(f"`margin` must be in (0, 1), got {self.margin!r}.")
         if any(not (math.isfinite(eta) and eta > 0) for eta in self.rates):
             raise ValueError(f"`rates` must all be positive and finite, got {self.rates!r}.")
-        for name in ("iterations", "grid_per_decade", "hidden_units", "checkpoints"):
+        for name in ("iterations", "grid_per_decade", "hidden_units", "log_points", "edge_rounds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
@@ -131,85 +142,52 @@ def rate_grid(config):
     return 10.0 ** (np.arange(low, high + 1) / g)
 
 
-def _initial_state(method, config, batch):
-    """The starting variables of `batch` runs of `method`, float64, Keras layout (inputs, units)."""
+def spec(method, config):
+    """The engine's `ChainSpec` of a method (see the module docstring)."""
     if method == "gd":
-        return (tf.zeros((batch, 2, 1), tf.float64),)
-    start = np.full((2, 1), config.init_scale / math.sqrt(2))
-    if method == "end_to_end":
-        return (tf.constant(np.broadcast_to(start, (batch, 2, 1))),)
-    factors = balanced_factors(start, [config.hidden_units], rotation_seed=0)
-    return tuple(tf.constant(np.broadcast_to(f, (batch, *f.shape))) for f in factors)
+        return ChainSpec(depth=1, initializer="zeros", p=config.p)
+    start = keras.initializers.Constant(config.init_scale / math.sqrt(2))
+    balanced = initializers.Balanced(start, seed=0)
+    update = "end_to_end" if method == "end_to_end" else "chain"
+    return ChainSpec(depth=2, hidden_units=config.hidden_units, update=update, initializer=balanced, p=config.p)
 
 
-def _kernel(state):
-    """The end-to-end kernel F_1 ... F_N of a state (a single kernel or a chain)."""
-    kernel = state[0]
-    for factor in state[1:]:
-        kernel = tf.linalg.matmul(kernel, factor)
-    return kernel
+def run_method(method, config, rates, schedule):
+    """Runs `method` at every rate for `schedule[-1]` full-batch steps on the shared engine.
 
-
-def run_method(method, config, rates, checkpoints):
-    """Runs `method` at every rate for `config.iterations` full-batch steps, all rates at once.
-
-    Returns a dict of NumPy arrays: `diverged_at` (R,), the iteration whose loss left the
-    finite range or exceeded `divergence_factor` x the initial loss (-1 if none);
-    `iterations_to_target` (R, 2) per coordinate (-1 if not reached); `final_error` (R, 2);
-    `history` (len(checkpoints) + 1, R, 2), the relative errors at iteration 0 and at each
-    checkpoint (NaN once diverged).
+    Returns a dict of NumPy arrays, R = len(rates), T = len(schedule): `iterations` (T,);
+    `losses` (T, R); `history` (T, R, 2), the relative errors |w_k - y_k| / y_k at the logs
+    (NaN once diverged); `diverged_at` (R,), the engine's divergence iteration, else the
+    bounded blow-up rule's logged iteration (-1 if neither); `iterations_to_target` (R, 2),
+    the sustained crossing per coordinate (-1 if not reached); `final_error` (R, 2).
     """
-    inputs = tf.eye(2, dtype=tf.float64)
-    labels = tf.constant(config.labels, tf.float64)
-    loss_fn = LpLoss(config.p, reduction=None, dtype="float64")
-    etas = tf.constant(rates, tf.float64)[:, tf.newaxis, tf.newaxis]
-    checkpoints = tf.constant(checkpoints, tf.int32)
-    n_checkpoints, target = int(checkpoints.shape[0]), config.target
+    labels = config.labels
+    trainer = FullBatchTrainer(np.eye(2), labels[:, np.newaxis], spec(method, config), rates,
+                               blowup=config.divergence_factor, dtype="float64")
+    errors = []
 
-    def losses(kernel):
-        outputs = tf.linalg.matmul(inputs, kernel)
-        return tf.reduce_mean(loss_fn(tf.broadcast_to(labels[:, tf.newaxis], outputs.shape), outputs), axis=-1)
+    def on_log(trainer, iteration, losses):
+        error = np.abs(trainer.kernel().numpy()[..., 0] - labels) / labels
+        errors.append(np.where(np.isfinite(losses)[:, np.newaxis], error, np.nan))
 
-    def errors(state):
-        return tf.abs(_kernel(state)[..., 0] - labels) / labels
+    result = trainer.run(int(schedule[-1]), schedule=schedule, on_log=on_log)
+    history = np.asarray(errors)
+    diverged = np.array([
+        engine if engine >= 0 else _or_minus_one(_curves.diverged_at(result.iterations, result.losses[:, g]))
+        for g, engine in enumerate(result.diverged_at)
+    ])
+    history[:, diverged >= 0] = np.where(result.iterations[:, np.newaxis, np.newaxis] < diverged[diverged >= 0, None],
+                                         history[:, diverged >= 0], np.nan)
+    reached = np.array([
+        [_or_minus_one(_curves.sustained_crossing(result.iterations, history[:, g, k], config.target)) for k in (0, 1)]
+        for g in range(len(rates))
+    ])
+    return {"iterations": result.iterations, "losses": result.losses, "history": history, "diverged_at": diverged,
+            "iterations_to_target": reached, "final_error": history[-1]}
 
-    def step(state):
-        with tf.GradientTape() as tape:
-            tape.watch(state)
-            loss = tf.reduce_sum(losses(_kernel(state)))  # runs are independent: sum = batch of losses
-        grads = tape.gradient(loss, state)
-        if method == "end_to_end":
-            return (state[0] - etas * end_to_end_direction(state[0], grads[0], 2),)
-        return tuple(v - etas * g for v, g in zip(state, grads))
 
-    @tf.function(jit_compile=True)
-    def descend(state):
-        initial_loss = losses(_kernel(state))
-        alive = tf.ones_like(initial_loss, tf.bool)
-        diverged_at = tf.fill(tf.shape(initial_loss), -1)
-        error = errors(state)
-        last_above = tf.where(error > target, 0, -1)
-        history = tf.tensor_scatter_nd_update(
-            tf.fill((n_checkpoints + 1, *error.shape), tf.constant(np.nan, tf.float64)), [[0]], error[tf.newaxis]
-        )
-        k = 0
-        for t in tf.range(1, config.iterations + 1):
-            candidate = step(state)
-            loss = losses(_kernel(candidate))
-            fine = alive & tf.math.is_finite(loss) & (loss <= config.divergence_factor * initial_loss)
-            diverged_at = tf.where(alive & ~fine, t, diverged_at)
-            alive = fine
-            state = tuple(tf.where(alive[:, tf.newaxis, tf.newaxis], c, s) for c, s in zip(candidate, state))
-            error = tf.where(alive[:, tf.newaxis], errors(state), tf.constant(np.nan, tf.float64))
-            last_above = tf.where(error <= target, last_above, t)  # NaN counts as above
-            if k < n_checkpoints and t == checkpoints[tf.minimum(k, n_checkpoints - 1)]:
-                history = tf.tensor_scatter_nd_update(history, [[k + 1]], error[tf.newaxis])
-                k += 1
-        return diverged_at, last_above, error, history
-
-    diverged_at, last_above, error, history = (x.numpy() for x in descend(_initial_state(method, config, len(rates))))
-    reached = np.where(last_above < config.iterations, last_above + 1, -1)
-    return {"diverged_at": diverged_at, "iterations_to_target": reached, "final_error": error, "history": history}
+def _or_minus_one(value):
+    return -1 if value is None else value
 
 
 def _iterations_or_none(value):
@@ -221,11 +199,29 @@ def _errors_or_none(errors):
     return [None if math.isnan(e) else e for e in np.asarray(errors).tolist()]
 
 
-def summarize(rates, outcome):
-    """Per-rate outcomes, the best rate (fastest to target, both coordinates), and the best one
-    below the first diverging rate (the contiguous stable range)."""
+def _both(outcome):
+    """Iterations until both coordinates stay within the target (-1: not reached)."""
     per_coordinate = outcome["iterations_to_target"]
-    both = np.where((per_coordinate >= 0).all(axis=1), per_coordinate.max(axis=1), -1)
+    return np.where((per_coordinate >= 0).all(axis=1), per_coordinate.max(axis=1), -1)
+
+
+def _entry(rates, outcome, i):
+    """One rate's outcome, JSON-ready."""
+    both = _both(outcome)
+    return {
+        "index": int(i),
+        "eta": float(rates[i]),
+        "diverged_at": _iterations_or_none(outcome["diverged_at"][i]),
+        "iterations": _iterations_or_none(both[i]),
+        "iterations_per_coordinate": [_iterations_or_none(n) for n in outcome["iterations_to_target"][i]],
+        "final_error": _errors_or_none(outcome["final_error"][i]),
+    }
+
+
+def summarize(rates, outcome):
+    """Per-rate outcomes, the best rate (fastest to target, both coordinates), the largest
+    rate below the first diverging one (the contiguous stable range) and the best there."""
+    both = _both(outcome)
     converged = both >= 0
     diverged = outcome["diverged_at"] >= 0
     first_divergent = int(np.argmax(diverged)) if diverged.any() else len(rates)
@@ -234,29 +230,40 @@ def summarize(rates, outcome):
         if not mask.any():
             return None
         candidates = np.flatnonzero(mask)
-        i = int(candidates[np.argmin(both[candidates])])
-        return {
-            "index": i,
-            "eta": float(rates[i]),
-            "iterations": int(both[i]),
-            "iterations_per_coordinate": [int(n) for n in per_coordinate[i]],
-        }
+        return _entry(rates, outcome, int(candidates[np.argmin(both[candidates])]))
 
     return {
         "rates": rates.tolist(),
         "diverged_at": [_iterations_or_none(n) for n in outcome["diverged_at"]],
         "iterations_to_target": [_iterations_or_none(n) for n in both],
-        "iterations_to_target_per_coordinate": [[_iterations_or_none(n) for n in row] for row in per_coordinate],
+        "iterations_to_target_per_coordinate": [[_iterations_or_none(n) for n in row]
+                                                for row in outcome["iterations_to_target"]],
         "final_error": [_errors_or_none(row) for row in outcome["final_error"]],
         "best": best(converged),
+        "first_divergent_rate": float(rates[first_divergent]) if first_divergent < len(rates) else None,
         "largest_rate_below_first_divergence": float(rates[first_divergent - 1]) if first_divergent else None,
         "best_below_first_divergence": best(converged & (np.arange(len(rates)) < first_divergent)),
     }
 
 
-def log_checkpoints(iterations, count):
-    """About `count` distinct iterations, log-spaced from 1 to `iterations`."""
-    return np.unique(np.geomspace(1, iterations, count).astype(np.int64)).astype(np.int32)
+def largest_stable(method, config, rates, outcome, summary, schedule):
+    """Bisects the stability edge between the largest grid rate below the first divergence and
+    that first diverging rate (grid run: `rates`, `outcome`, `summary`); returns the edge
+    bracket, the outcome at its stable end (the method's largest stable rate) and its curve.
+    None if the grid has no such bracket."""
+    low, high = summary["largest_rate_below_first_divergence"], summary["first_divergent_rate"]
+    if low is None or high is None:
+        return None
+    runs = {float(eta): (rates, outcome, i) for i, eta in enumerate(rates)}
+
+    def is_stable(candidates):
+        result = run_method(method, config, candidates, schedule)
+        runs.update({float(eta): (candidates, result, i) for i, eta in enumerate(candidates)})
+        return result["diverged_at"] < 0
+
+    low, high = _rates.stability_edge(is_stable, low, high, rounds=config.edge_rounds)
+    at_rates, at_outcome, i = runs[low]
+    return {"bracket": [low, high], "at_edge": _entry(at_rates, at_outcome, i), "curve": at_outcome["history"][:, i].T}
 
 
 def run(config):
@@ -264,46 +271,60 @@ def run(config):
     bound = stability_bound(config.p, config.y1)
     near_bound = np.array([(1 - config.margin) * bound, (1 + config.margin) * bound])
     grid = rate_grid(config)
-    checkpoints = log_checkpoints(config.iterations, config.checkpoints)
+    schedule = log_schedule(config.iterations, config.log_points)
     results = {"bound": bound, "bound_formula": "eta < 4 / y1^(p-2)  (loss averaged over the m = 2 points)"}
-    curves = {"iterations": [0, *checkpoints.tolist()]}
+    curves = {"iterations": schedule.tolist()}
     methods, seconds = {}, {}
     for method in METHODS:
         rates = np.sort(np.concatenate([grid, near_bound])) if method == "gd" else grid
         start = time.perf_counter()
-        outcome = run_method(method, config, rates, checkpoints)
+        outcome = run_method(method, config, rates, schedule)
+        summary = summarize(rates, outcome)
+        edge = largest_stable(method, config, rates, outcome, summary, schedule)
         seconds[method] = time.perf_counter() - start
-        methods[method] = summarize(rates, outcome)
+        if edge is not None:
+            summary["stability_edge"] = edge["bracket"]
+            summary["at_largest_stable_rate"] = edge["at_edge"]
+            curves[f"{method}_largest_stable"] = edge["curve"].tolist()
+        methods[method] = summary
         if method == "gd":
             below, above = (int(np.flatnonzero(rates == eta)[0]) for eta in near_bound)
             results["stability"] = {
                 "margin": config.margin,
-                "below": _single(rates, outcome, below),
-                "above": _single(rates, outcome, above),
+                "below": _entry(rates, outcome, below),
+                "above": _entry(rates, outcome, above),
                 "predicted_iterations_coordinate_2": predicted_slow_iterations(
                     config.p, near_bound[0], config.y2, config.target
                 ),
             }
             curves["gd_below_bound"] = outcome["history"][:, below].T.tolist()
-        best = methods[method]["best"]
+        best = summary["best"]
         curves[method] = None if best is None else outcome["history"][:, best["index"]].T.tolist()
     results["methods"] = methods
+    results["headline"] = headline(methods)
     results["curves"] = curves
     results["seconds"] = seconds
     return results
 
 
-def _single(rates, outcome, i):
-    return {
-        "eta": float(rates[i]),
-        "diverged_at": _iterations_or_none(outcome["diverged_at"][i]),
-        "iterations_to_target_per_coordinate": [_iterations_or_none(n) for n in outcome["iterations_to_target"][i]],
-        "final_error": _errors_or_none(outcome["final_error"][i]),
-    }
+def headline(methods):
+    """Each method at its largest stable rate: iterations to target (both coordinates, and
+    per coordinate) and the speedup over GD at GD's largest stable rate."""
+    rows = {}
+    gd = (methods["gd"].get("at_largest_stable_rate") or {}).get("iterations")
+    for method, summary in methods.items():
+        at_edge = summary.get("at_largest_stable_rate")
+        if at_edge is None:
+            rows[method] = None
+            continue
+        n = at_edge["iterations"]
+        rows[method] = {"eta": at_edge["eta"], "iterations": n, "iterations_per_coordinate":
+                        at_edge["iterations_per_coordinate"], "speedup_vs_gd": gd / n if gd and n else None}
+    return rows
 
 
 def plot(results, config, path):
-    """Per-coordinate error curves at each method's best rate, and iterations against rate."""
+    """Per-coordinate error curves at each method's largest stable rate, and iterations against rate."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     iterations = np.maximum(np.array(results["curves"]["iterations"]), 0.7)  # iteration 0 shown at the left edge
     colors = {"gd": "C0", "depth2": "C1", "end_to_end": "C2"}
@@ -312,15 +333,15 @@ def plot(results, config, path):
         left.loglog(iterations, results["curves"]["gd_below_bound"][k], style, color="gray", lw=3, alpha=0.4,
                     label=f"GD at (1 - margin) x bound, w{k + 1} (eta = {below['eta']:.3g})")
     for method in METHODS:
-        curve, best = results["curves"][method], results["methods"][method]["best"]
+        curve, edge = results["curves"].get(f"{method}_largest_stable"), results["headline"][method]
         if curve is None:
             continue
         for k, style in ((0, "-"), (1, "--")):
             left.loglog(iterations, curve[k], style, color=colors[method],
-                        label=f"{LABELS[method]}, w{k + 1} (eta = {best['eta']:.3g})")
+                        label=f"{LABELS[method]}, w{k + 1} (eta = {edge['eta']:.4g})")
     left.axhline(config.target, color="gray", lw=0.8, ls=":")
     left.set(xlabel="iteration", ylabel="|w_k - y_k| / y_k",
-             title=f"l{config.p} toy, y = ({config.y1:g}, {config.y2:g}): error per coordinate, best rates")
+             title=f"l{config.p} toy, y = ({config.y1:g}, {config.y2:g}): error per coordinate, largest stable rates")
     left.legend(fontsize=7)
     for method in METHODS:
         summary = results["methods"][method]
@@ -329,9 +350,12 @@ def plot(results, config, path):
         diverged = np.array([n is not None for n in summary["diverged_at"]])
         right.loglog(rates, reached, "o-", ms=3, color=colors[method], label=LABELS[method])
         right.plot(rates[diverged], np.full(diverged.sum(), config.iterations), "x", color=colors[method])
+        edge = results["headline"][method]
+        if edge is not None and edge["iterations"] is not None:
+            right.plot([edge["eta"]], [edge["iterations"]], "*", ms=12, color=colors[method])
     right.axvline(results["bound"], color="gray", lw=0.8, ls=":", label="GD bound 4 / y1^(p-2)")
     right.set(xlabel="learning rate eta", ylabel=f"iterations to error <= {config.target:g}",
-              title=f"x: diverged (drawn at {config.iterations}); no point: target not reached")
+              title="x: diverged; *: largest stable rate; no point: not reached")
     right.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -351,19 +375,29 @@ def print_summary(results, config):
         s = stability[side]
         state = f"diverged at iteration {s['diverged_at']}" if s["diverged_at"] else (
             "converges; iterations to target per coordinate "
-            + ", ".join(_text(n) for n in s["iterations_to_target_per_coordinate"]))
+            + ", ".join(_text(n) for n in s["iterations_per_coordinate"]))
         print(f"  eta = {s['eta']:.6g} ({side} the bound): {state}")
     predicted = stability["predicted_iterations_coordinate_2"]
     print(f"  predicted (ODE) iterations for w2 at the lower rate: {predicted:.0f}")
-    print(f"{'method':<24}{'best eta':>10}{'iters':>9}{'w1':>9}{'w2':>9}  |"
-          f"{'stable edge':>12}{'best there':>11}{'iters':>9}")
+    print(f"Headline: each method at its largest stable rate (below its first divergence, edge bisected)")
+    print(f"{'method':<24}{'largest stable eta':>19}{'edge bracket':>22}{'iters':>9}{'w1':>9}{'w2':>9}{'vs GD':>8}")
     for method in METHODS:
-        s = results["methods"][method]
-        best, contiguous = s["best"] or {}, s["best_below_first_divergence"] or {}
+        row, edge = results["headline"][method], results["methods"][method].get("stability_edge")
+        if row is None:
+            print(f"{LABELS[method]:<24}{'no edge on the grid':>19}")
+            continue
+        w1, w2 = row["iterations_per_coordinate"]
+        bracket = f"[{edge[0]:.5g}, {edge[1]:.5g})"
+        speedup = "-" if row["speedup_vs_gd"] is None else f"{row['speedup_vs_gd']:.2f}x"
+        print(f"{LABELS[method]:<24}{row['eta']:>19.5g}{bracket:>22}{_text(row['iterations']):>9}"
+              f"{_text(w1):>9}{_text(w2):>9}{speedup:>8}")
+    print("The fastest rate of the grid, wherever it lies (stable rates need not form an interval):")
+    print(f"{'method':<24}{'best eta':>10}{'iters':>9}{'w1':>9}{'w2':>9}")
+    for method in METHODS:
+        best = results["methods"][method]["best"] or {}
         w1, w2 = best.get("iterations_per_coordinate", (None, None))
         print(f"{LABELS[method]:<24}{_text(best.get('eta'), '.4g'):>10}{_text(best.get('iterations')):>9}"
-              f"{_text(w1):>9}{_text(w2):>9}  |{_text(s['largest_rate_below_first_divergence'], '.4g'):>12}"
-              f"{_text(contiguous.get('eta'), '.4g'):>11}{_text(contiguous.get('iterations')):>9}")
+              f"{_text(w1):>9}{_text(w2):>9}")
 
 
 def build_parser():
@@ -384,7 +418,8 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    scale = {"iterations": 5_000, "target": 0.1, "grid_per_decade": 3, "checkpoints": 100} if args.quick else {}
+    scale = {"iterations": 5_000, "target": 0.1, "grid_per_decade": 3, "log_points": 400,
+             "edge_rounds": 2} if args.quick else {}
     overrides = {name: getattr(args, name) for name in ("target", "iterations") if getattr(args, name) is not None}
     try:
         config = Config(p=args.p, y1=args.y1, y2=args.y2, rates=tuple(args.rates), **{**scale, **overrides})

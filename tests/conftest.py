@@ -27,6 +27,7 @@ TENSORFLOW_ONLY = {
     "test_benchmarks.py": "the TensorFlow benchmark sections (tf.function loops, the full-batch engine)",
     "test_callbacks.py": "the TensorBoard callback writes through tf.summary, as Keras' own does",
     "test_cli_robustness.py": "the experiments' command lines stay on TensorFlow",
+    "test_curves_rates.py": "the experiments stay on TensorFlow (the full-batch engine)",
     "test_fullbatch.py": "the full-batch grid engine is TensorFlow code (the experiments' engine)",
     "test_fullbatch_state.py": "the full-batch grid engine is TensorFlow code (the experiments' engine)",
     "test_gas_sensor_data.py": "a data loader of the experiments, backend-independent NumPy",
@@ -35,6 +36,8 @@ TENSORFLOW_ONLY = {
     "test_mnist_cnn.py": "the experiments stay on TensorFlow (tf.data, tfds)",
     "test_not_a_regularizer.py": "the experiments stay on TensorFlow",
     "test_packaging.py": "packaging metadata, backend-independent",
+    "test_preprocessing.py": "a data loader of the experiments, backend-independent NumPy",
+    "test_sweep.py": "the experiments stay on TensorFlow (Ray sweep of the full-batch engine)",
 }
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -123,14 +123,15 @@ def test_interrupted_run_resumes_to_the_uninterrupted_results(data_dir, tmp_path
 
 
 def half_done(run):
-    """Whether `run` has a finished configuration and a checkpoint past iteration 0."""
-    if not any((run / "grids").glob("*.npz")):
+    """Whether `run` has a finished configuration and a checkpoint past iteration 0 of a final
+    stage (the rate screens, `<name>.screen`, all come first)."""
+    if not any(not p.name.endswith(".screen.npz") for p in (run / "grids").glob("*.npz")):
         return False
     try:
         checkpoint = gas_sensor._runstate.load_checkpoint(run)
     except (OSError, ValueError):  # replaced while read
         return False
-    return checkpoint is not None and checkpoint[2][-1] > 0
+    return checkpoint is not None and checkpoint[2][-1] > 0 and not str(checkpoint[0]).endswith(".screen")
 
 
 def tensorboard_steps(folder, tag):
@@ -313,4 +314,5 @@ def test_run_start_prints_configurations_and_an_estimate(capsys, data_dir, tmp_p
     gas_sensor.main([*SHORT, "--iterations", "20", "--data-dir", str(data_dir), "--out", str(tmp_path / "r")])
     printed = capsys.readouterr().out
     # --quick --figure init: depth 1, and depth 2 from near-zero and from identity = 3.
-    assert "3 configurations x 20 iterations x 4 rates x 1 seeds; estimated total time" in printed
+    assert "3 configurations x 20 iterations: screen 4 rates x 1 seed" in printed
+    assert "estimated total time" in printed

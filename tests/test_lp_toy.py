@@ -1,10 +1,15 @@
-"""The l_p toy of Section 7: GD's stability bound, its slow second coordinate, and the CLI."""
+"""The l_p toy of Section 7 on the shared engine: GD's stability bound, its slow second
+coordinate, the largest stable rates, and the CLI."""
 
+import configparser
 import json
+import pathlib
+
 import numpy as np
 import pytest
 
 from experiments import lp_toy
+from tf_overparam.fullbatch import log_schedule
 
 
 def scalar_gd(p, eta, y, iterations):
@@ -18,9 +23,9 @@ def scalar_gd(p, eta, y, iterations):
     return np.array(deltas)
 
 
-def run_gd(config, rates):
-    rates = np.array(rates)
-    return lp_toy.run_method("gd", config, rates, lp_toy.log_checkpoints(config.iterations, 10))
+def run_gd(config, rates, schedule=None):
+    schedule = log_schedule(config.iterations, 40) if schedule is None else schedule
+    return lp_toy.run_method("gd", config, np.array(rates), schedule)
 
 
 @pytest.mark.parametrize("p, y1", [(2, 10.0), (4, 10.0), (6, 10.0), (4, 30.0)])
@@ -46,7 +51,7 @@ def test_gd_converges_just_below_the_bound_and_diverges_just_above(p, y1):
 def test_second_coordinate_is_slow_at_the_largest_stable_rate():
     config = lp_toy.Config(p=4, y1=10.0, y2=1.0, target=0.1, iterations=4000)
     eta = 0.99 * lp_toy.stability_bound(4, 10.0)
-    outcome = run_gd(config, [eta])
+    outcome = run_gd(config, [eta], schedule=np.arange(config.iterations + 1))  # every iteration logged
     first, second = outcome["iterations_to_target"][0]
     by_hand = int(np.argmax(np.abs(scalar_gd(4, eta, 1.0, 10_000)) <= 0.1)) + 1
     assert second == by_hand
@@ -57,9 +62,9 @@ def test_second_coordinate_is_slow_at_the_largest_stable_rate():
 def test_end_to_end_rule_tracks_balanced_depth2_gd_at_a_small_rate():
     config = lp_toy.Config(p=4, y1=10.0, y2=1.0, target=0.1, iterations=5000)
     rates = np.array([3e-4])
-    checkpoints = lp_toy.log_checkpoints(config.iterations, 20)
-    depth2 = lp_toy.run_method("depth2", config, rates, checkpoints)
-    end_to_end = lp_toy.run_method("end_to_end", config, rates, checkpoints)
+    schedule = log_schedule(config.iterations, 40)
+    depth2 = lp_toy.run_method("depth2", config, rates, schedule)
+    end_to_end = lp_toy.run_method("end_to_end", config, rates, schedule)
     # The O(eta^2) per-step gap shifts the fast transient by a few steps; afterwards they agree.
     np.testing.assert_allclose(end_to_end["history"][-4:], depth2["history"][-4:], rtol=0.01)
     assert end_to_end["iterations_to_target"][0, 0] == pytest.approx(depth2["iterations_to_target"][0, 0], rel=0.02)
@@ -67,19 +72,40 @@ def test_end_to_end_rule_tracks_balanced_depth2_gd_at_a_small_rate():
 
 def test_diverging_rates_are_recorded_not_raised():
     config = lp_toy.Config(p=4, y1=10.0, y2=1.0, target=0.1, iterations=200)
-    outcome = lp_toy.run_method("end_to_end", config, np.array([10.0, 1e3]), lp_toy.log_checkpoints(200, 10))
+    outcome = lp_toy.run_method("end_to_end", config, np.array([10.0, 1e3]), log_schedule(200, 20))
     assert (outcome["diverged_at"] > 0).all()
     assert (outcome["iterations_to_target"] == -1).all()
+    assert np.isnan(outcome["history"][-1]).all()
+
+
+def test_the_largest_stable_gd_rate_brackets_the_bound():
+    # A grid whose rates straddle 4 / y1^2 = 0.04: the bisection must close in on the bound.
+    config = lp_toy.Config(p=4, y1=10.0, y2=1.0, target=0.1, iterations=1000, edge_rounds=3)
+    rates = np.array([0.01, 0.02, 0.03, 0.05, 0.07])
+    schedule = log_schedule(config.iterations, 40)
+    outcome = lp_toy.run_method("gd", config, rates, schedule)
+    summary = lp_toy.summarize(rates, outcome)
+    assert summary["largest_rate_below_first_divergence"] == 0.03 and summary["first_divergent_rate"] == 0.05
+    edge = lp_toy.largest_stable("gd", config, rates, outcome, summary, schedule)
+    low, high = edge["bracket"]
+    assert low < 0.04 < high and high / low < (0.05 / 0.03) ** (1 / 4**3) * (1 + 1e-9)
+    assert edge["at_edge"]["eta"] == low and edge["at_edge"]["diverged_at"] is None
 
 
 def test_cli_quick_writes_consistent_results(tmp_path):
     results = lp_toy.main(["--quick", "--out", str(tmp_path)])
     assert (tmp_path / "lp_toy.png").stat().st_size > 0
     config = json.loads((tmp_path / "config.json").read_text())
+    setup = configparser.ConfigParser()
+    setup.read(pathlib.Path(lp_toy.__file__).parent.parent / "setup.cfg")
+    assert config["provenance"]["package_version"] == setup["metadata"]["version"]
+    assert len(config["provenance"]["git_commit"]) == 40
     saved = json.loads((tmp_path / "results.json").read_text(), parse_constant=pytest.fail)  # strict JSON
     assert saved["bound"] == pytest.approx(4.0 / config["y1"] ** (config["p"] - 2))
     assert saved["stability"]["below"]["diverged_at"] is None
     assert saved["stability"]["above"]["diverged_at"] is not None
+    low, high = saved["methods"]["gd"]["stability_edge"]
+    assert low < saved["bound"] < high
     for method in lp_toy.METHODS:
         summary = saved["methods"][method]
         best = summary["best"]
@@ -90,7 +116,14 @@ def test_cli_quick_writes_consistent_results(tmp_path):
         curve = np.array(saved["curves"][method])
         assert curve.shape == (2, len(saved["curves"]["iterations"]))
         assert curve[:, -1].max() <= config["target"]
-    assert saved["methods"]["end_to_end"]["best"]["iterations"] < saved["methods"]["gd"]["best"]["iterations"]
+        # The headline rate is stable, at least the grid's largest rate below the first divergence.
+        row = saved["headline"][method]
+        assert summary["largest_rate_below_first_divergence"] <= row["eta"] < summary["first_divergent_rate"]
+        assert row["eta"] == summary["stability_edge"][0]
+        edge_curve = np.array(saved["curves"][f"{method}_largest_stable"])
+        assert np.isfinite(edge_curve).all()  # stable: never NaN-ed by a divergence
+        gd = saved["headline"]["gd"]["iterations"]
+        assert row["speedup_vs_gd"] == pytest.approx(gd / row["iterations"])
     assert saved["methods"]["gd"]["best"]["iterations"] == results["methods"]["gd"]["best"]["iterations"]
 
 

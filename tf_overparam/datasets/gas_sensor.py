@@ -92,6 +92,7 @@ class GasSensorData:
         normalized: whether features and target were z-scored.
         files: dict batch name -> {"path", "sha256", "rows" (all rows of the file),
             "rows_used" (rows of `gas_class`)}: what was read, to record with a run.
+        scaling: how `preprocess` scaled the data (None: as `normalized` says).
     """
 
     x: np.ndarray
@@ -107,6 +108,7 @@ class GasSensorData:
     gas_class: int = 1
     normalized: bool = True
     files: dict = dataclasses.field(default_factory=dict)
+    scaling: str = None
 
     @property
     def num_rows(self):
@@ -119,7 +121,7 @@ class GasSensorData:
         where = f"({used}; missing {', '.join(self.missing_batches)})"
         if not self.missing_batches:
             where = f"({used})"
-        scaling = (
+        scaling = self.scaling or (
             "features and target z-scored"
             if self.normalized
             else "raw features and target (not normalised)"
@@ -404,6 +406,54 @@ def load_ethanol(
         gas_class=gas_class,
         normalized=bool(normalize),
         files=provenance,
+    )
+
+
+PREPROCESSINGS = {
+    "zscore": "features and target z-scored",
+    "minmax": "features and target min-max scaled to [0, 1]",
+    "zscore-target-max": "features z-scored, target divided by its maximum",
+    "zscore-raw-target": "features z-scored, target in raw ppmv",
+}
+
+
+def preprocess(data, scheme="zscore", bias=False):
+    """Scales raw data (`load_ethanol(..., normalize=False)`) by one of `PREPROCESSINGS`.
+
+    The scalings are affine, x_scaled = (x - feature_mean) / feature_std per column and
+    y_scaled = (y - target_mean) / target_std, and the returned `GasSensorData` holds those
+    offsets and scales (min-max: offset = min, scale = max - min; a constant column maps to
+    0). `bias=True` appends a constant feature 1 after scaling (its offset 0, scale 1).
+
+    Raises:
+        ValueError: unknown `scheme`, or `data` already normalised.
+    """
+    if scheme not in PREPROCESSINGS:
+        raise ValueError(f"`scheme` must be one of {sorted(PREPROCESSINGS)}, got {scheme!r}.")
+    if data.normalized:
+        raise ValueError("`data` must be raw: load it with load_ethanol(..., normalize=False).")
+    x, y = np.asarray(data.x, np.float64), np.asarray(data.y, np.float64)
+    if scheme == "minmax":
+        x_offset, x_scale = x.min(axis=0), np.ptp(x, axis=0)
+        x_scale = np.where(x_scale == 0, 1.0, x_scale)
+        y_offset, y_scale = float(y.min()), float(np.ptp(y)) or 1.0
+    else:
+        x_offset, x_scale = _zscore_stats(x)
+        y_offset, y_scale = {
+            "zscore": tuple(float(v[0]) for v in _zscore_stats(y)),
+            "zscore-target-max": (0.0, float(np.abs(y).max()) or 1.0),
+            "zscore-raw-target": (0.0, 1.0),
+        }[scheme]
+    x = (x - x_offset) / x_scale
+    y = (y - y_offset) / y_scale
+    description = PREPROCESSINGS[scheme]
+    if bias:
+        x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+        x_offset, x_scale = np.append(x_offset, 0.0), np.append(x_scale, 1.0)
+        description += ", with a constant bias feature"
+    return dataclasses.replace(
+        data, x=x.astype(np.float32), y=y.astype(np.float32), feature_mean=x_offset, feature_std=x_scale,
+        target_mean=y_offset, target_std=y_scale, normalized=True, scaling=description,
     )
 
 

@@ -1,0 +1,109 @@
+"""The sweep: a local Ray of 2 CPUs gives the same results and TensorBoard as in-process."""
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorflow import make_ndarray
+
+from experiments import _sweep
+from tf_overparam.fullbatch import ChainSpec, log_schedule
+
+
+def _tasks():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3))
+    y = x @ np.array([[1.0], [-0.5], [0.25]]) + 0.1 * rng.normal(size=(40, 1))
+    schedule = log_schedule(300, 20)
+    specs = {"d1": ChainSpec(depth=1, p=4.0), "d2": ChainSpec(depth=2, p=4.0), "e2e": ChainSpec(2, update="end_to_end")}
+    return [
+        _sweep.GridTask(name, x, y, spec, (1e-2, 1e-1), (0, 1), schedule, diagnostics_every=3)
+        for name, spec in specs.items()
+    ]
+
+
+def _events(root):
+    """(run, tag, step) -> value for every scalar and histogram in the TensorBoard files."""
+    values = {}
+    for run in sorted(p for p in root.glob("*/*") if p.is_dir()):
+        accumulator = event_accumulator.EventAccumulator(str(run), size_guidance={"tensors": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["tensors"]:
+            for event in accumulator.Tensors(tag):
+                values[(run.relative_to(root).as_posix(), tag, event.step)] = make_ndarray(event.tensor_proto).tolist()
+    return values
+
+
+def _run(executor, root):
+    outcomes = {o.name: o for o in executor.map(_tasks())}
+    for outcome in outcomes.values():
+        _sweep.write_tensorboard(root, outcome)
+    return outcomes
+
+
+def test_in_process_results_and_tensorboard(tmp_path):
+    outcomes = _run(_sweep.Executor(), tmp_path)
+    assert set(outcomes) == {"d1", "d2", "e2e"}
+    events = _events(tmp_path)
+    # 3 configurations x 2 rates x 2 seeds runs; every finite logged loss is a scalar event.
+    runs = {key[0] for key in events}
+    assert len(runs) == 12
+    for name, outcome in outcomes.items():
+        result = outcome.result
+        for g, (rate, seed) in enumerate(zip(result.learning_rates, result.seeds)):
+            run = f"{name}/lr_{rate:.3g}_seed_{seed}"
+            logged = {s: v for (r, tag, s), v in events.items() if r == run and tag == "loss"}
+            expected = {int(i): result.losses[t, g] for t, i in enumerate(result.iterations) if np.isfinite(result.losses[t, g])}
+            assert logged.keys() == expected.keys()
+            np.testing.assert_allclose([logged[s] for s in sorted(logged)], [expected[s] for s in sorted(expected)],
+                                       rtol=1e-6)  # TensorBoard stores float32
+
+
+def test_bad_workers_value():
+    with pytest.raises(ValueError, match="`workers`"):
+        _sweep.Executor(workers=0)
+
+
+def test_ray_run_equals_in_process_run(tmp_path):
+    pytest.importorskip("ray")
+    local = _run(_sweep.Executor(), tmp_path / "local")
+    executor = _sweep.Executor(workers=2)
+    try:
+        assert executor.description == "ray (2 CPUs)"
+        remote = _run(executor, tmp_path / "ray")
+    finally:
+        executor.shutdown()
+    assert set(remote) == set(local)
+    for name in local:
+        a, b = local[name].result, remote[name].result
+        for field in ("learning_rates", "seeds", "iterations", "losses", "diverged_at", "kernels"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=f"{name}.{field}")
+        assert local[name].diagnostics.keys() == remote[name].diagnostics.keys()
+        for step in local[name].diagnostics:
+            for u, v in zip(local[name].diagnostics[step], remote[name].diagnostics[step]):
+                np.testing.assert_array_equal(u, v)
+    assert _events(tmp_path / "local") == _events(tmp_path / "ray")
+
+
+def test_gas_sensor_in_process_stage_writes_what_a_ray_task_driver_writes(tmp_path):
+    # The in-process path (run_configuration: checkpoints, TensorBoard while training) and the
+    # Ray path (a task, then the driver's write_tensorboard) give the same grid and events.
+    from experiments import gas_sensor
+    from tqdm import tqdm
+
+    task = _tasks()[1]
+    config = gas_sensor.Config.quick(log_points=20)
+    run = gas_sensor.RunConfig("l4/gd-d2-w1", "GD depth 2", task.spec)
+    stage = gas_sensor.Stage(run, "final", task.learning_rates, task.seeds, 300)
+    data = type("Data", (), {"x": task.x, "y": task.y})
+    (tmp_path / "local").mkdir()
+    with tqdm(disable=True) as progress:
+        local = gas_sensor.run_configuration(stage, data, config, tmp_path / "local", progress)
+    schedule = log_schedule(300, 20)
+    task = _sweep.GridTask(run.name, task.x, task.y, task.spec, task.learning_rates, task.seeds, schedule,
+                           gas_sensor.diagnostics_every(schedule))
+    outcome = _sweep.train_grid(task)
+    _sweep.write_tensorboard(tmp_path / "task" / "tensorboard", outcome)
+    np.testing.assert_array_equal(local.losses, outcome.result.losses)
+    np.testing.assert_array_equal(local.iterations, outcome.result.iterations)
+    local_events = _events(tmp_path / "local" / "tensorboard" / "l4")
+    assert local_events and local_events == _events(tmp_path / "task" / "tensorboard" / "l4")
