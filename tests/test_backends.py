@@ -83,7 +83,8 @@ def test_readme_jax_example_runs_without_tensorflow(tmp_path):
             "reloaded": reloaded.predict(probe, verbose=0).tolist(),
             "plain_layers": [type(layer).__name__ for layer in plain.layers],
             "reloaded_layers": [type(layer).__name__ for layer in reloaded.layers],
-            "all_names": sorted(tf_overparam.__all__),
+            "shallow_loss": shallow_history.history["loss"],
+            "shallow_optimizer": type(shallow.optimizer).__name__,
         }))
         """
     )
@@ -93,6 +94,9 @@ def test_readme_jax_example_runs_without_tensorflow(tmp_path):
     # It trained: the mean squared error fell far below that of the zero predictor, mean(y^2).
     assert result["loss"][-1] < 0.1 * result["zero_loss"], result["loss"]
     assert result["plain_layers"] == ["Dense"] and result["reloaded_layers"] == ["OverparamDense"]
+    # The EndToEnd optimizer trained the plain Dense as well.
+    assert result["shallow_optimizer"] == "EndToEnd"
+    assert result["shallow_loss"][-1] < 0.1 * result["zero_loss"], result["shallow_loss"]
     out = np.asarray(result["model"])
     # The reloaded model holds the same weights: the same function bit for bit.
     np.testing.assert_array_equal(np.asarray(result["reloaded"]), out)
