@@ -56,3 +56,8 @@ def accurate_float32_eigh():
     kernels, relative error of the direction): TensorFlow's 1.3e-5 to 4.4e-5; JAX's on CPU
     (LAPACK through jaxlib) 0.9e-4 to 2.4e-4, so JAX takes the float64 eigh where it can."""
     return keras.backend.backend() != "jax"
+
+
+def widest_float():
+    """"float64" where the backend computes in it, else "float32" (JAX without x64)."""
+    return "float64" if float64_available() else "float32"
