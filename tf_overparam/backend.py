@@ -45,8 +45,9 @@ def float64_available():
     to float64 gives float32 and a warning)."""
     if keras.backend.backend() == "jax":
         import jax
+        import numpy as np
 
-        return bool(jax.config.jax_enable_x64)
+        return jax.dtypes.canonicalize_dtype(np.float64) == np.float64  # x64 on
     return True
 
 
