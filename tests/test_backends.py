@@ -55,6 +55,9 @@ def _run(script, backend, cwd, timeout=300):
         [sys.executable, "-c", script], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    # JAX without x64 (its default) computes in float32 only: the library asks for no float64
+    # there (a request would be truncated, with this warning).
+    assert "Explicitly requested dtype float64" not in result.stderr, result.stderr[-4000:]
     return result.stdout
 
 
