@@ -14,6 +14,13 @@ plain model and matmul. No TensorFlow needed off the TensorFlow backend, and no 
    against one matmul of the cost of `W^T G` (the same loop with `A <- A Q`, Q a b x b
    orthogonal matrix: 2 a b^2 FLOPs, as `W^T G`).
 
+On a machine with JAX (say with CUDA) and no TensorFlow, run it from the checkout with Keras and
+its small dependencies added from wheels (keras, namex, optree, absl-py, h5py, rich,
+markdown-it-py, mdurl, pygments, packaging; numpy and ml_dtypes come with JAX):
+
+    pip install --no-index --no-deps --target /tmp/site wheels/*.whl
+    PYTHONPATH=/tmp/site:$PWD python3 -m benchmarks.run --backend jax --out DIR
+
 Timings by `benchmarks.timing.measure` (interleaved repeats, medians). The results go to
 `<out>/results-<backend>.json` (default runs/benchmarks/<UTC time>/), written atomically and
 never over an earlier file, and are printed as Markdown tables.
