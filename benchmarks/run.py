@@ -22,7 +22,19 @@ Every number is a median over interleaved repeats (`benchmarks.timing.measure`);
 call (tracing) is reported apart. Ratios are taken within one run, so that a shared machine's
 load, which moves the absolute numbers, moves them less. The results are written atomically to
 `<out>/results.json` (default runs/benchmarks/<UTC time>/) and printed as Markdown tables.
+
+With `--backend NAME` (tensorflow, jax, torch) it runs instead the CNN and the end-to-end
+direction on that Keras backend, without TensorFlow off it (`benchmarks/backend_bench.py`).
 """
+
+import sys
+
+if __name__ == "__main__":  # dispatched before TensorFlow and Keras are imported below
+    from benchmarks import backend_bench
+
+    if backend_bench.requested_backend(sys.argv[1:]) is not None:
+        backend_bench.main(sys.argv[1:])
+        sys.exit(0)
 
 import argparse
 import dataclasses
@@ -46,7 +58,7 @@ from tf_overparam.models import collapse, overparameterize
 from tf_overparam.optimizers import EndToEnd
 from tf_overparam.preconditioning import apply_preconditioner, compute_preconditioner, end_to_end_direction
 
-from benchmarks.timing import Case, compiled_loop, measure
+from benchmarks.timing import Case, compiled_loop, load_sentence, measure, model_cases
 
 P = 4  # the l4 loss of the experiment's headline figure
 DEPTH = 2  # depth emulated by the update rule and of the overparameterized CNN
@@ -97,16 +109,6 @@ def step_flops(examples, features, grid):
     matmul = 4 * examples * features * grid
     elementwise = 6 * examples * grid + 2 * features * grid
     return {"matmul": matmul, "elementwise": elementwise, "total": matmul + elementwise}
-
-
-def _repeated(call):
-    """A case calling `call()` once per unit."""
-
-    def run(units):
-        for _ in range(units):
-            call()
-
-    return Case(run)
 
 
 # ----------------------------------------------------------------------------- 1. full batch
@@ -264,11 +266,7 @@ def layer_section(config):
     x = tf.constant(rng.uniform(-0.5, 0.5, size=(config.cnn_batch, 28, 28, 1)), tf.float32)
     y = tf.constant(rng.integers(0, 10, size=config.cnn_batch))
     models = cnn_models()
-    cases = {}
-    for name, model in models.items():
-        cases[f"{name}/train"] = _repeated(lambda model=model: model.train_on_batch(x, y))
-        cases[f"{name}/predict"] = _repeated(lambda model=model: model.predict_on_batch(x))
-    timings = measure(cases, config.target_s, config.repeats)
+    timings = measure(model_cases(models, x, y), config.target_s, config.repeats)
     section = {"batch": config.cnn_batch, "jit_compile": models["plain"].jit_compile, "models": {}, "ratios": {}}
     for name, model in models.items():
         section["models"][name] = {
@@ -358,11 +356,8 @@ def format_tables(results):
     machine, fullbatch = results["machine"], results["fullbatch"]
     lines = [
         f"{results['date']}, TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, "
-        f"{machine['cpus']} CPUs ({machine['processor'] or machine['platform']}); load average "
-        f"{results['loadavg_start'][0]:.2f} at the start, {results['loadavg_end'][0]:.2f} at the end"
-        f"{' (--quick)' if results['config']['scale'] == 'quick' else ''}."
-        + (" The load is above the CPU count: absolute numbers are noisy, compare ratios."
-           if results["loadavg_start"][0] > machine["cpus"] else ""),
+        f"{machine['cpus']} CPUs ({machine['processor'] or machine['platform']}); "
+        + load_sentence(results, machine["cpus"]),
         "",
         f"Full batch, gas sensor {fullbatch['examples']} x {fullbatch['features']}, l{fullbatch['p']}, "
         f"one output (steps/s; a grid step trains all {fullbatch['grid']['grid']} points; Keras "

@@ -13,8 +13,6 @@ import math
 import statistics
 import time
 
-import tensorflow as tf
-
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -22,6 +20,33 @@ class Case:
 
     run: object
     steps_per_unit: int = 1
+
+
+def repeated(call):
+    """A case calling `call()` once per unit."""
+
+    def run(units):
+        for _ in range(units):
+            call()
+
+    return Case(run)
+
+
+def model_cases(models, x, y):
+    """Per model, "<name>/train" (`train_on_batch`) and "<name>/predict" (`predict_on_batch`)."""
+    cases = {}
+    for name, model in models.items():
+        cases[f"{name}/train"] = repeated(lambda model=model: model.train_on_batch(x, y))
+        cases[f"{name}/predict"] = repeated(lambda model=model: model.predict_on_batch(x))
+    return cases
+
+
+def load_sentence(results, cpus):
+    """The machine's load during a run (`loadavg_start`, `loadavg_end` of `results`), for the tables."""
+    start, end = results["loadavg_start"][0], results["loadavg_end"][0]
+    return (f"load average {start:.2f} at the start, {end:.2f} at the end"
+            f"{' (--quick)' if results['config']['scale'] == 'quick' else ''}."
+            + (" The load is above the CPU count: absolute numbers are noisy, compare ratios." if start > cpus else ""))
 
 
 def _clock(run, units):
@@ -74,7 +99,9 @@ def measure(cases, target_s, repeats):
 
 def compiled_loop(step, initial, unroll):
     """A case running `state = step(state)` `unroll` times per unit, all units in one
-    `tf.function` call (a `tf.range` loop); a call returns once the result is computed."""
+    `tf.function` call (a `tf.range` loop); a call returns once the result is computed.
+    TensorFlow only; `benchmarks.backend_bench.compiled_loop` is the same on any backend."""
+    import tensorflow as tf  # here, so that the timing helper above needs no TensorFlow
 
     @tf.function
     def loop(units):

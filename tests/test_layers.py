@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import tf_overparam as to
+from _backend import keras_float64_rtol, layer_gradients  # tests/ is on sys.path (rootdir-relative import)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -217,37 +218,45 @@ def test_both_orders_and_the_runtime_choice_equal_the_kernel_product(policy, mon
             assert bool(applied) == inputs_first, rows
             expected = x.astype(np.float64) @ functools.reduce(np.matmul, factors)
             assert np.all(np.abs(out - expected) <= _rounding_bound(x.astype(np.float64), factors, compute)), rows
-        # Unknown batch at trace time: the choice is made at run time (keras.ops.cond).
-        import tensorflow as tf
+        # Unknown batch at trace time: the choice is made at run time (keras.ops.cond). Only a
+        # TensorFlow graph has an unknown batch; JAX traces with the shapes known.
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
 
-        traced = tf.function(layer, input_signature=[tf.TensorSpec((None, 20), compute)])
-        for rows in (3, 30):
-            x = rng.normal(size=(rows, 20)).astype(compute)
-            out = traced(x).numpy().astype(np.float64)
-            expected = x.astype(np.float64) @ functools.reduce(np.matmul, factors)
-            assert np.all(np.abs(out - expected) <= _rounding_bound(x.astype(np.float64), factors, compute)), rows
+            traced = tf.function(layer, input_signature=[tf.TensorSpec((None, 20), compute)])
+            for rows in (3, 30):
+                x = rng.normal(size=(rows, 20)).astype(compute)
+                out = traced(x).numpy().astype(np.float64)
+                expected = x.astype(np.float64) @ functools.reduce(np.matmul, factors)
+                assert np.all(np.abs(out - expected) <= _rounding_bound(x.astype(np.float64), factors, compute)), rows
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
 
 def test_gradients_through_the_runtime_choice_match_numpy():
-    import tensorflow as tf
-
     layer = to.OverparamDense(5, depth=2, hidden_units=6, use_bias=False, dtype="float64",
                               factor_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=0))
     layer.build((None, 20))
 
-    @tf.function(input_signature=[tf.TensorSpec((None, 20), tf.float64)])
-    def gradients(x):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(layer(x) ** 2) / 2
-        return tape.gradient(loss, layer.factors)
+    if keras.backend.backend() == "tensorflow":  # an unknown batch: the order chosen at run time
+        import tensorflow as tf
+
+        @tf.function(input_signature=[tf.TensorSpec((None, 20), tf.float64)])
+        def gradients(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(layer(x) ** 2) / 2
+            return tape.gradient(loss, layer.factors)
+
+    else:  # JAX traces with the batch known: the order chosen from the shape
+
+        def gradients(x):
+            return layer_gradients(layer, lambda out: keras.ops.sum(out**2) / 2, x)
 
     f1, f2 = _factors(layer)
     for rows in (3, 30):  # one on each side of the threshold (12)
         x = np.random.default_rng(rows).normal(size=(rows, 20))
         residual = x @ f1 @ f2  # dL/d(out) for L = |out|^2 / 2
-        g1, g2 = (g.numpy() for g in gradients(x))
+        g1, g2 = (np.asarray(g) for g in gradients(x))
         np.testing.assert_allclose(g1, x.T @ residual @ f2.T, rtol=1e-10)
         np.testing.assert_allclose(g2, (x @ f1).T @ residual, rtol=1e-10)
 
@@ -318,8 +327,9 @@ def test_kernel_regularizer_tracks_training_and_matches_collapse(float64):
     np.testing.assert_allclose(_losses(to.collapse(model)), [0.25 * np.sum(kernel**2)], rtol=1e-12)
     # The training loss includes the penalty: evaluate = mse + penalty.
     pred = _numpy_forward(layer, x)
-    np.testing.assert_allclose(
-        model.evaluate(x, y, batch_size=16, verbose=0), np.mean((pred - y) ** 2) + 0.25 * np.sum(kernel**2), rtol=1e-10
+    np.testing.assert_allclose(  # Keras' own "mse": its mean is float32 off TensorFlow
+        model.evaluate(x, y, batch_size=16, verbose=0), np.mean((pred - y) ** 2) + 0.25 * np.sum(kernel**2),
+        rtol=keras_float64_rtol(1e-10),
     )
 
 

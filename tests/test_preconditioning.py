@@ -9,9 +9,10 @@ import itertools
 
 import numpy as np
 import pytest
-import tensorflow as tf
+from keras import ops
 
-from _reference import reference_direction  # tests/ is on sys.path (rootdir-relative import)
+from _backend import compiled  # tests/ is on sys.path (rootdir-relative import)
+from _reference import reference_direction
 from tf_overparam.preconditioning import (
     apply_preconditioner,
     compute_preconditioner,
@@ -94,11 +95,11 @@ def _check_against_reference(name):
         msg = f"{name}, depth {depth}"
         expected = reference_direction(w, g, depth)
         scale = max(np.abs(expected).max(), 1e-300)
-        direction = end_to_end_direction(tf.constant(w), tf.constant(g), depth).numpy()
+        direction = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), depth))
         # float64 throughout: agreement to 1e-12 relative to the direction's size.
         np.testing.assert_allclose(direction, expected, rtol=0, atol=1e-12 * scale, err_msg=msg)
 
-        matrix = preconditioner_matrix(tf.constant(w), depth).numpy()
+        matrix = np.asarray(preconditioner_matrix(ops.convert_to_tensor(w), depth))
         # Row-major vec: vec(direction) = P vec(G).
         np.testing.assert_allclose((matrix @ g.reshape(-1)).reshape(w.shape), expected, rtol=0, atol=1e-12 * scale,
                                    err_msg=msg)
@@ -106,7 +107,7 @@ def _check_against_reference(name):
         # P is symmetric positive semidefinite.
         np.testing.assert_allclose(matrix, matrix.T, atol=1e-12 * size, err_msg=msg)
 
-        eigenvalues = preconditioner_eigenvalues(tf.constant(w), depth).numpy()
+        eigenvalues = np.asarray(preconditioner_eigenvalues(ops.convert_to_tensor(w), depth))
         assert eigenvalues.shape == w.shape
         np.testing.assert_allclose(eigenvalues, reference_eigenvalues(w, depth), rtol=1e-12, atol=1e-12, err_msg=msg)
         assert eigenvalues.min() >= 0
@@ -120,17 +121,17 @@ def _check_against_reference(name):
 def test_hand_computed_directions():
     g = np.array([[1.0]])
     # 1x1 kernel w = 4, depth 2: sum_j w^{2(j-1)/2} g w^{2(2-j)/2} = (4 + 4) g = 8 g.
-    np.testing.assert_allclose(end_to_end_direction(tf.constant([[4.0]], tf.float64), g, 2).numpy(), [[8.0]], rtol=1e-15)
+    np.testing.assert_allclose(np.asarray(end_to_end_direction(ops.convert_to_tensor([[4.0]], "float64"), g, 2)), [[8.0]], rtol=1e-15)
     # depth 3: 3 * 4^{4/3}.
-    np.testing.assert_allclose(end_to_end_direction(tf.constant([[4.0]], tf.float64), g, 3).numpy(),
+    np.testing.assert_allclose(np.asarray(end_to_end_direction(ops.convert_to_tensor([[4.0]], "float64"), g, 3)),
                                [[3 * 4 ** (4 / 3)]], rtol=1e-14)
     # W = diag(4, 1), depth 2: entry [r, r'] of G is scaled by s_r + s_r' -> [[8, 5], [5, 2]].
     w = np.diag([4.0, 1.0])
-    np.testing.assert_allclose(end_to_end_direction(tf.constant(w), tf.ones((2, 2), tf.float64), 2).numpy(),
+    np.testing.assert_allclose(np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.ones((2, 2), "float64"), 2)),
                                [[8.0, 5.0], [5.0, 2.0]], rtol=1e-14)
     # W = [[4], [0]] (tall, rank 1), depth 2: the left null space e_2 gets weight s^{2(N-1)/N} = 4.
     np.testing.assert_allclose(
-        end_to_end_direction(tf.constant([[4.0, 0.0]], tf.float64), tf.constant([[1.0, 1.0]], tf.float64), 2).numpy(),
+        np.asarray(end_to_end_direction(ops.convert_to_tensor([[4.0, 0.0]], "float64"), ops.convert_to_tensor([[1.0, 1.0]], "float64"), 2)),
         [[8.0, 4.0]], rtol=1e-14)
 
 
@@ -140,24 +141,24 @@ def test_hand_computed_directions():
 def test_transpose_consistency():
     for name, depth in itertools.product(["column", "row", "wide", "tall", "tall_rank1", "square"], [2, 3, 4]):
         w, g = KERNELS[name], _grad(KERNELS[name].shape, seed=2)
-        forward = end_to_end_direction(tf.constant(w), tf.constant(g), depth).numpy()
-        transposed = end_to_end_direction(tf.constant(w.T), tf.constant(g.T), depth).numpy()
+        forward = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), depth))
+        transposed = np.asarray(end_to_end_direction(ops.convert_to_tensor(w.T), ops.convert_to_tensor(g.T), depth))
         np.testing.assert_allclose(transposed, forward.T, rtol=1e-12, atol=1e-12 * np.abs(forward).max(),
                                    err_msg=f"{name}, depth {depth}")
 
 
 def test_depth_one_is_the_gradient():
     w, g = KERNELS["wide"], _grad((2, 5))
-    np.testing.assert_array_equal(end_to_end_direction(tf.constant(w), tf.constant(g), 1).numpy(), g)
-    np.testing.assert_allclose(preconditioner_matrix(tf.constant(w), 1).numpy(), np.eye(10), atol=0)
-    np.testing.assert_array_equal(preconditioner_eigenvalues(tf.constant(w), 1).numpy(), np.ones((2, 5)))
+    np.testing.assert_array_equal(np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), 1)), g)
+    np.testing.assert_allclose(np.asarray(preconditioner_matrix(ops.convert_to_tensor(w), 1)), np.eye(10), atol=0)
+    np.testing.assert_array_equal(np.asarray(preconditioner_eigenvalues(ops.convert_to_tensor(w), 1)), np.ones((2, 5)))
 
 
 def test_single_output_closed_form_is_eq27():
     for depth, shape in itertools.product([2, 3, 4], [(6, 1), (1, 6)]):
         rng = np.random.default_rng(depth)
         w, g = rng.normal(size=shape), rng.normal(size=shape)
-        closed = end_to_end_direction(tf.constant(w), tf.constant(g), depth).numpy()
+        closed = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), depth))
         # Eq. 27 written out: ||w||^{2-2/N} (g + (N-1) <g, w>/||w||^2 w).
         norm2 = np.sum(w**2)
         eq27 = norm2 ** (1 - 1 / depth) * (g + (depth - 1) * np.sum(g * w) / norm2 * w)
@@ -168,7 +169,7 @@ def test_single_output_closed_form_is_eq27():
 def test_zero_kernel_is_a_fixed_point():
     for depth, shape in itertools.product([2, 3, 4], [(5, 1), (1, 5), (1, 1), (3, 4)]):
         g = _grad(shape)
-        direction = end_to_end_direction(tf.zeros(shape, tf.float64), tf.constant(g), depth).numpy()
+        direction = np.asarray(end_to_end_direction(ops.zeros(shape, "float64"), ops.convert_to_tensor(g), depth))
         np.testing.assert_array_equal(direction, np.zeros(shape))
         assert np.all(np.isfinite(direction))
 
@@ -177,7 +178,7 @@ def test_non_finite_kernel_gives_nan_direction():
     for shape, bad, depth in itertools.product([(4, 1), (1, 1), (3, 4)], [np.inf, -np.inf, np.nan], [2, 3]):
         w = _grad(shape, seed=5)
         w[0, 0] = bad
-        direction = end_to_end_direction(tf.constant(w), tf.constant(_grad(shape)), depth).numpy()
+        direction = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(_grad(shape)), depth))
         assert np.all(np.isnan(direction)), (shape, bad, depth)
 
 
@@ -190,8 +191,8 @@ def test_batched_kernels_match_per_item_directions():
             w[1, 1] = _rank_deficient(rng, shape[-2:], 1)
         w[-1] *= 1e-3  # and a small one
         for depth in [1, 2, 3, 4]:
-            direction = end_to_end_direction(tf.constant(w), tf.constant(g), depth).numpy()
-            eigenvalues = preconditioner_eigenvalues(tf.constant(w), depth).numpy()
+            direction = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), depth))
+            eigenvalues = np.asarray(preconditioner_eigenvalues(ops.convert_to_tensor(w), depth))
             assert direction.shape == shape and eigenvalues.shape == shape
             for index in np.ndindex(*shape[:-2]):
                 expected = reference_direction(w[index], g[index], depth)
@@ -202,7 +203,7 @@ def test_batched_kernels_match_per_item_directions():
     # A non-finite kernel poisons only its own batch entry.
     w, g = rng.normal(size=(3, 4, 2)), rng.normal(size=(3, 4, 2))
     w[1, 0, 0] = np.inf
-    direction = end_to_end_direction(tf.constant(w), tf.constant(g), 3).numpy()
+    direction = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), 3))
     assert np.all(np.isnan(direction[1])) and np.all(np.isfinite(direction[[0, 2]]))
     np.testing.assert_allclose(direction[2], reference_direction(w[2], g[2], 3), rtol=1e-12)
 
@@ -211,19 +212,19 @@ def test_direction_is_linear_in_the_gradient():
     w = KERNELS["tall"]
     g1, g2 = _grad(w.shape, 1), _grad(w.shape, 2)
     for depth in [2, 3]:
-        d = lambda g: end_to_end_direction(tf.constant(w), tf.constant(g), depth).numpy()  # noqa: E731
+        d = lambda g: np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), depth))  # noqa: E731
         np.testing.assert_allclose(d(2.5 * g1 - g2), 2.5 * d(g1) - d(g2), rtol=1e-12, atol=1e-12)
 
 
-def test_float32_and_tf_function():
+def test_float32_and_compiled():
     w, g = KERNELS["wide_rank2"], _grad((3, 5))
     expected = reference_direction(w, g, 4)
-    fn = tf.function(lambda w, g: end_to_end_direction(w, g, 4))
-    direction = fn(tf.constant(w, tf.float32), tf.constant(g, tf.float32))
-    assert direction.dtype == tf.float32
+    fn = compiled(lambda w, g: end_to_end_direction(w, g, 4))
+    direction = fn(ops.convert_to_tensor(w, "float32"), ops.convert_to_tensor(g, "float32"))
+    assert direction.dtype == "float32"
     # float32: agreement to 1e-5 of the direction's size, also for a rank-deficient kernel.
-    np.testing.assert_allclose(direction.numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
-    matrix = preconditioner_matrix(tf.constant(w, tf.float32), 4).numpy()
+    np.testing.assert_allclose(np.asarray(direction), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    matrix = np.asarray(preconditioner_matrix(ops.convert_to_tensor(w, "float32"), 4))
     np.testing.assert_allclose((matrix @ g.reshape(-1)).reshape(w.shape), expected, rtol=0,
                                atol=1e-5 * np.abs(expected).max())
 
@@ -233,19 +234,19 @@ def test_rank_deficient_kernel_at_depth_8_is_accurate():
     # in the null space must count as zero, as in the exact maths.
     w, g = KERNELS["tall_rank1"], _grad((4, 3))
     expected = reference_direction(w, g, 8)
-    direction = end_to_end_direction(tf.constant(w), tf.constant(g), 8).numpy()
+    direction = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), 8))
     np.testing.assert_allclose(direction, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
-    np.testing.assert_allclose(preconditioner_eigenvalues(tf.constant(w), 8).numpy(), reference_eigenvalues(w, 8),
+    np.testing.assert_allclose(np.asarray(preconditioner_eigenvalues(ops.convert_to_tensor(w), 8)), reference_eigenvalues(w, 8),
                                rtol=1e-12, atol=1e-12)
 
 
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="depth"):
-        end_to_end_direction(tf.ones((2, 2)), tf.ones((2, 2)), 0)
+        end_to_end_direction(ops.ones((2, 2)), ops.ones((2, 2)), 0)
     with pytest.raises(ValueError, match="depth"):
-        preconditioner_eigenvalues(tf.ones((2, 2)), 1.5)
+        preconditioner_eigenvalues(ops.ones((2, 2)), 1.5)
     with pytest.raises(ValueError, match="kernel"):
-        preconditioner_matrix(tf.ones((2, 2, 2)), 2)
+        preconditioner_matrix(ops.ones((2, 2, 2)), 2)
 
 
 # --- float32 accuracy at condition number 1e3 ----------------------------------------------------
@@ -267,9 +268,9 @@ def test_float32_direction_of_a_condition_1e3_kernel_is_within_the_bounds(shape)
     w, g = _conditioned(shape, 1e3, seed=sum(shape))
     for depth, bound in [(2, 1e-4), (3, 1e-4), (4, 1e-4), (8, 5e-4)]:
         expected = reference_direction(w, g, depth)
-        direction = end_to_end_direction(tf.constant(w, tf.float32), tf.constant(g, tf.float32), depth)
-        assert direction.dtype == tf.float32
-        error = np.linalg.norm(direction.numpy() - expected) / np.linalg.norm(expected)
+        direction = end_to_end_direction(ops.convert_to_tensor(w, "float32"), ops.convert_to_tensor(g, "float32"), depth)
+        assert direction.dtype == "float32"
+        error = np.linalg.norm(np.asarray(direction) - expected) / np.linalg.norm(expected)
         assert error <= bound, (shape, depth, error)
 
 
@@ -277,7 +278,7 @@ def test_float64_direction_of_a_condition_1e3_kernel_is_exact():
     w, g = _conditioned((300, 120), 1e3, seed=4)
     for depth in [2, 3, 8]:
         expected = reference_direction(w, g, depth)
-        direction = end_to_end_direction(tf.constant(w), tf.constant(g), depth).numpy()
+        direction = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), depth))
         assert np.linalg.norm(direction - expected) <= 1e-10 * np.linalg.norm(expected), depth
 
 
@@ -289,11 +290,11 @@ def test_a_kept_preconditioner_applies_the_old_kernels_eq26_to_new_gradients(nam
     # P(W_r) G_t for a later gradient: the explicit eq. 26 matrix of W_r times vec(G_t), and the
     # reference direction at W_r (linear in G).
     w_r = KERNELS[name]
-    preconditioner = compute_preconditioner(tf.constant(w_r), 3)
+    preconditioner = compute_preconditioner(ops.convert_to_tensor(w_r), 3)
     for seed in [7, 8]:
         g = _grad(w_r.shape, seed)
-        applied = apply_preconditioner(preconditioner, tf.constant(g)).numpy()
-        expected = (preconditioner_matrix(tf.constant(w_r), 3).numpy() @ g.reshape(-1)).reshape(w_r.shape)
+        applied = np.asarray(apply_preconditioner(preconditioner, ops.convert_to_tensor(g)))
+        expected = (np.asarray(preconditioner_matrix(ops.convert_to_tensor(w_r), 3)) @ g.reshape(-1)).reshape(w_r.shape)
         scale = max(np.abs(expected).max(), 1e-300)
         np.testing.assert_allclose(applied, expected, rtol=0, atol=1e-12 * scale, err_msg=name)
         np.testing.assert_allclose(applied, reference_direction(w_r, g, 3), rtol=0, atol=1e-12 * scale, err_msg=name)

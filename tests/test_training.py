@@ -11,9 +11,9 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import tf_overparam as to
+from _backend import assert_allclose_through_keras, keras_float64_rtol, layer_gradients  # tests/ is on sys.path (rootdir-relative import)
 from _reference import reference_direction
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,16 +24,14 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _expected_step(model, kernels, x, y, eta, depth, weight_decay, loss_fn, sample_weight=None):
     """Weights after one SGD(eta) step of eq. 24 on `kernels`, plain SGD on everything else.
 
-    The gradient is taken by a GradientTape around the model's forward pass and `loss_fn`, not
+    The gradient is taken through the model's forward pass and `loss_fn` (tests/_backend.py), not
     by the model's train step."""
     variables = model.trainable_variables
-    with tf.GradientTape() as tape:
-        loss = loss_fn(y, model(x), sample_weight=sample_weight)
-    grads = tape.gradient(loss, variables)
+    grads = layer_gradients(model, lambda out: loss_fn(y, out, sample_weight=sample_weight), x)
     kernel_ids = {id(k) for k in kernels}
     expected = []
     for variable, grad in zip(variables, grads):
-        value, grad = variable.numpy(), grad.numpy()
+        value, grad = np.asarray(variable), np.asarray(grad)
         if id(variable) in kernel_ids:
             expected.append(value - eta * (reference_direction(value, grad, depth) + weight_decay * depth * value))
         else:
@@ -78,10 +76,10 @@ def test_one_sgd_step_of_single_dense_is_hand_applied_eq24(float64):
         grad_w, grad_b = x.T @ residual / residual.size, residual.sum(0) / residual.size
         expected_w = w0 - eta * (reference_direction(w0, grad_w, depth) + lam * depth * w0)
         # Float64: agreement to 1e-12. The bias gets its plain gradient and no decay.
-        np.testing.assert_allclose(dense.kernel.numpy(), expected_w, rtol=1e-12, atol=1e-12, err_msg=f"{depth}, {lam}")
-        np.testing.assert_allclose(dense.bias.numpy(), b0 - eta * grad_b, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(dense.kernel), expected_w, rtol=1e-12, atol=1e-12, err_msg=f"{depth}, {lam}")
+        np.testing.assert_allclose(np.asarray(dense.bias), b0 - eta * grad_b, rtol=1e-12, atol=1e-12)
         # And it is not plain gradient descent.
-        assert np.abs(dense.kernel.numpy() - (w0 - eta * grad_w)).max() > 1e-3
+        assert np.abs(np.asarray(dense.kernel) - (w0 - eta * grad_w)).max() > 1e-3
 
 
 def test_single_output_step_matches_eq27(float64):
@@ -96,7 +94,7 @@ def test_single_output_step_matches_eq27(float64):
     g = x.T @ (x @ w0 - y) / len(x)
     norm2 = np.sum(w0**2)
     eq27 = norm2 ** (2 / 3) * (g + 2 * np.sum(g * w0) / norm2 * w0)
-    np.testing.assert_allclose(dense.kernel.numpy(), (1 - 0.05 * 0.1 * 3) * w0 - 0.05 * eq27, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(dense.kernel), (1 - 0.05 * 0.1 * 3) * w0 - 0.05 * eq27, rtol=1e-12)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -108,7 +106,7 @@ def test_functional_and_subclassed_models_step_by_eq24(float64, weight_decay):
     functional.compile(keras.optimizers.SGD(eta), loss=to.LpLoss(2))
     functional.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
     for variable, value in zip(functional.trainable_variables, expected, strict=True):
-        np.testing.assert_allclose(variable.numpy(), value, rtol=1e-12, atol=1e-12, err_msg=variable.path)
+        assert_allclose_through_keras(np.asarray(variable), value, rtol=1e-12, atol=1e-12, err_msg=variable.path)
 
     class Sub(to.EndToEndModel):
         def __init__(self, **kwargs):
@@ -129,7 +127,7 @@ def test_functional_and_subclassed_models_step_by_eq24(float64, weight_decay):
     sub.compile(keras.optimizers.SGD(eta), loss=to.LpLoss(2))
     sub.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
     for variable, value in zip(sub.trainable_variables, expected, strict=True):
-        np.testing.assert_allclose(variable.numpy(), value, rtol=1e-12, atol=1e-12, err_msg=variable.path)
+        assert_allclose_through_keras(np.asarray(variable), value, rtol=1e-12, atol=1e-12, err_msg=variable.path)
 
 
 def test_sample_weight_loss_and_step(float64):
@@ -137,7 +135,7 @@ def test_sample_weight_loss_and_step(float64):
     sample_weight = np.random.default_rng(3).uniform(0.0, 2.0, size=len(x))
     model, kernels = _functional(depth=2)
     plain = keras.Model(model.inputs, model.outputs)  # the same layers, Keras' own train step
-    weights = [v.numpy() for v in model.weights]
+    weights = [np.asarray(v) for v in model.weights]
     # Loss as Keras weights it ("sum_over_batch_size": sum_i w_i l_i / n).
     outputs = model.predict(x, verbose=0)
     per_example = 0.5 * np.mean((outputs - y) ** 2, axis=-1)
@@ -153,7 +151,7 @@ def test_sample_weight_loss_and_step(float64):
     assert loss == pytest.approx(plain_loss, rel=1e-12)
     assert loss == pytest.approx(hand_loss, rel=1e-12)
     for variable, value in zip(model.trainable_variables, expected):
-        np.testing.assert_allclose(variable.numpy(), value, rtol=1e-12, atol=1e-12)
+        assert_allclose_through_keras(np.asarray(variable), value, rtol=1e-12, atol=1e-12)
 
 
 def test_steps_per_execution_gives_the_same_weights(float64):
@@ -164,7 +162,7 @@ def test_steps_per_execution_gives_the_same_weights(float64):
         model, _ = _functional(depth=3, weight_decay=0.05)
         model.compile(keras.optimizers.SGD(0.05), loss=to.LpLoss(4), steps_per_execution=steps_per_execution)
         history = model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
-        final.append(([v.numpy() for v in model.weights], history.history["loss"]))
+        final.append(([np.asarray(v) for v in model.weights], history.history["loss"]))
     for a, b in zip(final[0][0], final[1][0], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(final[0][1], final[1][1], rtol=1e-12)
@@ -177,14 +175,14 @@ def test_metrics_reported_and_evaluate_untouched(float64):
     model.compile(keras.optimizers.SGD(0.05), loss=to.LpLoss(2), metrics=["mae", keras.metrics.MeanSquaredError()])
     # evaluate is Keras' own test step: the loss and metrics of the current weights.
     evaluation = model.evaluate(x, y, batch_size=len(x), return_dict=True, verbose=0)
-    assert evaluation["loss"] == pytest.approx(0.5 * np.mean((pred - y) ** 2), rel=1e-12)
-    assert evaluation["mae"] == pytest.approx(np.mean(np.abs(pred - y)), rel=1e-12)
-    assert evaluation["mean_squared_error"] == pytest.approx(np.mean((pred - y) ** 2), rel=1e-12)
+    assert evaluation["loss"] == pytest.approx(0.5 * np.mean((pred - y) ** 2), rel=keras_float64_rtol(1e-12))
+    assert evaluation["mae"] == pytest.approx(np.mean(np.abs(pred - y)), rel=keras_float64_rtol(1e-12))
+    assert evaluation["mean_squared_error"] == pytest.approx(np.mean((pred - y) ** 2), rel=keras_float64_rtol(1e-12))
     history = model.fit(x, y, batch_size=len(x), epochs=2, verbose=0).history
     assert set(history) == {"loss", "mae", "mean_squared_error"}
     # Metrics of the first epoch are those of the starting weights (one full batch).
-    assert history["mae"][0] == pytest.approx(np.mean(np.abs(pred - y)), rel=1e-12)
-    assert history["mean_squared_error"][0] == pytest.approx(np.mean((pred - y) ** 2), rel=1e-12)
+    assert history["mae"][0] == pytest.approx(np.mean(np.abs(pred - y)), rel=keras_float64_rtol(1e-12))
+    assert history["mean_squared_error"][0] == pytest.approx(np.mean((pred - y) ** 2), rel=keras_float64_rtol(1e-12))
     assert history["loss"][1] < history["loss"][0]
     # evaluate of the trained weights equals that of a plain keras.Model holding them.
     twin = keras.Model(model.inputs, model.outputs)
@@ -207,7 +205,7 @@ def test_mixed_float16_with_loss_scaling():
     # The gradient is scaled by the loss scale (2^15) and unscaled by the optimizer; the decay
     # term (a large part of this step, lambda N = 2) must be too. float16 forward pass: 1e-3.
     for variable, value in zip(model.trainable_variables, expected):
-        np.testing.assert_allclose(variable.numpy(), value, rtol=1e-3, atol=1e-3, err_msg=variable.path)
+        np.testing.assert_allclose(np.asarray(variable), value, rtol=1e-3, atol=1e-3, err_msg=variable.path)
     # Without the (strong) decay, and from O(1) weights (near zero the preconditioner is near
     # zero too), training lowers the loss.
     model, _ = _functional(depth=depth, weight_decay=0.0)
@@ -218,6 +216,7 @@ def test_mixed_float16_with_loss_scaling():
     assert np.all(np.isfinite(history)) and history[-1] < 0.85 * history[0]
 
 
+@pytest.mark.tf_only("tf.distribute.MirroredStrategy")
 def test_mirrored_strategy_on_two_cpus_matches_one_device(tmp_path):
     script = textwrap.dedent(
         f"""
@@ -316,12 +315,26 @@ def test_save_and_load_keep_depth_and_weight_decay(float64, tmp_path):
 # --- the paper's claim: eq. 24 is gradient descent on a balanced deep chain ----------------------
 
 
+class _FullBatch(keras.utils.PyDataset):
+    """The full batch, `steps` times (any backend)."""
+
+    def __init__(self, x, y, steps):
+        super().__init__()
+        self.batch, self.steps = (x, y), steps
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, index):
+        return self.batch
+
+
 def _deep_vs_end_to_end(eta, steps, depth, units, p, weight_decay, seed=0):
     """Max |W_deep - W_e2e| after `steps` steps of size eta, and the kernel's total movement."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(32, 5))
     y = x @ (0.5 * rng.normal(size=(5, units))) + 0.1 * rng.normal(size=(32, units))
-    data = tf.data.Dataset.from_tensors((x, y)).repeat(steps)  # full batch, `steps` times
+    data = _FullBatch(x, y, steps)
 
     chain = to.OverparamDense(units, depth=depth, use_bias=False, factor_initializer=to.initializers.Balanced(
         keras.initializers.RandomNormal(stddev=0.3, seed=seed), seed=seed))
@@ -329,7 +342,7 @@ def _deep_vs_end_to_end(eta, steps, depth, units, p, weight_decay, seed=0):
     # Deep side: plain SGD, each factor decayed by (1 - eta lambda) per step (eq. 11).
     deep.compile(keras.optimizers.SGD(eta, weight_decay=weight_decay or None), loss=to.LpLoss(p),
                  steps_per_execution=steps)
-    start = chain.kernel.numpy()
+    start = np.asarray(chain.kernel)
     assert np.abs(start).max() > 0.05  # a non-zero start (W_e = 0 is a fixed point)
 
     inputs = keras.Input((5,))
@@ -340,8 +353,8 @@ def _deep_vs_end_to_end(eta, steps, depth, units, p, weight_decay, seed=0):
 
     deep.fit(data, epochs=1, shuffle=False, verbose=0)
     shallow.fit(data, epochs=1, shuffle=False, verbose=0)
-    end = dense.kernel.numpy()
-    return np.abs(chain.kernel.numpy() - end).max(), np.abs(end - start).max()
+    end = np.asarray(dense.kernel)
+    return np.abs(np.asarray(chain.kernel) - end).max(), np.abs(end - start).max()
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,10 @@ KERAS = {
 
 @pytest.mark.parametrize("optimizer", update_rules.OPTIMIZERS)
 def test_rules_match_keras_optimizers_over_several_steps(optimizer):
+    if optimizer == "adagrad" and keras.backend.backend() != "tensorflow":
+        # Measured: Keras on TensorFlow starts a float64 accumulator at 0.1 rounded to float32
+        # (0.10000000149...), on JAX at 0.1; the engine (a TensorFlow engine) follows the former.
+        pytest.skip("the engine follows Keras-on-TensorFlow's float32-rounded Adagrad start")
     rng = np.random.default_rng(0)
     start = rng.normal(size=(3, 2))
     gradients = [rng.normal(size=(3, 2)) for _ in range(4)]

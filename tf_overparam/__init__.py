@@ -13,13 +13,33 @@ for Keras 3 / TensorFlow.
   `preconditioning`.
 """
 
-from tf_overparam import callbacks, chain, diagnostics, initializers, layers, losses, optimizers, preconditioning
+import importlib
+
+import keras
+
+from tf_overparam import chain, diagnostics, initializers, layers, losses, optimizers, preconditioning
 from tf_overparam.layers import OverparamConv2D, OverparamDense
 from tf_overparam.losses import LpLoss
 from tf_overparam.models import collapse, overparameterize
 from tf_overparam.training import EndToEndModel
 
 __version__ = "0.2.0"
+
+if keras.backend.backend() == "tensorflow":
+    from tf_overparam import callbacks
+
+# On another backend, imported on first use: it writes through tf.summary, which needs
+# TensorFlow; the rest of the library does not.
+_LAZY = {"callbacks": ("tf_overparam.callbacks", None)}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tf_overparam' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    return module if attribute is None else getattr(module, attribute)
+
 
 __all__ = [
     "EndToEndModel",

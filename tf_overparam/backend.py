@@ -38,3 +38,27 @@ def current_value(variable):
             return keras.ops.convert_to_numpy(variable.value)
     value = variable.value
     return keras.ops.convert_to_numpy(value) if is_concrete(value) else None
+
+
+def float64_available():
+    """Whether the backend computes in float64: JAX only with `jax_enable_x64` (without it a cast
+    to float64 gives float32 and a warning)."""
+    if keras.backend.backend() == "jax":
+        import jax
+        import numpy as np
+
+        return jax.dtypes.canonicalize_dtype(np.float64) == np.float64  # x64 on
+    return True
+
+
+def accurate_float32_eigh():
+    """Whether the backend's float32 `eigh` holds the small eigenvalues of a Gram matrix well
+    enough for eq. 24 at depths 2 and 3. Measured (tests/test_preconditioning.py's condition-1e3
+    kernels, relative error of the direction): TensorFlow's 1.3e-5 to 4.4e-5; JAX's on CPU
+    (LAPACK through jaxlib) 0.9e-4 to 2.4e-4, so JAX takes the float64 eigh where it can."""
+    return keras.backend.backend() != "jax"
+
+
+def widest_float():
+    """"float64" where the backend computes in it, else "float32" (JAX without x64)."""
+    return "float64" if float64_available() else "float32"

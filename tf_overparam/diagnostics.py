@@ -7,6 +7,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from tf_overparam import backend
 from tf_overparam.chain import chain_product, check_depth
 from tf_overparam.layers.base import ChainedKernelLayer
 
@@ -93,7 +94,7 @@ def balancedness(layer):
     >>> balancedness(layer).relative < 1e-5
     True
     """
-    factors = [ops.convert_to_tensor(f, dtype="float64") for f in chain_factors(layer)]
+    factors = [ops.convert_to_tensor(f, dtype=backend.widest_float()) for f in chain_factors(layer)]
     absolute, relative = chain_balancedness(factors)
     return Balancedness(float(absolute), float(relative))
 

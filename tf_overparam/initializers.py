@@ -8,6 +8,7 @@ identity and balanced initialisations need.
 import keras
 import numpy as np
 
+from tf_overparam import backend
 from tf_overparam.chain import balanced_factors
 
 PACKAGE = "tf_overparam"
@@ -128,7 +129,7 @@ class Balanced(ChainInitializer):
         shapes = _check_chain_shapes(shapes)
         end_to_end_shape = (shapes[0][0], shapes[-1][1])
         kernel = keras.ops.convert_to_numpy(
-            self.end_to_end_initializer(end_to_end_shape, dtype="float64")
+            self.end_to_end_initializer(end_to_end_shape, dtype=backend.widest_float())
         )
         hidden = [shape[1] for shape in shapes[:-1]]
         factors = balanced_factors(kernel, hidden, rotation_seed=self.seed)

@@ -75,7 +75,10 @@ class LpLoss(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         y_true = ops.cast(y_true, y_pred.dtype)
-        return ops.mean(lp_loss_values(y_pred - y_true, self.p), axis=-1)
+        values = lp_loss_values(y_pred - y_true, self.p)
+        # A sum over the count, not `ops.mean`: Keras 3.15's JAX and torch `mean` compute a
+        # float64 input in float32 (their result_type maps 64-bit types to 32-bit ones).
+        return ops.sum(values, axis=-1) / ops.cast(ops.shape(values)[-1], values.dtype)
 
     def get_config(self):
         return {**super().get_config(), "p": self.p}

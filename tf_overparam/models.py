@@ -131,7 +131,7 @@ def overparameterize(
         if preserve_function:
             _assign_balanced(old, new, seed)
         if old.use_bias:
-            new.bias.assign(old.bias)
+            new.bias.assign(keras.ops.copy(old.bias))  # a copy: JAX's fit donates (frees) the old buffer
 
     new_model = _convert_model(model, convert, copy)
     report = ConversionReport(converted=tuple(converted), left=tuple(left))

@@ -210,9 +210,10 @@ class ChainedKernelLayer(keras.layers.Layer):
         self._check_built("to_plain()")
         plain = self.plain_class.from_config(self.plain_config(self.get_config()))
         plain.build(self._built_input_shape)
-        plain.kernel.assign(ops.cast(self.kernel, plain.kernel.dtype))
+        # Copies, not this layer's arrays: JAX's fit donates (frees) a model's buffers.
+        plain.kernel.assign(ops.copy(ops.cast(self.kernel, plain.kernel.dtype)))
         if self.use_bias:
-            plain.bias.assign(self.bias)
+            plain.bias.assign(ops.copy(self.bias))
         return plain
 
     def get_config(self):
