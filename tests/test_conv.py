@@ -451,9 +451,9 @@ def test_overparameterize_into_spatial_chains_through_layer_kwargs(float64):
 def test_mnist_experiment_expands_the_convolutions_on_request():
     from experiments import mnist_cnn
 
-    config = mnist_cnn.parse_args(["--quick", "--overparameterize", "dense,conv"])
+    config, _ = mnist_cnn.parse_args(["--quick", "--overparameterize", "dense,conv"])
     assert config.overparameterize == ("dense", "conv")
-    assert mnist_cnn.parse_args(["--quick"]).overparameterize == ("dense",)
+    assert mnist_cnn.parse_args(["--quick"])[0].overparameterize == ("dense",)
     with pytest.raises(SystemExit) as error:
         mnist_cnn.parse_args(["--overparameterize", "dense,conv1d"])
     assert error.value.code == 2
