@@ -68,9 +68,10 @@ end-to-end singular values, effective learning rate). `--resume <run>` keeps the
 and seeds and trains the rest; it may add arms and seeds, so a set can be completed over
 several sittings.
 
-Cost of the default full run (9 models of 10 epochs): about 1.4 hours on an idle 2-core CPU
-machine (plain ~6 min per seed, factors about the same, twin and balanced ~1.5x, end_to_end
-~1.6x; see `SECONDS_PER_STEP`); a loaded machine takes longer. --quick: a minute or two.
+Cost of the default full run (9 models of 10 epochs, 8590 steps each): about 1.3 hours on an
+idle 2-core CPU machine (plain ~6 min per seed, factors about the same, twin and balanced ~1.5x
+per step, end_to_end ~2.1x; `SECONDS_PER_STEP`), about twice that under a load of 5-6. The run
+prints its estimate at the start. --quick: about a minute.
 """
 
 import argparse
@@ -653,7 +654,7 @@ def parse_args(argv):
                         "--arms, --seeds and --other-seeds may add more)")
     parser.add_argument("--quick", action="store_true",
                         help="CI scale: 640 training examples, 2 epochs, 2 seeds (the full default run: about "
-                        "1.4 hours on an idle 2-core machine)")
+                        "1.3 hours on an idle 2-core machine)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
     if args.resume and args.out:
@@ -689,14 +690,16 @@ def parse_args(argv):
 # without the end-to-end penalty about the same; the end-to-end penalty needs F1 F2 every step,
 # ~1.5x; end_to_end: EndToEnd's eq. 24 direction of fc1 every step), and per model for
 # validation, test, collapse and saving.
-SECONDS_PER_STEP = {"plain": 0.042, "twin": 0.063, "balanced": 0.063, "factors": 0.042, "end_to_end": 0.067}
-SECONDS_PER_MODEL = 30.0  # at the full scale of 8590 steps; proportionally less on fewer
+# ~2.1x (the --quick run's ratios to plain on this machine: twin 1.8, factors 1.07, end_to_end 2.5).
+SECONDS_PER_STEP = {"plain": 0.042, "twin": 0.063, "balanced": 0.063, "factors": 0.042, "end_to_end": 0.088}
+SECONDS_PER_MODEL = (5.0, 25.0)  # building and tracing; evaluation and collapse at 8590 steps (less on fewer)
 # Keys of Config that a resumed run may change (the set grows) or that are not options.
 RESUME_MAY_CHANGE = ("out", "manual_dir", "tfds_data_dir", "arms", "seeds", "other_seeds", "seed")
 
 
 def estimate_seconds(plan, steps):
-    return sum(SECONDS_PER_STEP[arm] * steps + SECONDS_PER_MODEL * min(1.0, steps / 8590) for arm, _ in plan)
+    fixed, scaled = SECONDS_PER_MODEL
+    return sum(SECONDS_PER_STEP[arm] * steps + fixed + scaled * min(1.0, steps / 8590) for arm, _ in plan)
 
 
 def run_config_record(config):
@@ -823,7 +826,7 @@ def print_summary(results):
                 low, high = cell["speedup_range"]
                 speed = f" {cell['speedup']:.2f}x" + (f" [{low:.2f}, {high:.2f}]" if low is not None and
                                                        len(cell["per_seed"]) > 1 else "")
-            cells.append(f"{arm} {_cell(cell, 0)}{speed}")
+            cells.append(f"{arm} {_cell(cell)}{speed}")
         print(f"  {threshold:>5s}: " + "; ".join(cells))
     passed = {arm: row["collapse_passed"] for arm, row in arms.items() if row["collapse_passed"] is not None}
     print("collapsed twins predict as the twins: " + ", ".join(f"{a} {'ok' if p else 'FAILED'}" for a, p in passed.items()))
