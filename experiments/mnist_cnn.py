@@ -599,7 +599,8 @@ def plot_curves(path, records, config, thresholds):
             curves = np.array([c[:length] for c in curves])
             steps = np.arange(1, length + 1)
             ax.fill_between(steps, curves.min(0), curves.max(0), color=f"C{i}", alpha=0.2, linewidth=0)
-            ax.plot(steps, np.median(curves, 0), color=f"C{i}", label=f"{arm} ({len(curves)} seeds)")
+            ax.plot(steps, np.median(curves, 0), color=f"C{i}",
+                    label=f"{arm} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
         if values_of is not batch_penalty:
             for threshold in thresholds:
                 ax.axhline(threshold, color="gray", linestyle=":", linewidth=0.8)
