@@ -186,7 +186,7 @@ def test_models_parameters_shared_weights_and_penalties():
         float(sum(twin.losses)),
         tutorial_l2(end_to_end[0] @ end_to_end[1], fc1.bias, end_to_end_2[0] @ end_to_end_2[1], fc2.bias), rtol=1e-5,
     )
-    per_factor = mnist_cnn.build_twin(plain, mnist_cnn.Config(regularize="factors"))
+    per_factor = mnist_cnn.build_twin(plain, config, regularize="factors")
     layer = per_factor.get_layer("fc1")
     assert layer.kernel_regularizer is None and layer.factor_regularizer is not None
     for a, b in zip(per_factor.get_weights(), twin.get_weights()):
@@ -197,9 +197,9 @@ def test_models_parameters_shared_weights_and_penalties():
 
 
 def test_balanced_twin_starts_as_the_same_function():
-    config = mnist_cnn.Config(factor_init="balanced")
+    config = mnist_cnn.Config()
     plain = mnist_cnn.build_cnn(config)
-    twin = mnist_cnn.build_twin(plain, config)
+    twin = mnist_cnn.build_twin(plain, config, factor_init="balanced")
     x = np.random.default_rng(0).uniform(-0.5, 0.5, size=(16, 28, 28, 1)).astype("float32")
     expected = plain(x, training=False).numpy()
     np.testing.assert_allclose(twin(x, training=False).numpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
@@ -240,11 +240,19 @@ def test_batch_values_from_running_means():
 def test_running_mean_and_steps_to_threshold():
     values = [4.0, 2.0, 0.5, 3.0, 0.1, 0.1]
     np.testing.assert_allclose(mnist_cnn.running_mean(values, 2), [4.0, 3.0, 1.25, 1.75, 1.55, 0.1])
-    assert mnist_cnn.steps_to_threshold(values, 1.3, window=2) == 3  # mean(2, 0.5); the lone 0.5 is not enough
-    assert mnist_cnn.steps_to_threshold(values, 0.5, window=1) == 3
-    assert mnist_cnn.steps_to_threshold(values, 0.5, window=2) == 6
+    # Means of the full window of 2 at steps 2..6: 3.0, 1.25, 1.75, 1.55, 0.1.
+    first = dict(sustained=False)
+    assert mnist_cnn.steps_to_threshold(values, 1.3, window=2, **first) == 3  # mean(2, 0.5); the lone 0.5 is not enough
+    assert mnist_cnn.steps_to_threshold(values, 0.5, window=1, **first) == 3
+    assert mnist_cnn.steps_to_threshold(values, 0.5, window=2, **first) == 6
+    assert mnist_cnn.steps_to_threshold(values, 0.01, window=2, **first) is None
+    assert mnist_cnn.steps_to_threshold(values[:1], 10.0, window=2, **first) is None
+    # Sustained: 1.25 at step 3 rises to 1.75 at step 4, so <= 1.3 holds from step 6 on only;
+    # <= 1.8 from step 3; per batch (window 1) <= 0.5 from step 5 (3.0 at step 4 breaks step 3).
+    assert mnist_cnn.steps_to_threshold(values, 1.3, window=2) == 6
+    assert mnist_cnn.steps_to_threshold(values, 1.8, window=2) == 3
+    assert mnist_cnn.steps_to_threshold(values, 0.5, window=1) == 5
     assert mnist_cnn.steps_to_threshold(values, 0.01, window=2) is None
-    assert mnist_cnn.steps_to_threshold(values[:1], 10.0, window=2) is None
 
 
 class WeightsBeforeStep(keras.callbacks.Callback):
@@ -286,10 +294,9 @@ def test_batch_recorder_gives_each_batch_loss_before_its_step(tmp_path):
 # ----------------------------------------------------------------------------- the script
 
 
-def initial_penalties(config):
-    plain = mnist_cnn.build_cnn(config)
-    twin = mnist_cnn.build_twin(plain, config)
-    return {"plain": float(sum(plain.losses)), "overparameterized": float(sum(twin.losses))}
+def initial_penalties(config, arms):
+    """Each arm's penalty at its initial weights (seed `config.seed`)."""
+    return {arm: float(sum(mnist_cnn.build_arm(arm, config).losses)) for arm in arms}
 
 
 def read_scalars(log_dir, tag):
@@ -302,6 +309,11 @@ def read_scalars(log_dir, tag):
     return [values[k] for k in sorted(values)], sorted(values)
 
 
+def records_of(run_dir):
+    return {(r["arm"], r["seed"]): r for r in map(lambda p: json.loads(p.read_text()),
+                                                   sorted(pathlib.Path(run_dir).glob("arms/*/seed_*.json")))}
+
+
 def test_quick_run_on_real_mnist(mnist_dir, tfds_dir, tmp_path, capsys):
     out = tmp_path / "run"
     run_dir = mnist_cnn.main(
@@ -309,52 +321,191 @@ def test_quick_run_on_real_mnist(mnist_dir, tfds_dir, tmp_path, capsys):
     )
     assert run_dir == out
     printed = capsys.readouterr().out
-    assert "parameters: plain 1,663,370, overparameterized 1,925,614 (+262,244, +15.8%)" in printed
+    assert "7 models (arm/seed), 0 finished" in printed
     results = json.loads((out / "results.json").read_text())
-    assert results["parameters"]["plain"] == PLAIN_PARAMETERS
-    assert results["parameters"]["overparameterized"] == TWIN_PARAMETERS
+    # --quick: plain and twin at 2 seeds, the three other arms at the first.
+    plan = [("plain", 66478), ("twin", 66478), ("balanced", 66478), ("factors", 66478), ("end_to_end", 66478),
+            ("plain", 66479), ("twin", 66479)]
+    assert results["finished"] == [f"{arm}/{seed}" for arm, seed in plan]
     assert results["steps_per_epoch"] == 10
-    penalties = initial_penalties(mnist_cnn.Config.quick())
-    for name, model in results["models"].items():
-        assert model["steps"] == 20 and len(model["batch_loss"]) == len(model["batch_cross_entropy"]) == 20
-        # Full objective minus cross-entropy of the first batch = the initial L2 penalty.
-        first_penalty = model["batch_loss"][0] - model["batch_cross_entropy"][0]
-        assert first_penalty == pytest.approx(penalties[name], rel=1e-4)
-        logged, steps = read_scalars(out / "tensorboard" / name / "batch", "batch_loss")
+    records = records_of(out)
+    assert sorted(records) == sorted(plan)
+    for (arm, seed), record in records.items():
+        parameters = PLAIN_PARAMETERS if arm in ("plain", "end_to_end") else TWIN_PARAMETERS
+        assert record["parameters"] == results["arms"][arm]["parameters"] == parameters
+        assert record["steps"] == 20 and len(record["batch_loss"]) == len(record["batch_cross_entropy"]) == 20
+        # Full objective minus cross-entropy of the first batch = the arm's initial L2 penalty.
+        penalty = initial_penalties(mnist_cnn.Config.quick().for_seed(seed), [arm])[arm]
+        assert record["initial_penalty"] == pytest.approx(penalty, rel=1e-4)
+        logged, steps = read_scalars(out / "tensorboard" / arm / f"seed_{seed}" / "batch", "batch_loss")
         assert steps == list(range(1, 21))
-        np.testing.assert_allclose(logged, model["batch_loss"], rtol=1e-6)
-        assert 0.0 <= model["test_accuracy"] <= 1.0
-    _, diagnostic_steps = read_scalars(out / "tensorboard" / "overparameterized" / "overparam", "fc1/balancedness")
+        np.testing.assert_allclose(logged, record["batch_loss"], rtol=1e-6)
+        assert (out / "arms" / arm / f"seed_{seed}.weights.h5").exists()
+        assert ("collapse" in record) == (arm in ("twin", "balanced", "factors"))
+    # One seed, the same first batch and dropout mask in every arm: plain and end_to_end (the same
+    # weights) see the same first cross-entropy, balanced (the same function) nearly; seeds differ.
+    first = {key: record["batch_cross_entropy"][0] for key, record in records.items()}
+    assert first["end_to_end", 66478] == first["plain", 66478]
+    assert first["balanced", 66478] == pytest.approx(first["plain", 66478], rel=1e-4)
+    assert first["plain", 66479] != first["plain", 66478]
+    _, diagnostic_steps = read_scalars(out / "tensorboard" / "twin" / "seed_66478" / "overparam", "fc1/balancedness")
     assert diagnostic_steps == [0, 10, 20]
-    assert set(results["thresholds_cross_entropy"]) == {"2", "1.5", "1"}
+    assert set(results["steps_to_cross_entropy"]) == {"2", "1.5", "1"}
+    assert sorted(results["arms"]["plain"]["test_accuracy"]["per_seed"]) == ["66478", "66479"]
     assert (out / "batch_loss.png").stat().st_size > 10_000
+    # config.json: the options and where they ran, with the package version and git commit.
+    config = json.loads((out / "config.json").read_text())
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    import tf_overparam
+
+    assert config["provenance"]["git_commit"] == head
+    assert config["provenance"]["package_version"] == tf_overparam.__version__
+    assert config["seeds"] == [66478, 66479] and config["other_seeds"] == [66478]
     # Collapse: recomputed here from the saved model on the same 256 test images.
-    collapsed = results["collapse"]
+    collapsed = records["twin", 66478]["collapse"]
     assert collapsed["passed"] and collapsed["argmax_equal"]
     assert collapsed["parameters"] == PLAIN_PARAMETERS
-    deployed = keras.saving.load_model(out / collapsed["path"])
+    deployed = keras.saving.load_model(out / "arms" / "twin" / collapsed["path"])
     (test,) = mnist.load_mnist(("test",), data_dir=tfds_dir[0])
     x, y = next(iter(test.take(256).batch(256)))
     accuracy = float(np.mean(np.argmax(deployed.predict(mnist.scale_images(x), verbose=0), 1) == y.numpy()))
-    assert accuracy == collapsed["test_accuracy"] == results["models"]["overparameterized"]["test_accuracy"]
+    assert accuracy == collapsed["test_accuracy"] == records["twin", 66478]["test_accuracy"]
 
 
 def test_quick_run_under_mirrored_strategy_in_a_subprocess(mnist_dir, tfds_dir, tmp_path):
     out = tmp_path / "mirrored"
     command = [sys.executable, "-m", "experiments.mnist_cnn", "--quick", "--epochs", "1", "--steps", "3",
-               "--strategy", "mirrored", "--manual-dir", str(mnist_dir), "--tfds-data-dir", str(tfds_dir[0]),
-               "--out", str(out)]
+               "--arms", "plain,twin", "--seeds", "7", "--strategy", "mirrored", "--manual-dir", str(mnist_dir),
+               "--tfds-data-dir", str(tfds_dir[0]), "--out", str(out)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["machine"]["replicas"] == 2
-    penalties = initial_penalties(mnist_cnn.Config.quick())
-    for name, model in results["models"].items():
-        assert model["steps"] == 3
+    penalties = initial_penalties(mnist_cnn.Config.quick().for_seed(7), ("plain", "twin"))
+    records = records_of(out)
+    assert sorted(records) == [("plain", 7), ("twin", 7)]
+    for (arm, _), record in records.items():
+        assert record["steps"] == 3
         # Loss and cross-entropy are aggregated over both replicas consistently.
-        assert model["batch_loss"][0] - model["batch_cross_entropy"][0] == pytest.approx(penalties[name], rel=1e-4)
-    assert results["collapse"]["passed"]
+        assert record["batch_loss"][0] - record["batch_cross_entropy"][0] == pytest.approx(penalties[arm], rel=1e-4)
+    assert results["arms"]["twin"]["collapse_passed"] is True
+
+
+# ----------------------------------------------------------------------------- arms and seeds
+
+
+def hand_record(arm, seed, cross_entropy, accuracy):
+    return {"arm": arm, "seed": seed, "parameters": 1, "batch_cross_entropy": cross_entropy,
+            "test_accuracy": accuracy, "final_running_mean_cross_entropy": cross_entropy[-1],
+            "initial_penalty": 1.0, "final_running_mean_penalty": 0.5, "median_batch_seconds": 0.1}
+
+
+def crossing_at(step, length=12, spike_at=None):
+    """Per-batch values 2.0 until `step` (1-based), 0.5 from it on (None: never); optionally one
+    early 0.5 at `spike_at`, a first crossing that does not last."""
+    values = [2.0] * length if step is None else [2.0] * (step - 1) + [0.5] * (length - step + 1)
+    if spike_at is not None:
+        values[spike_at - 1] = 0.5
+    return values
+
+
+def test_summary_median_range_and_speedup_of_medians():
+    config = mnist_cnn.Config(window=1, thresholds=(1.0,))
+    records = {
+        ("plain", 1): hand_record("plain", 1, crossing_at(4, spike_at=1), 0.9),
+        ("plain", 2): hand_record("plain", 2, crossing_at(6), 0.8),
+        ("plain", 3): hand_record("plain", 3, crossing_at(10), 0.95),
+        ("twin", 1): hand_record("twin", 1, crossing_at(2), 0.9),
+        ("twin", 2): hand_record("twin", 2, crossing_at(2), 0.9),
+        ("twin", 3): hand_record("twin", 3, crossing_at(None), 0.9),
+        ("balanced", 1): hand_record("balanced", 1, crossing_at(1), 0.9),
+    }
+    summary = mnist_cnn.summarize(records, config)
+    assert summary["arms"]["plain"]["test_accuracy"]["median"] == 0.9
+    assert summary["arms"]["plain"]["test_accuracy"]["range"] == [0.8, 0.95]
+    row = summary["steps_to_cross_entropy"]["1"]
+    # plain: 4, 6, 10 (seed 1's lone early batch is a first crossing at 1, not a sustained one).
+    assert row["plain"]["per_seed"] == {"1": 4, "2": 6, "3": 10}
+    assert row["plain"]["median"] == 6 and row["plain"]["range"] == [4, 10]
+    assert row["plain"]["first_crossing"]["per_seed"] == {"1": 1, "2": 6, "3": 10}
+    # twin: 2, 2, never -> median 2, max never; speedup 6 / 2 = 3, per-seed 4/2, 6/2 (seed 3 none).
+    assert row["twin"]["median"] == 2 and row["twin"]["range"] == [2, None]
+    assert row["twin"]["speedup"] == 3.0 and row["twin"]["speedup_range"] == [2.0, 3.0]
+    # balanced, one seed: 6 / 1 against the medians; its one ratio is seed 1's, 4 / 1.
+    assert row["balanced"]["speedup"] == 6.0 and row["balanced"]["speedup_range"] == [4.0, 4.0]
+
+
+def test_a_seed_sets_the_same_data_order_and_dropout_masks_in_every_arm(tfds_dir):
+    (train,) = mnist.load_mnist(("train[:640]",), data_dir=tfds_dir[0])
+    config = mnist_cnn.Config.quick()
+
+    def first_labels(seed):
+        return np.concatenate([y.numpy() for _, y in mnist_cnn.train_batches(config.for_seed(seed), train).take(3)])
+
+    def masks(arm, seed, calls=3):
+        dropout = mnist_cnn.build_arm(arm, config.for_seed(seed)).get_layer("dropout")
+        return [dropout(tf.ones((64, 512)), training=True).numpy() != 0 for _ in range(calls)]
+
+    np.testing.assert_array_equal(first_labels(5), first_labels(5))
+    assert not np.array_equal(first_labels(5), first_labels(6))
+    reference = masks("plain", 5)
+    assert 0.4 < reference[0].mean() < 0.6 and not np.array_equal(reference[0], reference[1])
+    for arm in ("twin", "balanced", "factors", "end_to_end"):
+        for mask, expected in zip(masks(arm, 5), reference):
+            np.testing.assert_array_equal(mask, expected)
+    assert not np.array_equal(masks("plain", 6)[0], reference[0])
+
+
+def test_seeds_draw_independent_weights():
+    """Stateless draws from one integer seed share their first values across shapes: seed + offset
+    per layer would make seed s's conv1 the start of seed s - 1's conv2 (shown here), so each use
+    gets its own stream."""
+    draw = keras.initializers.TruncatedNormal(stddev=0.1, seed=3)
+    np.testing.assert_array_equal(np.ravel(draw((4, 3))), np.ravel(draw((6, 5)))[:12])  # the trap
+    config = mnist_cnn.Config()
+    first, second = mnist_cnn.build_arm("twin", config.for_seed(1)), mnist_cnn.build_arm("twin", config.for_seed(2))
+    conv1 = np.ravel(second.get_layer("conv1").get_weights()[0])
+    conv2 = np.ravel(first.get_layer("conv2").get_weights()[0])
+    assert np.sum(conv1 == conv2[:conv1.size]) == 0  # not even one value in the same place
+    fc1, fc2 = first.get_layer("fc1").factors, first.get_layer("fc2").factors
+    values = [np.ravel(np.asarray(f)) for f in (*fc1, *fc2, first.get_layer("conv1").get_weights()[0])]
+    for i, a in enumerate(values):
+        for b in values[i + 1:]:
+            size = min(a.size, b.size)
+            assert np.sum(a[:size] == b[:size]) == 0
+
+
+def test_end_to_end_arm_moves_the_dense_kernels_by_eq_24():
+    """One step of the end_to_end arm (momentum SGD from zero velocity: W <- W - lr D) against
+    tests/_reference.py: D = the eq. 24 direction of the loss gradient for fc1 and fc2, the
+    plain gradient for everything else."""
+    from tests._reference import reference_direction
+
+    config = mnist_cnn.Config(dropout=0.0, learning_rate=1.0)  # no dropout: the gradient below is the step's
+    model = mnist_cnn.build_arm("end_to_end", config)
+    mnist_cnn.compile_model(model, config, steps_per_epoch=10, arm="end_to_end")
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-0.5, 0.5, size=(64, 28, 28, 1)).astype("float32")
+    y = rng.integers(0, 10, size=64)
+    before = {v.path: np.asarray(v, np.float64) for v in model.trainable_variables}
+    with tf.GradientTape() as tape:
+        logits = model(x, training=True)
+        loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        loss = tf.reduce_mean(loss) + tf.add_n(model.losses)
+    grads = {v.path: np.asarray(g, np.float64) for v, g in zip(model.trainable_variables,
+                                                               tape.gradient(loss, model.trainable_variables))}
+    model.train_on_batch(x, y)
+    preconditioned = set()
+    for variable in model.trainable_variables:
+        step = before[variable.path] - np.asarray(variable, np.float64)
+        if variable.path.endswith("kernel") and "fc" in variable.path:
+            preconditioned.add(variable.path.split("/")[-2])
+            expected = reference_direction(before[variable.path], grads[variable.path], depth=2)
+        else:
+            expected = grads[variable.path]
+        np.testing.assert_allclose(step, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    assert preconditioned == {"fc1", "fc2"}
 
 
 # ----------------------------------------------------------------------------- issue 13
@@ -406,37 +557,64 @@ def test_cli_out_at_a_run_folder_refuses(tmp_path, capsys):
     assert (tmp_path / "config.json").read_text() == "{}\n" and len(list(tmp_path.iterdir())) == 1
 
 
-def test_interrupted_run_resumes_keeping_the_finished_model(mnist_dir, tfds_dir, tmp_path, capsys, monkeypatch):
-    argv = ["--quick", "--epochs", "1", "--steps", "3", "--manual-dir", str(mnist_dir),
-            "--tfds-data-dir", str(tfds_dir[0])]
-    reference = json.loads((mnist_cnn.main([*argv, "--out", str(tmp_path / "ref")]) / "results.json").read_text())
+def test_interrupted_run_resumes_per_arm_and_seed_and_adds_arms(mnist_dir, tfds_dir, tmp_path, capsys, monkeypatch):
+    argv = ["--quick", "--epochs", "1", "--steps", "3", "--arms", "plain,twin", "--seeds", "1,2",
+            "--manual-dir", str(mnist_dir), "--tfds-data-dir", str(tfds_dir[0])]
+    reference = records_of(mnist_cnn.main([*argv, "--out", str(tmp_path / "ref")]))
     train_one = mnist_cnn.train_one
 
-    def interrupt_the_twin(name, *args):
-        if name == "overparameterized":
+    def interrupt_the_second_twin(arm, model, config, *args):
+        if (arm, config.seed) == ("twin", 2):
             raise KeyboardInterrupt
-        return train_one(name, *args)
+        return train_one(arm, model, config, *args)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(mnist_cnn, "train_one", interrupt_the_twin)
+    monkeypatch.setattr(mnist_cnn, "train_one", interrupt_the_second_twin)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         mnist_cnn.main([*argv, "--out", str(run)])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 130 and len(lines) == 1
-    assert lines[0] == (f"interrupted: kept plain (of plain, overparameterized) in {run}; continue with: "
-                        f"python -m experiments.mnist_cnn --resume {run} {' '.join(argv)}")
-    kept = json.loads((run / "results.json").read_text())["models"]
-    assert list(kept) == ["plain"]
+    assert lines[0] == (f"interrupted: kept plain/1, twin/1, plain/2 (3 of 4 arm/seed models) in {run}; "
+                        f"continue with: python -m experiments.mnist_cnn --resume {run} {' '.join(argv)}")
+    kept = records_of(run)
+    assert sorted(kept) == [("plain", 1), ("plain", 2), ("twin", 1)]
+    assert json.loads((run / "results.json").read_text())["finished"] == ["plain/1", "twin/1", "plain/2"]
 
     monkeypatch.setattr(mnist_cnn, "train_one", train_one)
     mnist_cnn.main(["--resume", str(run), *argv])
-    assert "plain: kept from the resumed run" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "plain/1: kept from the resumed run" in printed and "twin/1: kept" in printed
+    records = records_of(run)
+    assert {key: records[key] for key in kept} == kept  # kept, not retrained
+    assert sorted(records) == sorted(reference)
+    for key, record in records.items():
+        np.testing.assert_allclose(record["batch_loss"], reference[key]["batch_loss"], rtol=1e-6)
+        assert read_scalars(run / "tensorboard" / key[0] / f"seed_{key[1]}" / "batch", "batch_loss")[1] == [1, 2, 3]
+    # Resuming with more arms trains only those; config.json records the union.
+    mnist_cnn.main(["--resume", str(run), *argv, "--arms", "end_to_end", "--other-seeds", "1"])
+    printed = capsys.readouterr().out
+    assert "1 models (arm/seed), 0 finished" in printed and "end_to_end/1: test accuracy" in printed
+    assert "twin/1: test accuracy" not in printed
+    sittings = json.loads((run / "config.json").read_text())["sittings"]
+    assert [sitting["plan"] for sitting in sittings] == [
+        ["plain/1", "twin/1", "plain/2", "twin/2"], ["twin/2"], ["end_to_end/1"]]
+    assert sorted(records_of(run)) == sorted([*reference, ("end_to_end", 1)])
+    assert json.loads((run / "config.json").read_text())["arms"] == ["plain", "twin", "end_to_end"]
     results = json.loads((run / "results.json").read_text())
-    assert results["models"]["plain"] == kept["plain"]  # kept, not retrained
-    for name in ("plain", "overparameterized"):
-        np.testing.assert_allclose(
-            results["models"][name]["batch_loss"], reference["models"][name]["batch_loss"], rtol=1e-6
-        )
-        assert read_scalars(run / "tensorboard" / name / "batch", "batch_loss")[1] == [1, 2, 3]  # no step twice
-    assert results["collapse"]["passed"]
+    assert results["arms"]["twin"]["collapse_passed"] is True and set(results["arms"]) == {"plain", "twin", "end_to_end"}
+    # Other options than the arms and seeds must match.
+    with pytest.raises(SystemExit) as exit_info:
+        mnist_cnn.main(["--resume", str(run), *argv, "--optimizer", "adam"])
+    assert exit_info.value.code == 2 and "optimizer" in capsys.readouterr().err
+
+
+def test_cli_rejects_unknown_arms_and_bad_seeds(capsys):
+    for argv, expected in ((["--arms", "plain,twins"], "--arms must be"), (["--seeds", "1,x"], "--seeds must be"),
+                           (["--other-seeds", "-1"], "--other-seeds must be")):
+        with pytest.raises(SystemExit) as exit_info:
+            mnist_cnn.parse_args(argv)
+        assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+    config, _ = mnist_cnn.parse_args(["--arms", "twin,plain", "--seeds", "3,3,4", "--other-seeds", "9"])
+    assert config.arms == ("twin", "plain") and config.seeds == (3, 4) and config.other_seeds == (9,)
+    assert config.plan() == [("twin", 3), ("plain", 3), ("twin", 4), ("plain", 4)]
