@@ -1,7 +1,7 @@
 """The two-point l_p regression of Section 7: plain gradient descent against depth 2.
 
 Inputs x_1 = [1, 0], x_2 = [0, 1], labels y_1 > y_2 > 0, even p >= 2, and the l_p loss of
-NOTES.md averaged over the m = 2 points (`tf_overparam.LpLoss`):
+docs/equations.md ("l_p loss") averaged over the m = 2 points (`tf_overparam.LpLoss`):
 
     L(w) = (1/m) sum_i (1/p) (x_i^T w - y_i)^p = (1/2p) [(w_1 - y_1)^p + (w_2 - y_2)^p],
     dL/dw_k = (1/2) (w_k - y_k)^{p-1}.
