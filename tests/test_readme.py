@@ -59,6 +59,18 @@ def test_readme_usage_example_runs_and_holds():
     np.testing.assert_allclose(deep.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-5)
     assert to.diagnostics.balancedness(deep.layers[0]).relative < 1e-5
 
+    # "the same outputs": the folded convolutions compute the chained ones (float32 rounding).
+    convs, folded, images = namespace["convs"], namespace["folded"], namespace["images"]
+    assert [type(lay) for lay in folded.layers] == [keras.layers.Conv2D, keras.layers.Conv2D]
+    assert [lay.kernel.shape for lay in folded.layers] == [(3, 3, 3, 8), (5, 5, 8, 4)]
+    np.testing.assert_allclose(folded.predict(images, verbose=0), convs.predict(images, verbose=0), rtol=1e-5, atol=1e-5)
+
+    # The EndToEnd-compiled CNN learned the target: far below the loss of predicting zero,
+    # mean(target^2) (0.32 here; measured 0.007 after the 20 epochs, from 0.64 before them).
+    cnn, targets = namespace["cnn"], namespace["targets"]
+    assert isinstance(cnn.optimizer, to.optimizers.EndToEnd) and cnn.optimizer.depth == 2
+    assert cnn.evaluate(images, targets, verbose=0) < 0.1 * np.mean(targets.astype(np.float64) ** 2)
+
     # The end-to-end model trains a plain Dense by eq. 24 at depth 3, and converges as well.
     assert isinstance(shallow, to.EndToEndModel) and shallow.depth == 3
     assert [type(lay) for lay in shallow.layers[1:]] == [keras.layers.Dense]

@@ -7,7 +7,8 @@ for Keras 3 / TensorFlow.
 - `overparameterize` / `collapse`: convert whole models between the two.
 - `chain`: the chain core (validators, the product eq. 10, the factor gradients eq. 14,
   the balanced factorisation); equations are numbered as in docs/equations.md.
-- `EndToEndModel`: trains plain `Dense` layers by the end-to-end update rule (eq. 24).
+- `optimizers.EndToEnd`: any Keras optimizer, with the selected kernels moved by the end-to-end
+  update rule (eq. 24); `EndToEndModel`: a model that compiles its optimizer through it.
 - `initializers` (NearZero, Identity, Balanced), `losses.LpLoss`, `diagnostics`,
   `preconditioning`.
 """
@@ -16,7 +17,7 @@ import importlib
 
 import keras
 
-from tf_overparam import chain, diagnostics, initializers, layers, losses, preconditioning
+from tf_overparam import chain, diagnostics, initializers, layers, losses, optimizers, preconditioning
 from tf_overparam.layers import OverparamConv2D, OverparamDense
 from tf_overparam.losses import LpLoss
 from tf_overparam.models import collapse, overparameterize
@@ -52,6 +53,7 @@ __all__ = [
     "initializers",
     "layers",
     "losses",
+    "optimizers",
     "overparameterize",
     "preconditioning",
 ]
