@@ -6,6 +6,7 @@ The tests that start fresh Python processes with the backends they need run once
 run of the suite (tests/conftest.py).
 """
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -24,6 +25,9 @@ README = REPO_ROOT / "README.md"
 # Tests that start fresh processes with the backends they need run once, in the JAX run.
 in_the_jax_run = pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="runs in the JAX run; it starts the backends it needs itself"
+)
+needs_tensorflow = pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is None, reason="TensorFlow is not installed (a JAX-only install)"
 )
 
 # Put first on sys.meta_path, it makes `import tensorflow` fail as if TensorFlow were not
@@ -171,6 +175,7 @@ def _numpy_forward(weights, x):
 
 
 @in_the_jax_run
+@needs_tensorflow
 @pytest.mark.parametrize("saved_on, loaded_on", [("tensorflow", "jax"), ("jax", "tensorflow")])
 def test_keras_file_loads_on_the_other_backend_with_equal_outputs(tmp_path, saved_on, loaded_on):
     _run(SAVE, saved_on, tmp_path)
@@ -203,7 +208,7 @@ TWIN_EXTRA = 512 * 512 + 10 * 10
 
 
 @in_the_jax_run
-@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
+@pytest.mark.parametrize("backend", ["jax", pytest.param("tensorflow", marks=needs_tensorflow)])
 def test_backend_benchmark_quick_run(tmp_path, backend):
     """`python -m benchmarks.run --backend NAME --quick`, on JAX with TensorFlow blocked."""
     script = (BLOCK_TENSORFLOW if backend != "tensorflow" else "") + textwrap.dedent(

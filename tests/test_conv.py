@@ -444,6 +444,7 @@ def test_overparameterize_into_spatial_chains_through_layer_kwargs(float64):
     np.testing.assert_allclose(keras.ops.convert_to_numpy(back.layers[0].kernel), _numpy_kernel(c1), rtol=1e-12)
 
 
+@pytest.mark.tf_only("the experiments stay on TensorFlow")
 def test_mnist_experiment_expands_the_convolutions_on_request():
     from experiments import mnist_cnn
 
