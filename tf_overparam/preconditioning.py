@@ -195,6 +195,8 @@ def end_to_end_direction(kernel, grad, depth):
         return grad
     kernel = ops.convert_to_tensor(kernel)
     rows, cols = max(kernel.shape[-2:]), min(kernel.shape[-2:])
+    if cols == 1:
+        return _single_output_direction(kernel, grad, depth)
     if rows <= DIRECT_FORM_ASPECT * cols:
         return apply_preconditioner(compute_preconditioner(kernel, depth), grad)
     w, basis, direct, cross = _spectrum(kernel, depth)
@@ -204,6 +206,23 @@ def end_to_end_direction(kernel, grad, depth):
     inner = cross * ops.matmul(ops.matmul(basis_t, ops.matmul(_transpose(w), g)), basis)
     direction = ops.matmul(g, right) + ops.matmul(w, ops.matmul(ops.matmul(basis, inner), basis_t))
     return ops.cast(_transpose(direction) if wide else direction, grad.dtype)
+
+
+def _single_output_direction(kernel, grad, depth):
+    """Eq. 27 for a kernel with a side of size 1: ||w||^{2-2/N} (g + (N-1) <g, w> / ||w||^2 w),
+    and 0 at w = 0, NaN where w is not finite. Element-wise products and two sums, no
+    decomposition: this is the full-batch engine's inner loop for a single output."""
+    dtype = _compute_dtype(kernel)
+    w, g = ops.cast(kernel, dtype), ops.cast(grad, dtype)
+    finite = ops.all(ops.isfinite(w), axis=(-2, -1), keepdims=True)
+    w = ops.where(finite, w, ops.zeros_like(w))
+    squared_norm = ops.sum(ops.square(w), axis=(-2, -1), keepdims=True)
+    positive = squared_norm > 0
+    safe_norm = ops.where(positive, squared_norm, ops.ones_like(squared_norm))
+    radial = ops.where(positive, (depth - 1) * ops.sum(g * w, axis=(-2, -1), keepdims=True) / safe_norm, 0.0)
+    direction = ops.power(squared_norm, (depth - 1) / depth) * (g + radial * w)
+    direction = ops.where(finite, direction, ops.full_like(direction, float("nan")))
+    return ops.cast(direction, grad.dtype)
 
 
 def _singular_value_powers(s, depth):
