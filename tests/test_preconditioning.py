@@ -52,6 +52,8 @@ def _kernels():
         "square": rng.normal(size=(3, 3)),
         "wide": rng.normal(size=(2, 5)),
         "tall": rng.normal(size=(5, 2)),
+        "very_tall": rng.normal(size=(12, 3)),  # past DIRECT_FORM_ASPECT: the regrouped products
+        "very_wide": rng.normal(size=(3, 12)),
         "tall_rank1": _rank_deficient(rng, (4, 3), 1),
         "wide_rank2": _rank_deficient(rng, (3, 5), 2),
         "square_rank2": _rank_deficient(rng, (4, 4), 2),
@@ -75,7 +77,7 @@ def _grad(shape, seed=1):
 
 GROUPS = {
     "single_output": ["scalar", "column", "row", "zero_single"],
-    "full_rank": ["square", "wide", "tall", "repeated_singular_values"],
+    "full_rank": ["square", "wide", "tall", "very_tall", "very_wide", "repeated_singular_values"],
     "rank_deficient_or_zero": ["tall_rank1", "wide_rank2", "square_rank2", "zero_multi"],
 }
 assert sorted(sum(GROUPS.values(), [])) == sorted(KERNELS)
@@ -285,7 +287,7 @@ def test_float64_direction_of_a_condition_1e3_kernel_is_exact():
 # --- the preconditioner, reused (amortised mode) -------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["tall", "wide", "square_rank2", "column", "row", "zero_multi"])
+@pytest.mark.parametrize("name", ["tall", "wide", "very_tall", "very_wide", "square_rank2", "column", "row", "zero_multi"])
 def test_a_kept_preconditioner_applies_the_old_kernels_eq26_to_new_gradients(name):
     # P(W_r) G_t for a later gradient: the explicit eq. 26 matrix of W_r times vec(G_t), and the
     # reference direction at W_r (linear in G).

@@ -146,6 +146,13 @@ def compute_preconditioner(kernel, depth):
     return Preconditioner(ops.matmul(kernel, basis), basis, direct, cross)
 
 
+# A kernel this many times taller than wide (oriented) takes the direct form in
+# `end_to_end_direction`: three matmuls of G's size and five b x b ones, against five of G's size
+# (B = W V and `apply_preconditioner`'s four); 5 b^3 < 2 a b^2 when a > 2.5 b. Past it
+# `apply_preconditioner` also regroups its products, to three of G's size and three b x b ones.
+DIRECT_FORM_ASPECT = 2.5
+
+
 def _oriented(grad, dtype):
     """`grad` cast to `dtype` and oriented tall, and whether it was transposed."""
     g = ops.cast(grad, dtype)
@@ -155,20 +162,24 @@ def _oriented(grad, dtype):
 def apply_preconditioner(preconditioner, grad):
     """P(W) G: the direction of eq. 24 for the gradient `grad` (..., a, b) of the kernel that
     `preconditioner` was computed from (or, amortised, of a later kernel). Four matmuls of
-    G's size; the result has `grad`'s shape and dtype."""
+    G's size, or three and three b x b ones for a kernel more than `DIRECT_FORM_ASPECT` times
+    taller than wide; the result has `grad`'s shape and dtype."""
     grad = ops.convert_to_tensor(grad)
     projected, basis, direct, cross = preconditioner
     g, wide = _oriented(grad, projected.dtype)
-    g_basis = ops.matmul(g, basis)
-    inner = cross * ops.matmul(_transpose(projected), g_basis)
-    direction = ops.matmul(g_basis * direct + ops.matmul(projected, inner), _transpose(basis))
+    basis_t = _transpose(basis)
+    if projected.shape[-2] > DIRECT_FORM_ASPECT * projected.shape[-1]:
+        # Much taller than wide: G (V diag(t) V^T) + B ((M o (B^T G V)) V^T), three matmuls of G's
+        # size and three b x b ones, against the four of G's size below.
+        inner = cross * ops.matmul(ops.matmul(_transpose(projected), g), basis)
+        direction = ops.matmul(g, ops.matmul(basis * direct, basis_t)) + ops.matmul(projected, ops.matmul(inner, basis_t))
+    else:
+        g_basis = ops.matmul(g, basis)
+        inner = cross * ops.matmul(_transpose(projected), g_basis)
+        direction = ops.matmul(g_basis * direct + ops.matmul(projected, inner), basis_t)
     return ops.cast(_transpose(direction) if wide else direction, grad.dtype)
 
 
-# A kernel this many times taller than wide (oriented) takes the direct form in
-# `end_to_end_direction`: three matmuls of G's size and five b x b ones, against five of G's size
-# (B = W V and `apply_preconditioner`'s four); 5 b^3 < 2 a b^2 when a > 2.5 b.
-DIRECT_FORM_ASPECT = 2.5
 
 
 def end_to_end_direction(kernel, grad, depth):
