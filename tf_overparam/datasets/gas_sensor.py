@@ -32,7 +32,6 @@ References:
 
 import argparse
 import dataclasses
-import hashlib
 import math
 import os
 import pathlib
@@ -42,6 +41,8 @@ import urllib.parse
 import zipfile
 
 import numpy as np
+
+from tf_overparam.datasets._checksums import file_sha256
 
 UCI_URL = (
     "https://archive.ics.uci.edu/static/public/270/"
@@ -369,7 +370,7 @@ def load_ethanol(
         rows_per_batch[name] = int(keep.sum())
         provenance[name] = {
             "path": str(path),
-            "sha256": _sha256(path),
+            "sha256": file_sha256(path),
             "rows": int(classes.size),
             "rows_used": rows_per_batch[name],
         }
@@ -455,14 +456,6 @@ def preprocess(data, scheme="zscore", bias=False):
         data, x=x.astype(np.float32), y=y.astype(np.float32), feature_mean=x_offset, feature_std=x_scale,
         target_mean=y_offset, target_std=y_scale, normalized=True, scaling=description,
     )
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _zscore_stats(a):

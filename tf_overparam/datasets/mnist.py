@@ -21,11 +21,12 @@ later calls read the prepared data and need neither the folder nor the network.
 experiments (cache, seeded shuffle, scaling, batch, prefetch).
 """
 
-import hashlib
 import os
 import pathlib
 
 import tensorflow as tf
+
+from tf_overparam.datasets._checksums import file_sha256
 
 ENV_VAR = "TF_OVERPARAM_MNIST_DIR"
 FILES = (
@@ -99,7 +100,7 @@ def check_file(path):
     original MNIST file of its name."""
     path = pathlib.Path(path)
     size, sha256 = FILE_CHECKSUMS[path.name]
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     if path.stat().st_size != size or digest != sha256:
         raise MnistCorruptError(
             f"MNIST file {path} is corrupt or not the original ({path.stat().st_size} bytes, sha256 "
