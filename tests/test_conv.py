@@ -149,7 +149,7 @@ def _both_orders(layer, x):
     cost rule picks one; each is forced here in turn by replacing the rule's chooser."""
     outputs = []
     for pick in (lambda count, threshold, chain, fold: chain(), lambda count, threshold, chain, fold: fold()):
-        with mock.patch.object(conv_module, "_cheaper_order", pick):
+        with mock.patch.object(conv_module, "cheaper_order", pick):
             outputs.append(keras.ops.convert_to_numpy(layer(x)))
     return outputs
 

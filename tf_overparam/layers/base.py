@@ -1,5 +1,7 @@
 """`ChainedKernelLayer`: the base of every layer whose kernel is a product of factors."""
 
+import math
+
 import keras
 from keras import ops
 
@@ -8,6 +10,22 @@ from tf_overparam import initializers as chain_initializers
 from tf_overparam.chain import chain_product, check_depth
 
 PACKAGE = "tf_overparam"
+
+
+def cheaper_order(count, threshold, below, above):
+    """`below()` while `count` is under `threshold`, else `above()`: two computations of the
+    same outputs in a different order (the chain applied to the inputs, or the folded kernel),
+    chosen by the cost threshold of `tf_overparam.chain.inputs_first_threshold`.
+
+    `count` (rows, or output positions) is an int when the shapes are known, compared now; a
+    traced integer scalar when they are not (a TF graph's unknown batch), compared at run time
+    with `keras.ops.cond`. For an integer count, count < threshold <=> count < ceil(threshold).
+    """
+    if math.isinf(threshold):
+        return below()
+    if isinstance(count, int):
+        return below() if count < threshold else above()
+    return ops.cond(ops.less(count, min(math.ceil(threshold), 2**31 - 1)), below, above)
 
 
 class ChainedKernelLayer(keras.layers.Layer):

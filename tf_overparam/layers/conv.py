@@ -26,7 +26,7 @@ from tf_overparam.chain import (
     resolve_hidden_units,
 )
 from tf_overparam.layers import registry
-from tf_overparam.layers.base import PACKAGE, ChainedKernelLayer
+from tf_overparam.layers.base import PACKAGE, ChainedKernelLayer, cheaper_order
 
 
 def _int_pair(value, name):
@@ -71,16 +71,6 @@ def compose_kernels(first, second):
     images = ops.pad(ops.transpose(first, (2, 0, 1, 3)), ((0, 0), (h2 - 1, h2 - 1), (w2 - 1, w2 - 1), (0, 0)))
     composed = ops.conv(images, ops.flip(second, axis=(0, 1)), padding="valid")
     return ops.transpose(composed, (1, 2, 0, 3))
-
-
-def _cheaper_order(count, threshold, below, above):
-    """`below()` while `count` (an int, or a traced scalar) is under `threshold`, else `above()`;
-    both compute the same thing in a different order."""
-    if math.isinf(threshold):
-        return below()
-    if isinstance(count, int):
-        return below() if count < threshold else above()
-    return ops.cond(ops.less(ops.cast(count, "float32"), threshold), below, above)
 
 
 @registry.register
@@ -357,7 +347,7 @@ class OverparamConv2D(ChainedKernelLayer):
                 return outputs
 
             count = inputs.shape[0] if inputs.shape[0] is not None else ops.shape(inputs)[0]
-            return _cheaper_order(count, threshold, chain_first, lambda: self._fold_then_convolve(inputs, factors))
+            return cheaper_order(count, threshold, chain_first, lambda: self._fold_then_convolve(inputs, factors))
 
         first = ops.reshape(factors[0], (*self.kernel_size, inputs.shape[-1], factors[0].shape[-1]))
 
@@ -366,7 +356,7 @@ class OverparamConv2D(ChainedKernelLayer):
             return apply_chain(outputs, factors[1:])
 
         rows = self._output_rows(inputs)
-        return _cheaper_order(rows, self._threshold, chain_first, lambda: self._fold_then_convolve(inputs, factors))
+        return cheaper_order(rows, self._threshold, chain_first, lambda: self._fold_then_convolve(inputs, factors))
 
     def _output_rows(self, inputs):
         """Batch x output positions, an int when the input shape is static, else a traced scalar."""

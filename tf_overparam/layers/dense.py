@@ -14,7 +14,7 @@ from tf_overparam.chain import (
     resolve_hidden_units,
 )
 from tf_overparam.layers import registry
-from tf_overparam.layers.base import PACKAGE, ChainedKernelLayer
+from tf_overparam.layers.base import PACKAGE, ChainedKernelLayer, cheaper_order
 
 
 @registry.register
@@ -137,22 +137,14 @@ class OverparamDense(ChainedKernelLayer):
     def apply_chain(self, inputs, factors):
         if len(factors) == 1:
             return ops.matmul(inputs, factors[0])
-        if math.isinf(self._threshold):
-            return apply_chain(inputs, factors)
 
         def kernel_first():
             # The product is formed from the float32 factors and cast once, as 0.1.0 did.
             return ops.matmul(inputs, ops.cast(self.kernel, factors[0].dtype))
 
-        def inputs_first():
-            return apply_chain(inputs, factors)
-
         leading = inputs.shape[:-1]
-        if all(n is not None for n in leading):
-            return inputs_first() if math.prod(leading) < self._threshold else kernel_first()
-        rows = ops.size(inputs) // inputs.shape[-1]
-        # rows < threshold <=> rows < ceil(threshold) for an integer count of rows.
-        return ops.cond(rows < math.ceil(self._threshold), inputs_first, kernel_first)
+        rows = math.prod(leading) if all(n is not None for n in leading) else ops.size(inputs) // inputs.shape[-1]
+        return cheaper_order(rows, self._threshold, lambda: apply_chain(inputs, factors), kernel_first)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)
