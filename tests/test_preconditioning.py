@@ -177,7 +177,7 @@ def test_zero_kernel_is_a_fixed_point():
 
 
 def test_non_finite_kernel_gives_nan_direction():
-    for shape, bad, depth in itertools.product([(4, 1), (1, 1), (3, 4)], [np.inf, -np.inf, np.nan], [2, 3]):
+    for shape, bad, depth in itertools.product([(4, 1), (1, 1), (3, 4), (12, 3), (3, 12)], [np.inf, -np.inf, np.nan], [2, 3]):
         w = _grad(shape, seed=5)
         w[0, 0] = bad
         direction = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(_grad(shape)), depth))
@@ -287,16 +287,18 @@ def test_float64_direction_of_a_condition_1e3_kernel_is_exact():
 # --- the preconditioner, reused (amortised mode) -------------------------------------------------
 
 
+@pytest.mark.parametrize("depth", [2, 3])  # depth 2 takes the rank-one form (B diag(m) B^T G)
 @pytest.mark.parametrize("name", ["tall", "wide", "very_tall", "very_wide", "square_rank2", "column", "row", "zero_multi"])
-def test_a_kept_preconditioner_applies_the_old_kernels_eq26_to_new_gradients(name):
+def test_a_kept_preconditioner_applies_the_old_kernels_eq26_to_new_gradients(name, depth):
     # P(W_r) G_t for a later gradient: the explicit eq. 26 matrix of W_r times vec(G_t), and the
     # reference direction at W_r (linear in G).
     w_r = KERNELS[name]
-    preconditioner = compute_preconditioner(ops.convert_to_tensor(w_r), 3)
+    preconditioner = compute_preconditioner(ops.convert_to_tensor(w_r), depth)
+    assert tuple(preconditioner.cross_weights.shape) == (depth - 1, 2, min(w_r.shape))
     for seed in [7, 8]:
         g = _grad(w_r.shape, seed)
         applied = np.asarray(apply_preconditioner(preconditioner, ops.convert_to_tensor(g)))
-        expected = (np.asarray(preconditioner_matrix(ops.convert_to_tensor(w_r), 3)) @ g.reshape(-1)).reshape(w_r.shape)
+        expected = (np.asarray(preconditioner_matrix(ops.convert_to_tensor(w_r), depth)) @ g.reshape(-1)).reshape(w_r.shape)
         scale = max(np.abs(expected).max(), 1e-300)
         np.testing.assert_allclose(applied, expected, rtol=0, atol=1e-12 * scale, err_msg=name)
-        np.testing.assert_allclose(applied, reference_direction(w_r, g, 3), rtol=0, atol=1e-12 * scale, err_msg=name)
+        np.testing.assert_allclose(applied, reference_direction(w_r, g, depth), rtol=0, atol=1e-12 * scale, err_msg=name)

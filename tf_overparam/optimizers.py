@@ -183,7 +183,7 @@ class EndToEnd(keras.optimizers.Optimizer):
     def _preconditioner_slots(self, variable):
         rows, cols = _matrix_shape(tuple(variable.shape))
         dtype = "float64" if keras.backend.standardize_dtype(variable.dtype) == "float64" else "float32"
-        shapes = Preconditioner((rows, cols), (cols, cols), (1, cols), (cols, cols))
+        shapes = Preconditioner((rows, cols), (cols, cols), (1, cols), (self.depth - 1, 2, cols))
         return Preconditioner(*(
             self.add_variable(shape, dtype=dtype, initializer="zeros", aggregation="only_first_replica",
                               name=f"{variable.path.replace('/', '_')}_{field}")

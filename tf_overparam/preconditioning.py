@@ -16,17 +16,23 @@ transposing otherwise) and take the eigendecomposition of the small Gram matrix
 W^T W = V diag(lambda) V^T (b x b) instead of an SVD of W. With B = W V (whose columns are
 s_r u_r, so U is never formed and W's left null space needs no basis):
 
-    P(W) G = [ (G V) diag(t) + B (M o (B^T G V)) ] V^T,
-    t_r = lambda_r^{(N-1)/N},   M_{r,r'} = sum_{j=2..N} lambda_r^{(j-1)/N - 1} lambda_{r'}^{(N-j)/N},
+    P(W) G = G V diag(t) V^T + B (M o (B^T G V)) V^T,
+    t_r = lambda_r^{(N-1)/N},   M = sum_{j=2..N} m_j c_j^T,
+    m_{j,r} = lambda_r^{(j-1)/N - 1},   c_{j,r} = lambda_r^{(N-j)/N},
 
 where the j = 1 term G [W^T W]^{(N-1)/N} is the first part (it is the one reaching W's left
 null space, [W W^T]^0 = I there) and the j >= 2 terms, U S^{2(j-1)/N} U^T G V S^{2(N-j)/N} V^T
 with U = B S^{-1}, the second. On the null space of W^T W, 0^0 = 1 (the j = N term keeps
-G's component there) and M's rows of zero eigenvalues are 0. Applying P costs four matmuls of
-G's size (G V, B^T (G V), B (...), (...) V^T); building it one Gram matmul, one b x b eigh and
-B = W V. (`end_to_end_direction` of a kernel more than 2.5 times taller than wide skips B:
-G Q1 + W Q2 with b x b matrices Q1, Q2, three matmuls of G's size.) A kernel with one column (or
-one row) takes the closed form of eq. 27 instead: lambda is ||w||^2, V = 1, and the formula reads ||w||^{2-2/N} (g + (N-1) <g, w>/||w||^2 w).
+G's component there) and m_j is 0 at zero eigenvalues. M is kept as its N - 1 rank-one terms
+(`cross_weights`, (N - 1, 2, b)). At depth 2 it is m 1^T, and since V V^T = I the second part
+is B diag(m) B^T G: the direction costs three matmuls of G's size (B^T G, B (...), G R) and one
+b x b (R = V diag(t) V^T). At depth >= 3 it costs four of G's size (G V, B^T (G V), B (...),
+(...) V^T), or three and three b x b ones when W is more than `DIRECT_FORM_ASPECT` times taller
+than wide. Building P costs one Gram matmul, one b x b eigh and B = W V.
+`end_to_end_direction` of a kernel more than 2.5 times taller than wide skips B: G Q1 + W Q2
+with b x b matrices Q1 = V diag(t) V^T and Q2 (at depth 2, V diag(m) V^T (W^T G)). A kernel with
+one column (or one row) takes the closed form of eq. 27 instead: lambda is ||w||^2, V = 1, and
+the formula reads ||w||^{2-2/N} (g + (N-1) <g, w>/||w||^2 w).
 
 Precision, chosen by measurement (benchmarks/run.py and tests/test_preconditioning.py): float64
 kernels are computed in float64 (1e-12 of the NumPy reference). A float32 kernel forms its Gram
@@ -43,7 +49,7 @@ in float32 only, and the same kernels measured 1.2e-4, 2.3e-4, 5.6e-4, 2.3e-3 at
 (against 4e-5 to 1.6e-4 with it).
 
 Amortised use (Shampoo-style): keep the `Preconditioner` of a kernel W_r for k steps and apply it
-to each new gradient, D_t = P(W_r) G_t; a step in between costs the four matmuls with G only.
+to each new gradient, D_t = P(W_r) G_t; a step in between costs the matmuls with G only.
 `tf_overparam.optimizers.EndToEnd(refresh_every=k)` does that.
 """
 
@@ -60,8 +66,8 @@ Preconditioner = collections.namedtuple("Preconditioner", ["projected_kernel", "
 Preconditioner.__doc__ = """P(W) of eq. 26 in factored form, for W oriented tall (a >= b; W^T when wider than tall).
 
 Fields (leading batch dimensions allowed): `projected_kernel` B = W V (a, b); `basis` V (b, b), the
-eigenvectors of W^T W; `direct_weights` t (1, b) and `cross_weights` M (b, b), see the module
-docstring. t is NaN where the kernel held inf or NaN, so the direction is NaN there."""
+eigenvectors of W^T W; `direct_weights` t (1, b); `cross_weights` (N - 1, 2, b), the pairs
+(m_j, c_j) whose outer products sum to M (see the module docstring; N - 1 = 1 marks depth 2). t is NaN where the kernel held inf or NaN, so the direction is NaN there."""
 
 # At these depths and above a float32 kernel's Gram matrix is eigendecomposed in float64 (see the
 # module docstring for the measurement).
@@ -94,20 +100,35 @@ def _rounding_level(rows, cols, dtype):
 
 
 def _weights(eigenvalues, depth):
-    """t = lambda^{(N-1)/N} (..., 1, b) and M (..., b, b) of the module docstring (0^0 = 1)."""
+    """t = lambda^{(N-1)/N} (..., 1, b) and the pairs (m_j, c_j) (..., N - 1, 2, b) of the module
+    docstring (0^0 = 1)."""
     positive = eigenvalues > 0
     safe = ops.where(positive, eigenvalues, ops.ones_like(eigenvalues))
-    cross = ops.zeros(ops.shape(eigenvalues) + (eigenvalues.shape[-1],), eigenvalues.dtype)
-    for j in range(2, depth + 1):
-        row = ops.where(positive, ops.power(safe, (j - 1) / depth - 1), ops.zeros_like(eigenvalues))
-        column = ops.power(eigenvalues, (depth - j) / depth)  # 0^0 = 1: the j = N term
-        cross = cross + row[..., :, None] * column[..., None, :]
+    pairs = [
+        ops.stack([
+            ops.where(positive, ops.power(safe, (j - 1) / depth - 1), ops.zeros_like(eigenvalues)),
+            ops.power(eigenvalues, (depth - j) / depth),  # 0^0 = 1: the j = N term
+        ], axis=-2)
+        for j in range(2, depth + 1)
+    ]
+    cross = (ops.stack(pairs, axis=-3) if pairs
+             else ops.zeros(ops.shape(eigenvalues)[:-1] + (0, 2, eigenvalues.shape[-1]), eigenvalues.dtype))
     return ops.power(eigenvalues, (depth - 1) / depth)[..., None, :], cross
 
 
+def _cross_matrix(cross):
+    """M = sum_j m_j c_j^T (..., b, b) from the pairs (..., N - 1, 2, b)."""
+    return ops.sum(cross[..., :, 0, :, None] * cross[..., :, 1, None, :], axis=-3)
+
+
+def _is_depth_two(cross):
+    """Whether the pairs hold one term, m 1^T: the preconditioner of a depth-2 chain."""
+    return cross.shape[-3] == 1
+
+
 def _spectrum(kernel, depth):
-    """(W, V, t, M) of the module docstring for `kernel` oriented tall, in the compute dtype;
-    t is NaN where the kernel is not finite."""
+    """(W, V, t, pairs (m_j, c_j)) of the module docstring for `kernel` oriented tall, in the
+    compute dtype; t is NaN where the kernel is not finite."""
     depth = check_depth(depth)
     kernel = ops.convert_to_tensor(kernel)
     dtype = _compute_dtype(kernel)
@@ -115,16 +136,18 @@ def _spectrum(kernel, depth):
     if _is_wide(kernel.shape):
         kernel = _transpose(kernel)
     rows, cols = kernel.shape[-2], kernel.shape[-1]
-    finite = ops.all(ops.isfinite(kernel), axis=(-2, -1))
-    kernel = ops.where(finite[..., None, None], kernel, ops.zeros_like(kernel))
+    # A kernel holding inf or NaN has a non-finite Gram diagonal, as has one whose W^T W
+    # overflows: the Gram alone tells (no pass over the kernel), and is zeroed for the eigh.
     if cols == 1:  # eq. 27: lambda = ||w||^2, V = 1, no decomposition
         eigenvalues = ops.sum(ops.square(kernel), axis=(-2, -1))[..., None]
+        finite = ops.isfinite(eigenvalues[..., 0])
+        eigenvalues = ops.where(finite[..., None], eigenvalues, ops.zeros_like(eigenvalues))
         basis = ops.ones(ops.shape(kernel)[:-2] + (1, 1), dtype)
     else:
         wide_eigh = dtype == "float64" or depth >= FLOAT64_EIGH_FROM_DEPTH or not backend.accurate_float32_eigh()
         eigh_dtype = "float64" if wide_eigh and backend.float64_available() else "float32"
         gram = ops.cast(ops.matmul(_transpose(kernel), kernel), eigh_dtype)
-        finite = ops.logical_and(finite, ops.all(ops.isfinite(gram), axis=(-2, -1)))  # W^T W overflowed
+        finite = ops.all(ops.isfinite(gram), axis=(-2, -1))
         gram = ops.where(finite[..., None, None], gram, ops.zeros_like(gram))
         eigenvalues, basis = ops.eigh(gram)
         noise = _rounding_level(rows, cols, dtype) * ops.max(eigenvalues, axis=-1, keepdims=True)
@@ -148,8 +171,10 @@ def compute_preconditioner(kernel, depth):
 
 # A kernel this many times taller than wide (oriented) takes the direct form in
 # `end_to_end_direction`: three matmuls of G's size and five b x b ones, against five of G's size
-# (B = W V and `apply_preconditioner`'s four); 5 b^3 < 2 a b^2 when a > 2.5 b. Past it
-# `apply_preconditioner` also regroups its products, to three of G's size and three b x b ones.
+# (B = W V and `apply_preconditioner`'s four); 5 b^3 < 2 a b^2 when a > 2.5 b (at depth 2: three
+# b x b against one of G's size and one b x b, better from a > 2 b). Past it
+# `apply_preconditioner` at depth >= 3 also regroups its products, to three of G's size and three
+# b x b ones.
 DIRECT_FORM_ASPECT = 2.5
 
 
@@ -161,25 +186,28 @@ def _oriented(grad, dtype):
 
 def apply_preconditioner(preconditioner, grad):
     """P(W) G: the direction of eq. 24 for the gradient `grad` (..., a, b) of the kernel that
-    `preconditioner` was computed from (or, amortised, of a later kernel). Four matmuls of
-    G's size, or three and three b x b ones for a kernel more than `DIRECT_FORM_ASPECT` times
-    taller than wide; the result has `grad`'s shape and dtype."""
+    `preconditioner` was computed from (or, amortised, of a later kernel). At depth 2 three
+    matmuls of G's size and one b x b; deeper, four of G's size, or three and three b x b ones
+    for a kernel more than `DIRECT_FORM_ASPECT` times taller than wide. The result has `grad`'s
+    shape and dtype."""
     grad = ops.convert_to_tensor(grad)
     projected, basis, direct, cross = preconditioner
     g, wide = _oriented(grad, projected.dtype)
     basis_t = _transpose(basis)
-    if projected.shape[-2] > DIRECT_FORM_ASPECT * projected.shape[-1]:
+    if _is_depth_two(cross):
+        # G V diag(t) V^T + B diag(m) B^T G, as M o Y = diag(m) Y and V V^T = I.
+        direction = ops.matmul(g, ops.matmul(basis * direct, basis_t)) + ops.matmul(
+            projected, cross[..., 0, 0, :, None] * ops.matmul(_transpose(projected), g))
+    elif projected.shape[-2] > DIRECT_FORM_ASPECT * projected.shape[-1]:
         # Much taller than wide: G (V diag(t) V^T) + B ((M o (B^T G V)) V^T), three matmuls of G's
         # size and three b x b ones, against the four of G's size below.
-        inner = cross * ops.matmul(ops.matmul(_transpose(projected), g), basis)
+        inner = _cross_matrix(cross) * ops.matmul(ops.matmul(_transpose(projected), g), basis)
         direction = ops.matmul(g, ops.matmul(basis * direct, basis_t)) + ops.matmul(projected, ops.matmul(inner, basis_t))
     else:
         g_basis = ops.matmul(g, basis)
-        inner = cross * ops.matmul(_transpose(projected), g_basis)
+        inner = _cross_matrix(cross) * ops.matmul(_transpose(projected), g_basis)
         direction = ops.matmul(g_basis * direct + ops.matmul(projected, inner), basis_t)
     return ops.cast(_transpose(direction) if wide else direction, grad.dtype)
-
-
 
 
 def end_to_end_direction(kernel, grad, depth):
@@ -190,7 +218,8 @@ def end_to_end_direction(kernel, grad, depth):
     that W^T W overflows) gives a NaN direction, so divergence shows as usual. See the module
     docstring for the algorithm and the precision per depth. A kernel much taller than wide
     (`DIRECT_FORM_ASPECT`) is computed as G Q1 + W Q2 with the b x b matrices Q1 = V diag(t) V^T
-    and Q2 = V (M o (V^T (W^T G) V)) V^T, the same sum without forming B = W V.
+    and Q2 = V (M o (V^T (W^T G) V)) V^T (at depth 2, V diag(m) V^T (W^T G)), the same sum
+    without forming B = W V.
 
     Args:
         kernel: tensor (..., a, b), the end-to-end kernel W.
@@ -214,8 +243,12 @@ def end_to_end_direction(kernel, grad, depth):
     g, wide = _oriented(grad, w.dtype)
     basis_t = _transpose(basis)
     right = ops.matmul(basis * direct, basis_t)
-    inner = cross * ops.matmul(ops.matmul(basis_t, ops.matmul(_transpose(w), g)), basis)
-    direction = ops.matmul(g, right) + ops.matmul(w, ops.matmul(ops.matmul(basis, inner), basis_t))
+    w_g = ops.matmul(_transpose(w), g)  # independent of the eigh: may run beside it
+    if _is_depth_two(cross):  # Q2 = V diag(m) V^T (W^T G)
+        left = ops.matmul(ops.matmul(basis * cross[..., 0, 0, None, :], basis_t), w_g)
+    else:
+        left = ops.matmul(ops.matmul(basis, _cross_matrix(cross) * ops.matmul(ops.matmul(basis_t, w_g), basis)), basis_t)
+    direction = ops.matmul(g, right) + ops.matmul(w, left)
     return ops.cast(_transpose(direction) if wide else direction, grad.dtype)
 
 
