@@ -618,3 +618,7 @@ def test_cli_rejects_unknown_arms_and_bad_seeds(capsys):
     config, _ = mnist_cnn.parse_args(["--arms", "twin,plain", "--seeds", "3,3,4", "--other-seeds", "9"])
     assert config.arms == ("twin", "plain") and config.seeds == (3, 4) and config.other_seeds == (9,)
     assert config.plan() == [("twin", 3), ("plain", 3), ("twin", 4), ("plain", 4)]
+    # The seeded arms (plain, twin) over every seed first, then the others, seed by seed.
+    config, _ = mnist_cnn.parse_args(["--arms", "end_to_end,twin,plain,factors", "--seeds", "3,4", "--other-seeds", "4,9"])
+    assert config.plan() == [("twin", 3), ("plain", 3), ("twin", 4), ("plain", 4),
+                             ("end_to_end", 4), ("factors", 4), ("end_to_end", 9), ("factors", 9)]
