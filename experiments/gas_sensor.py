@@ -483,11 +483,12 @@ def add_targets_and_ratios(summaries, results, groups):
     return table
 
 
-# Cost model of one engine step, a + b x grid points: issue 12's ~50 us + ~14 us per point,
-# scaled to the measured full run (25 configurations, 10^6 iterations, 9 points: 126 min on
-# 2 cores, i.e. ~302 us per step against the model's 176 us: x 1.72).
-SECONDS_PER_STEP = 8.6e-5
-SECONDS_PER_POINT_STEP = 2.4e-5
+# Cost model of one engine step, a + b x grid points, fitted to the full run of 2026-11-28
+# (commit d0c6ba5, --workers 2 beside another job, load ~4): its 25 final stages of 10^6
+# iterations took 85-209 s each (3,651 s in all; 9 or 15 points, the point count mattering
+# less than depth and width), and the whole run 60 min with 2 tasks at a time.
+SECONDS_PER_STEP = 1.2e-4
+SECONDS_PER_POINT_STEP = 3.0e-6
 SECONDS_PER_CONFIGURATION = 3.0  # tracing and setup, per stage
 
 
@@ -499,7 +500,7 @@ def build_parser():
     )
     parser.add_argument(
         "--iterations", type=int,
-        help="full-batch iterations per run (default 1e6: all figures take about 2.5 hours on 2 CPU cores, by the cost model)",
+        help="full-batch iterations per run (default 1e6: all figures take about 2 hours in-process by the cost model, and took 1 hour with --workers 2 on 2 CPU cores)",
     )
     parser.add_argument("--seeds", type=int, default=None,
                         help=f"initialisation seeds of each configuration (default {len(Config.seeds)})")
