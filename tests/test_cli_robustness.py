@@ -122,16 +122,19 @@ def test_interrupted_run_resumes_to_the_uninterrupted_results(data_dir, tmp_path
     assert set(steps) <= set(schedule.tolist()) and len(steps) >= len(schedule) - 1
 
 
-def half_done(run):
-    """Whether `run` has a finished configuration and a checkpoint past iteration 0 of a final
-    stage (the rate screens, `<name>.screen`, all come first)."""
+def half_done(run, horizon=3000):
+    """Whether `run` has a finished configuration and a checkpoint of a final stage past
+    iteration 0 and before half its `horizon` (the rate screens, `<name>.screen`, all come
+    first). Early in a stage, so that the run still has work left when the signal lands: a
+    checkpoint near the end of the last stage once raced the run's exit (exit 0, not 130)."""
     if not any(not p.name.endswith(".screen.npz") for p in (run / "grids").glob("*.npz")):
         return False
     try:
         checkpoint = gas_sensor._runstate.load_checkpoint(run)
     except (OSError, ValueError):  # replaced while read
         return False
-    return checkpoint is not None and checkpoint[2][-1] > 0 and not str(checkpoint[0]).endswith(".screen")
+    return (checkpoint is not None and 0 < checkpoint[2][-1] < horizon / 2
+            and not str(checkpoint[0]).endswith(".screen"))
 
 
 def tensorboard_steps(folder, tag):

@@ -323,9 +323,9 @@ def test_quick_run_on_real_mnist(mnist_dir, tfds_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "7 models (arm/seed), 0 finished" in printed
     results = json.loads((out / "results.json").read_text())
-    # --quick: plain and twin at 2 seeds, the three other arms at the first.
-    plan = [("plain", 66478), ("twin", 66478), ("balanced", 66478), ("factors", 66478), ("end_to_end", 66478),
-            ("plain", 66479), ("twin", 66479)]
+    # --quick: plain and twin at 2 seeds first, then the three other arms at the first seed.
+    plan = [("plain", 66478), ("twin", 66478), ("plain", 66479), ("twin", 66479), ("balanced", 66478),
+            ("factors", 66478), ("end_to_end", 66478)]
     assert results["finished"] == [f"{arm}/{seed}" for arm, seed in plan]
     assert results["steps_per_epoch"] == 10
     records = records_of(out)
