@@ -78,13 +78,15 @@ def _check_update_rule(update_rule):
     assert set(kernels) == {f"{a}x{b}" for a, b in run.Config.quick().kernels}
     k = update_rule["refresh_every"]
     for rules in kernels.values():
-        for rule in ("sgd", "matmuls", "exact", "between_refreshes"):
+        for rule in ("sgd", "matmuls", "exact", "between_refreshes", "gram_eigh"):
             _check_timing(rules[rule])
-        seconds = {rule: rules[rule]["seconds_per_step"] for rule in ("sgd", "matmuls", "exact", "between_refreshes")}
+        seconds = {rule: rules[rule]["seconds_per_step"] for rule in ("sgd", "matmuls", "exact", "between_refreshes", "gram_eigh")}
         matmul = seconds["matmuls"] / 2  # the matmuls step is W (W^T G): two matmuls
         assert rules["exact_vs_sgd"] == pytest.approx(seconds["exact"] / seconds["sgd"])
         assert rules["exact_in_matmuls"] == pytest.approx(seconds["exact"] / matmul)
         assert rules["between_refreshes_in_matmuls"] == pytest.approx(seconds["between_refreshes"] / matmul)
+        # The Gram + eigh part: its step minus the plain step, in matmuls.
+        assert rules["gram_eigh_in_matmuls"] == pytest.approx((seconds["gram_eigh"] - seconds["sgd"]) / matmul)
         # k - 1 steps between refreshes and one exact step, per k steps.
         assert rules["amortised_in_matmuls"] == pytest.approx(
             ((k - 1) * seconds["between_refreshes"] + seconds["exact"]) / k / matmul)
