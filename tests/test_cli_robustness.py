@@ -87,7 +87,11 @@ def test_interrupted_run_resumes_to_the_uninterrupted_results(data_dir, tmp_path
     # the numbers of a run that was never interrupted.
     interrupted = tmp_path / "interrupted"
     argv = ["--quick", "--figure", "init", "--iterations", "3000", "--data-dir", str(data_dir)]
-    process = run_module("experiments.gas_sensor", *argv, "--out", str(interrupted))
+    # SIGINT restored to its default in the child: a shell's background job (`cmd &`) ignores
+    # it, children inherit that, and Python then installs no KeyboardInterrupt handler (so a
+    # CI check launched in the background saw exit 0 here instead of 130).
+    process = run_module("experiments.gas_sensor", *argv, "--out", str(interrupted),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not half_done(interrupted):
         assert process.poll() is None, process.communicate()
@@ -125,8 +129,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_results(data_dir, tmp_path
 def half_done(run, horizon=3000):
     """Whether `run` has a finished configuration and a checkpoint of a final stage past
     iteration 0 and before half its `horizon` (the rate screens, `<name>.screen`, all come
-    first). Early in a stage, so that the run still has work left when the signal lands: a
-    checkpoint near the end of the last stage once raced the run's exit (exit 0, not 130)."""
+    first). Early in a stage, so that the run still has work left when the signal lands."""
     if not any(not p.name.endswith(".screen.npz") for p in (run / "grids").glob("*.npz")):
         return False
     try:
