@@ -198,9 +198,8 @@ class Config:
         """The (arm, seed) pairs to train: the arms of `seeds` (plain, twin) seed by seed first,
         so that a run stopped early already holds the headline comparison, then the others."""
         seeds = dict.fromkeys([*self.seeds, *self.other_seeds])
-        order = [arm for arm in self.arms if arm in SEEDED_ARMS] + [arm for arm in self.arms if arm not in SEEDED_ARMS]
-        return [(arm, seed) for group in (SEEDED_ARMS, None) for seed in seeds for arm in order
-                if (arm in SEEDED_ARMS) == (group is not None) and seed in self.seeds_of(arm)]
+        pairs = [(arm, seed) for seed in seeds for arm in self.arms if seed in self.seeds_of(arm)]
+        return [pair for pair in pairs if pair[0] in SEEDED_ARMS] + [pair for pair in pairs if pair[0] not in SEEDED_ARMS]
 
     def for_seed(self, seed):
         return dataclasses.replace(self, seed=seed)
