@@ -121,6 +121,12 @@ def _cross_matrix(cross):
     return ops.sum(cross[..., :, 0, :, None] * cross[..., :, 1, None, :], axis=-3)
 
 
+def _eigen_matrix(basis, weights):
+    """V diag(weights) V^T (..., b, b), `weights` (..., 1, b): R = V diag(t) V^T and, at depth 2,
+    C = V diag(m) V^T."""
+    return ops.matmul(basis * weights, _transpose(basis))
+
+
 def _is_depth_two(cross):
     """Whether the pairs hold one term, m 1^T: the preconditioner of a depth-2 chain."""
     return cross.shape[-3] == 1
@@ -196,13 +202,13 @@ def apply_preconditioner(preconditioner, grad):
     basis_t = _transpose(basis)
     if _is_depth_two(cross):
         # G V diag(t) V^T + B diag(m) B^T G, as M o Y = diag(m) Y and V V^T = I.
-        direction = ops.matmul(g, ops.matmul(basis * direct, basis_t)) + ops.matmul(
+        direction = ops.matmul(g, _eigen_matrix(basis, direct)) + ops.matmul(
             projected, cross[..., 0, 0, :, None] * ops.matmul(_transpose(projected), g))
     elif projected.shape[-2] > DIRECT_FORM_ASPECT * projected.shape[-1]:
         # Much taller than wide: G (V diag(t) V^T) + B ((M o (B^T G V)) V^T), three matmuls of G's
         # size and three b x b ones, against the four of G's size below.
         inner = _cross_matrix(cross) * ops.matmul(ops.matmul(_transpose(projected), g), basis)
-        direction = ops.matmul(g, ops.matmul(basis * direct, basis_t)) + ops.matmul(projected, ops.matmul(inner, basis_t))
+        direction = ops.matmul(g, _eigen_matrix(basis, direct)) + ops.matmul(projected, ops.matmul(inner, basis_t))
     else:
         g_basis = ops.matmul(g, basis)
         inner = _cross_matrix(cross) * ops.matmul(_transpose(projected), g_basis)
@@ -241,14 +247,13 @@ def end_to_end_direction(kernel, grad, depth):
         return apply_preconditioner(compute_preconditioner(kernel, depth), grad)
     w, basis, direct, cross = _spectrum(kernel, depth)
     g, wide = _oriented(grad, w.dtype)
-    basis_t = _transpose(basis)
-    right = ops.matmul(basis * direct, basis_t)
     w_g = ops.matmul(_transpose(w), g)  # independent of the eigh: may run beside it
     if _is_depth_two(cross):  # Q2 = V diag(m) V^T (W^T G)
-        left = ops.matmul(ops.matmul(basis * cross[..., 0, 0, None, :], basis_t), w_g)
+        left = ops.matmul(_eigen_matrix(basis, cross[..., 0, 0, None, :]), w_g)
     else:
+        basis_t = _transpose(basis)
         left = ops.matmul(ops.matmul(basis, _cross_matrix(cross) * ops.matmul(ops.matmul(basis_t, w_g), basis)), basis_t)
-    direction = ops.matmul(g, right) + ops.matmul(w, left)
+    direction = ops.matmul(g, _eigen_matrix(basis, direct)) + ops.matmul(w, left)
     return ops.cast(_transpose(direction) if wide else direction, grad.dtype)
 
 
