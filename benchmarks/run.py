@@ -304,6 +304,24 @@ def _gram_eigh_step(w, g):
     return g + 0.0 * tf.reduce_sum(eigenvalues)
 
 
+def floor_direction(w, g):
+    """Eq. 24 at depth 2 with only the work that no arrangement of the products avoids, for a
+    kernel of full rank: the Gram matrix A = W^T W (W oriented tall), its float32 `eigh`,
+    W^T G, and G R + W (C (W^T G)) with R = A^{1/2} and C = A^{-1/2}, since
+    (W W^T)^{1/2} = W A^{-1/2} W^T. Once R and C are known the output still needs two products of
+    G's size (2 a b^2 multiply-adds). No rounding mask and no finiteness check: the floor that
+    `end_to_end_direction`'s exact case is set against."""
+    wide = w.shape[0] < w.shape[1]
+    if wide:
+        w, g = tf.transpose(w), tf.transpose(g)
+    eigenvalues, basis = tf.linalg.eigh(tf.matmul(w, w, transpose_a=True))
+    root = tf.sqrt(eigenvalues)
+    direct = tf.matmul(basis * root, basis, transpose_b=True)
+    inverse = tf.matmul(basis / root, basis, transpose_b=True)
+    direction = tf.matmul(g, direct) + tf.matmul(w, tf.matmul(inverse, tf.matmul(w, g, transpose_a=True)))
+    return tf.transpose(direction) if wide else direction
+
+
 def update_rule_section(config):
     """Section 3: the eq. 24 direction in units of one `W^T G` matmul of the same kernel.
 
@@ -313,8 +331,10 @@ def update_rule_section(config):
     amortised rule between refreshes) and `gram_eigh` (d = G, plus the Gram matrix of the
     current W and its float32 `eigh`, the part of `exact` no rearrangement of products saves;
     its input changes every step, as in training: an `eigh` of a loop-invariant matrix timed
-    about 40% cheaper here). One matmul is half the `matmuls` step; the amortised rule
-    with refresh_every = k costs between_refreshes + (exact - between_refreshes) / k on average.
+    about 40% cheaper here) and, for kernels with both sides above 1, `floor` (d =
+    `floor_direction`, the exact depth-2 direction with nothing but its unavoidable work). One
+    matmul is half the `matmuls` step; the amortised rule with refresh_every = k costs
+    between_refreshes + (exact - between_refreshes) / k on average.
     """
     rng = np.random.default_rng(0)
     cases = {}
@@ -328,6 +348,8 @@ def update_rule_section(config):
         cases[f"{key}/exact"] = _update_case(kernel, lambda w, g: end_to_end_direction(w, g, DEPTH), grad)
         cases[f"{key}/between_refreshes"] = _update_case(kernel, lambda w, g, p=kept: apply_preconditioner(p, g), grad)
         cases[f"{key}/gram_eigh"] = _update_case(kernel, _gram_eigh_step, grad)
+        if min(shape) > 1:  # a single output takes eq. 27's closed form, below any eigh
+            cases[f"{key}/floor"] = _update_case(kernel, floor_direction, grad)
     timings = measure(cases, config.target_s, config.repeats)
     section = {"depth": DEPTH, "refresh_every": REFRESH_EVERY, "kernels": {}}
     for name, timing in timings.items():
@@ -342,6 +364,8 @@ def update_rule_section(config):
         rules["gram_eigh_in_matmuls"] = (seconds["gram_eigh"] - seconds["sgd"]) / matmul
         rules["amortised_in_matmuls"] = (
             seconds["between_refreshes"] + (seconds["exact"] - seconds["between_refreshes"]) / REFRESH_EVERY) / matmul
+        if "floor" in rules:
+            rules["floor_in_matmuls"] = rules["floor"]["seconds_per_step"] / matmul
     return section
 
 
@@ -419,14 +443,16 @@ def format_tables(results):
         "same kernel (a whole step each, compiled loop):",
         "",
         f"| kernel | SGD step (us) | eq. 24 step (us) | x SGD | exact (matmuls) | between refreshes (matmuls) | "
-        f"refresh_every={results['update_rule']['refresh_every']} (matmuls) | of which Gram + eigh (matmuls) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"refresh_every={results['update_rule']['refresh_every']} (matmuls) | of which Gram + eigh (matmuls) | "
+        "floor: Gram, eigh, W^T G, G R, W (C W^T G) (matmuls) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key, rules in results["update_rule"]["kernels"].items():
         lines.append(
             f"| {key} | {1e6 * rules['sgd']['seconds_per_step']:,.1f} | {1e6 * rules['exact']['seconds_per_step']:,.1f} | "
             f"{rules['exact_vs_sgd']:.1f}x | {rules['exact_in_matmuls']:.1f} | {rules['between_refreshes_in_matmuls']:.1f} | "
-            f"{rules['amortised_in_matmuls']:.1f} | {rules['gram_eigh_in_matmuls']:.1f} |"
+            f"{rules['amortised_in_matmuls']:.1f} | {rules['gram_eigh_in_matmuls']:.1f} | "
+            + (f"{rules['floor_in_matmuls']:.1f} |" if "floor_in_matmuls" in rules else "- |")
         )
     return "\n".join(lines)
 

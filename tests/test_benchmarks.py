@@ -6,7 +6,10 @@ import json
 import math
 import statistics
 
+import numpy as np
 import pytest
+import tensorflow as tf
+from _reference import reference_direction  # tests/ is on sys.path (rootdir-relative import)
 
 from benchmarks import run
 from benchmarks.timing import Case, measure
@@ -77,7 +80,7 @@ def _check_update_rule(update_rule):
     kernels = update_rule["kernels"]
     assert set(kernels) == {f"{a}x{b}" for a, b in run.Config.quick().kernels}
     k = update_rule["refresh_every"]
-    for rules in kernels.values():
+    for key, rules in kernels.items():
         for rule in ("sgd", "matmuls", "exact", "between_refreshes", "gram_eigh"):
             _check_timing(rules[rule])
         seconds = {rule: rules[rule]["seconds_per_step"] for rule in ("sgd", "matmuls", "exact", "between_refreshes", "gram_eigh")}
@@ -90,6 +93,11 @@ def _check_update_rule(update_rule):
         # k - 1 steps between refreshes and one exact step, per k steps.
         assert rules["amortised_in_matmuls"] == pytest.approx(
             ((k - 1) * seconds["between_refreshes"] + seconds["exact"]) / k / matmul)
+        # The floor case, for kernels with both sides above 1 only (a single output takes eq. 27).
+        assert ("floor" in rules) == (min(int(n) for n in key.split("x")) > 1)
+        if "floor" in rules:
+            _check_timing(rules["floor"])
+            assert rules["floor_in_matmuls"] == pytest.approx(rules["floor"]["seconds_per_step"] / matmul)
 
 
 def test_quick_run_writes_every_section(gas_sensor_dir, tmp_path, capsys):
@@ -104,6 +112,16 @@ def test_quick_run_writes_every_section(gas_sensor_dir, tmp_path, capsys):
     _check_layer(results["layer"])
     _check_update_rule(results["update_rule"])
     assert "| engine, GD depth 1 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shape", [(40, 7), (7, 40), (9, 9)])
+def test_floor_direction_is_eq24_at_depth_2(shape):
+    # The floor case must time the real direction: against the NumPy reference (eq. 24 from
+    # matrix powers of W W^T and W^T W), on a full-rank float64 kernel, tall, wide and square.
+    rng = np.random.default_rng(sum(shape))
+    w, g = rng.normal(size=shape), rng.normal(size=shape)
+    direction = run.floor_direction(tf.constant(w), tf.constant(g)).numpy()
+    np.testing.assert_allclose(direction, reference_direction(w, g, 2), rtol=1e-9, atol=1e-10)
 
 
 def test_step_flops_by_hand():

@@ -199,7 +199,6 @@ def apply_preconditioner(preconditioner, grad):
     grad = ops.convert_to_tensor(grad)
     projected, basis, direct, cross = preconditioner
     g, wide = _oriented(grad, projected.dtype)
-    basis_t = _transpose(basis)
     if _is_depth_two(cross):
         # G V diag(t) V^T + B diag(m) B^T G, as M o Y = diag(m) Y and V V^T = I.
         direction = ops.matmul(g, _eigen_matrix(basis, direct)) + ops.matmul(
@@ -208,11 +207,11 @@ def apply_preconditioner(preconditioner, grad):
         # Much taller than wide: G (V diag(t) V^T) + B ((M o (B^T G V)) V^T), three matmuls of G's
         # size and three b x b ones, against the four of G's size below.
         inner = _cross_matrix(cross) * ops.matmul(ops.matmul(_transpose(projected), g), basis)
-        direction = ops.matmul(g, _eigen_matrix(basis, direct)) + ops.matmul(projected, ops.matmul(inner, basis_t))
+        direction = ops.matmul(g, _eigen_matrix(basis, direct)) + ops.matmul(projected, ops.matmul(inner, _transpose(basis)))
     else:
         g_basis = ops.matmul(g, basis)
         inner = _cross_matrix(cross) * ops.matmul(_transpose(projected), g_basis)
-        direction = ops.matmul(g_basis * direct + ops.matmul(projected, inner), basis_t)
+        direction = ops.matmul(g_basis * direct + ops.matmul(projected, inner), _transpose(basis))
     return ops.cast(_transpose(direction) if wide else direction, grad.dtype)
 
 
