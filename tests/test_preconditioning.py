@@ -13,6 +13,7 @@ from keras import ops
 
 from _backend import compiled  # tests/ is on sys.path (rootdir-relative import)
 from _reference import reference_direction
+from tf_overparam import preconditioning
 from tf_overparam.preconditioning import (
     apply_preconditioner,
     compute_preconditioner,
@@ -282,6 +283,123 @@ def test_float64_direction_of_a_condition_1e3_kernel_is_exact():
         expected = reference_direction(w, g, depth)
         direction = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), depth))
         assert np.linalg.norm(direction - expected) <= 1e-10 * np.linalg.norm(expected), depth
+
+
+# --- depth 2 by Newton-Schulz (kernels with at least NEWTON_SCHULZ_MIN_COLUMNS columns) --------
+
+NS_COLUMNS = preconditioning.NEWTON_SCHULZ_MIN_COLUMNS
+
+
+def _gram(w, dtype="float64"):
+    w = ops.convert_to_tensor(w, dtype)
+    return ops.matmul(ops.transpose(w), w)
+
+
+def _numpy_roots(gram):
+    eigenvalues, vectors = np.linalg.eigh(gram)
+    return (vectors * np.sqrt(eigenvalues)) @ vectors.T, (vectors / np.sqrt(eigenvalues)) @ vectors.T
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-12), ("float32", 2e-5)])
+def test_newton_schulz_roots_of_a_well_conditioned_gram_are_its_square_roots(dtype, tolerance):
+    # A Gaussian 300 x 60 kernel: cond(W) about 2.7. Y Y = A, Z A Z = I, Y Z = I, and both equal
+    # the roots from NumPy's float64 eigh.
+    w = np.random.default_rng(7).normal(size=(300, 60))
+    gram = w.T @ w
+    root, inverse_root, converged = (np.asarray(x) for x in preconditioning._square_roots(_gram(w, dtype)))
+    assert bool(converged) and root.dtype == inverse_root.dtype == dtype
+    expected_root, expected_inverse = _numpy_roots(gram)
+    assert np.linalg.norm(root - expected_root) <= tolerance * np.linalg.norm(expected_root)
+    assert np.linalg.norm(inverse_root - expected_inverse) <= tolerance * np.linalg.norm(expected_inverse)
+    np.testing.assert_allclose(root @ root, gram, rtol=0, atol=tolerance * np.abs(gram).max())
+    np.testing.assert_allclose(inverse_root @ gram @ inverse_root, np.eye(60), rtol=0, atol=10 * tolerance)
+
+
+def test_newton_schulz_declines_ill_conditioned_singular_zero_and_non_finite_grams():
+    rng = np.random.default_rng(8)
+    conditioned, _ = _conditioned((300, 60), 1e3, seed=8)
+    rank_deficient = _rank_deficient(rng, (300, 60), 20)
+    not_finite = rng.normal(size=(300, 60))
+    not_finite[3, 4] = np.nan
+    for name, w in [("cond 1e3", conditioned), ("rank 20", rank_deficient), ("zero", np.zeros((300, 60))),
+                    ("nan", not_finite), ("square Gaussian", rng.normal(size=(60, 60)))]:
+        for dtype in ["float32", "float64"]:
+            assert not bool(preconditioning._square_roots(_gram(w, dtype))[2]), (name, dtype)
+
+
+def test_newton_schulz_of_a_batch_converges_only_if_every_matrix_does():
+    rng = np.random.default_rng(9)
+    good = [rng.normal(size=(200, 40)) for _ in range(2)]
+    both = ops.stack([_gram(w) for w in good])
+    root, inverse_root, converged = (np.asarray(x) for x in preconditioning._square_roots(both))
+    assert bool(converged)
+    for index, w in enumerate(good):
+        expected_root, expected_inverse = _numpy_roots(w.T @ w)
+        np.testing.assert_allclose(root[index], expected_root, rtol=0, atol=1e-12 * np.abs(expected_root).max())
+        np.testing.assert_allclose(inverse_root[index], expected_inverse, rtol=0, atol=1e-12 * np.abs(expected_inverse).max())
+    mixed = ops.stack([_gram(good[0]), _gram(_rank_deficient(rng, (200, 40), 5))])
+    assert not bool(preconditioning._square_roots(mixed)[2])
+
+
+def test_slowest_allowed_eigenvalue_converges_in_exactly_the_steps():
+    # The bisection's answer x: k steps of x (3 - x)^2 / 4 bring it to 1 - tolerance (by the
+    # scalar map itself), and the allowance shrinks with every step added.
+    for steps, tolerance in [(1, 0.25), (5, 1e-3), (8, 3.45e-4)]:
+        x = preconditioning._slowest_allowed(steps, tolerance)
+        for _ in range(steps):
+            x = x * (3 - x) ** 2 / 4
+        assert x == pytest.approx(1 - tolerance, abs=1e-9)
+    allowed = [preconditioning._slowest_allowed(k, 1e-4) for k in range(3, 10)]
+    assert all(a > b for a, b in zip(allowed, allowed[1:]))
+
+
+def test_lanczos_extremes_lie_inside_the_spectrum_and_find_its_ends():
+    rng = np.random.default_rng(10)
+    basis, _ = np.linalg.qr(rng.normal(size=(200, 200)))
+    spectrum = np.linspace(1.0, 50.0, 200)  # cond 50, evenly spread
+    matrix = (basis * spectrum) @ basis.T
+    smallest, largest = (float(np.asarray(x).reshape(())) for x in
+                         preconditioning._lanczos_extremes(ops.convert_to_tensor(matrix), 16))
+    assert 1.0 - 1e-9 <= smallest <= largest <= 50.0 + 1e-9
+    assert largest >= 0.98 * 50.0 and smallest <= 3.0 * 1.0
+    # A breakdown (A = I: the Krylov space is one vector) leaves Ritz values 0, so Newton-Schulz declines.
+    smallest, _ = preconditioning._lanczos_extremes(ops.eye(64, dtype="float64"), 16)
+    assert float(np.asarray(smallest).reshape(())) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(600, NS_COLUMNS), (NS_COLUMNS, 600), (NS_COLUMNS + 200, NS_COLUMNS + 20)])
+def test_depth_two_direction_by_newton_schulz_matches_the_reference(shape):
+    # Gaussian kernels with at least NEWTON_SCHULZ_MIN_COLUMNS columns (tall, wide, nearly square
+    # and well conditioned): the iteration converges (checked on the same Gram matrix) and the
+    # direction is eq. 24, exact in float64 and far inside issue 10's 1e-4 in float32.
+    rng = np.random.default_rng(sum(shape))
+    w, g = rng.normal(size=shape), rng.normal(size=shape)
+    oriented = w if shape[0] >= shape[1] else w.T
+    assert bool(preconditioning._square_roots(_gram(oriented))[2])
+    expected = reference_direction(w, g, 2)
+    direction = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), 2))
+    assert np.linalg.norm(direction - expected) <= 1e-12 * np.linalg.norm(expected)
+    single = compiled(lambda w, g: end_to_end_direction(w, g, 2))(ops.convert_to_tensor(w, "float32"),
+                                                                 ops.convert_to_tensor(g, "float32"))
+    assert single.dtype == "float32"
+    assert np.linalg.norm(np.asarray(single) - expected) <= 1e-5 * np.linalg.norm(expected)
+
+
+def test_depth_two_direction_falls_back_to_the_eigh_where_newton_schulz_declines():
+    # Kernels wide enough for the iteration that it declines (its Gram as above): the eigh path
+    # gives eq. 24 all the same, and a non-finite kernel a NaN direction.
+    rng = np.random.default_rng(11)
+    conditioned, _ = _conditioned((400, NS_COLUMNS), 1e3, seed=11)
+    for w in [conditioned, _rank_deficient(rng, (400, NS_COLUMNS), 30), np.zeros((400, NS_COLUMNS))]:
+        assert not bool(preconditioning._square_roots(_gram(w))[2])
+        g = rng.normal(size=w.shape)
+        expected = reference_direction(w, g, 2)
+        direction = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), 2))
+        assert np.linalg.norm(direction - expected) <= 1e-10 * max(np.linalg.norm(expected), 1e-300)
+    w = rng.normal(size=(400, NS_COLUMNS))
+    w[5, 6] = np.inf
+    direction = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(rng.normal(size=w.shape)), 2))
+    assert np.all(np.isnan(direction))
 
 
 # --- the preconditioner, reused (amortised mode) -------------------------------------------------
