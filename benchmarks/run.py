@@ -56,7 +56,13 @@ from tf_overparam.initializers import NearZero
 from tf_overparam.losses import LpLoss
 from tf_overparam.models import collapse, overparameterize
 from tf_overparam.optimizers import EndToEnd
-from tf_overparam.preconditioning import apply_preconditioner, compute_preconditioner, end_to_end_direction
+from tf_overparam.preconditioning import (
+    NEWTON_SCHULZ_MIN_COLUMNS,
+    _square_roots,
+    apply_preconditioner,
+    compute_preconditioner,
+    end_to_end_direction,
+)
 
 from benchmarks.timing import Case, compiled_loop, load_sentence, measure, model_cases
 
@@ -86,6 +92,8 @@ class Config:
     peak_size: int = 1024
     cnn_batch: int = 64
     kernels: tuple = ((1, 128), (128, 1), (128, 128), (512, 512), (3136, 512))
+    # (rows, cols, cond(W)): log-spaced singular values, where depth 2 declines Newton-Schulz
+    conditioned_kernels: tuple = ((3136, 512, 1e3),)
     data_dir: str = None
     out: str = None
     scale: str = "full"
@@ -94,7 +102,7 @@ class Config:
     def quick(cls, **overrides):
         """CI scale: short calls, 3 rounds, a 3-point grid, the small kernels only."""
         quick = dict(scale="quick", target_s=0.02, repeats=3, fit_epochs=1, steps_per_execution=100, grid_points=3,
-                     peak_size=512, kernels=((1, 128), (128, 1), (128, 128)))
+                     peak_size=512, kernels=((1, 128), (128, 1), (128, 128)), conditioned_kernels=((300, 128, 1e3),))
         return cls(**{**quick, **overrides})
 
 
@@ -322,6 +330,18 @@ def floor_direction(w, g):
     return tf.transpose(direction) if wide else direction
 
 
+def _benchmark_kernel(rng, shape, condition):
+    """N(0, 0.01) entries, or (with `condition`) singular values log-spaced from that Gaussian's
+    largest, 0.1 (sqrt(a) + sqrt(b)), down by the factor `condition`, in random bases."""
+    if condition is None:
+        return rng.normal(scale=0.1, size=shape)
+    rank = min(shape)
+    left, _ = np.linalg.qr(rng.normal(size=(shape[0], rank)))
+    right, _ = np.linalg.qr(rng.normal(size=(shape[1], rank)))
+    values = 0.1 * (np.sqrt(shape[0]) + np.sqrt(shape[1])) * np.logspace(0, -np.log10(condition), rank)
+    return (left * values) @ right.T
+
+
 def update_rule_section(config):
     """Section 3: the eq. 24 direction in units of one `W^T G` matmul of the same kernel.
 
@@ -332,17 +352,25 @@ def update_rule_section(config):
     current W and its float32 `eigh`, the part of `exact` no rearrangement of products saves;
     its input changes every step, as in training: an `eigh` of a loop-invariant matrix timed
     about 40% cheaper here) and, for kernels with both sides above 1, `floor` (d =
-    `floor_direction`, the exact depth-2 direction with nothing but its unavoidable work). One
-    matmul is half the `matmuls` step; the amortised rule with refresh_every = k costs
-    between_refreshes + (exact - between_refreshes) / k on average.
+    `floor_direction`, the exact depth-2 direction through the eigh with nothing but its
+    unavoidable work). One matmul is half the `matmuls` step; the amortised rule with
+    refresh_every = k costs between_refreshes + (exact - between_refreshes) / k on average.
+    Kernels: Gaussian N(0, 0.01) of `config.kernels` (cond(W) about 2.4 at 3136 x 512, where
+    depth 2 takes Newton-Schulz), and `config.conditioned_kernels` with log-spaced singular
+    values (where it declines and takes the eigh). `newton_schulz` says which, for the kernel
+    the loop starts from.
     """
     rng = np.random.default_rng(0)
-    cases = {}
-    for shape in config.kernels:
-        kernel = tf.constant(rng.normal(scale=0.1, size=shape), tf.float32)
+    cases, shapes = {}, {}
+    kernels = [(shape, None) for shape in config.kernels] + [(spec[:2], spec[2]) for spec in config.conditioned_kernels]
+    for shape, condition in kernels:
+        kernel = tf.constant(_benchmark_kernel(rng, shape, condition), tf.float32)
         grad = tf.constant(rng.normal(scale=0.01, size=shape), tf.float32)
         kept = compute_preconditioner(kernel, DEPTH)
-        key = "x".join(map(str, shape))
+        key = "x".join(map(str, shape)) + ("" if condition is None else f", cond(W) {condition:g}")
+        oriented = kernel if shape[0] >= shape[1] else tf.transpose(kernel)
+        shapes[key] = {"shape": list(shape), "newton_schulz": min(shape) >= NEWTON_SCHULZ_MIN_COLUMNS and bool(
+            _square_roots(tf.matmul(oriented, oriented, transpose_a=True))[2])}
         cases[f"{key}/sgd"] = _update_case(kernel, lambda w, g: g, grad)
         cases[f"{key}/matmuls"] = _update_case(kernel, lambda w, g: tf.matmul(w, tf.matmul(w, g, transpose_a=True)), grad)
         cases[f"{key}/exact"] = _update_case(kernel, lambda w, g: end_to_end_direction(w, g, DEPTH), grad)
@@ -351,10 +379,10 @@ def update_rule_section(config):
         if min(shape) > 1:  # a single output takes eq. 27's closed form, below any eigh
             cases[f"{key}/floor"] = _update_case(kernel, floor_direction, grad)
     timings = measure(cases, config.target_s, config.repeats)
-    section = {"depth": DEPTH, "refresh_every": REFRESH_EVERY, "kernels": {}}
+    section = {"depth": DEPTH, "refresh_every": REFRESH_EVERY, "kernels": {key: dict(spec) for key, spec in shapes.items()}}
     for name, timing in timings.items():
         key, rule = name.split("/")
-        section["kernels"].setdefault(key, {})[rule] = timing
+        section["kernels"][key][rule] = timing
     for rules in section["kernels"].values():
         seconds = {rule: rules[rule]["seconds_per_step"] for rule in ("sgd", "matmuls", "exact", "between_refreshes", "gram_eigh")}
         matmul = seconds["matmuls"] / 2
@@ -385,6 +413,13 @@ def _rate(steps_per_second):
     """Steps per second to 3 significant digits, without an exponent."""
     decimals = 2 - math.floor(math.log10(steps_per_second))
     return f"{round(steps_per_second, decimals):,.{max(decimals, 0)}f}"
+
+
+def _method(rules):
+    """How the exact direction of a kernel was computed (eq. 27 for a single output)."""
+    if min(rules["shape"]) == 1:
+        return "eq. 27"
+    return "Newton-Schulz" if rules["newton_schulz"] else "eigh"
 
 
 def format_tables(results):
@@ -443,15 +478,15 @@ def format_tables(results):
         "same kernel (a whole step each, compiled loop):",
         "",
         f"| kernel | SGD step (us) | eq. 24 step (us) | x SGD | exact (matmuls) | between refreshes (matmuls) | "
-        f"refresh_every={results['update_rule']['refresh_every']} (matmuls) | of which Gram + eigh (matmuls) | "
-        "floor: Gram, eigh, W^T G, G R, W (C W^T G) (matmuls) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"refresh_every={results['update_rule']['refresh_every']} (matmuls) | exact by | Gram + eigh alone (matmuls) | "
+        "eigh path's floor: Gram, eigh, W^T G, G R, W (C W^T G) (matmuls) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for key, rules in results["update_rule"]["kernels"].items():
         lines.append(
             f"| {key} | {1e6 * rules['sgd']['seconds_per_step']:,.1f} | {1e6 * rules['exact']['seconds_per_step']:,.1f} | "
             f"{rules['exact_vs_sgd']:.1f}x | {rules['exact_in_matmuls']:.1f} | {rules['between_refreshes_in_matmuls']:.1f} | "
-            f"{rules['amortised_in_matmuls']:.1f} | {rules['gram_eigh_in_matmuls']:.1f} | "
+            f"{rules['amortised_in_matmuls']:.1f} | {_method(rules)} | {rules['gram_eigh_in_matmuls']:.1f} | "
             + (f"{rules['floor_in_matmuls']:.1f} |" if "floor_in_matmuls" in rules else "- |")
         )
     return "\n".join(lines)

@@ -78,7 +78,9 @@ def _check_layer(layer):
 
 def _check_update_rule(update_rule):
     kernels = update_rule["kernels"]
-    assert set(kernels) == {f"{a}x{b}" for a, b in run.Config.quick().kernels}
+    quick = run.Config.quick()
+    assert set(kernels) == ({f"{a}x{b}" for a, b in quick.kernels}
+                            | {f"{a}x{b}, cond(W) {c:g}" for a, b, c in quick.conditioned_kernels})
     k = update_rule["refresh_every"]
     for key, rules in kernels.items():
         for rule in ("sgd", "matmuls", "exact", "between_refreshes", "gram_eigh"):
@@ -94,7 +96,7 @@ def _check_update_rule(update_rule):
         assert rules["amortised_in_matmuls"] == pytest.approx(
             ((k - 1) * seconds["between_refreshes"] + seconds["exact"]) / k / matmul)
         # The floor case, for kernels with both sides above 1 only (a single output takes eq. 27).
-        assert ("floor" in rules) == (min(int(n) for n in key.split("x")) > 1)
+        assert ("floor" in rules) == (min(rules["shape"]) > 1)
         if "floor" in rules:
             _check_timing(rules["floor"])
             assert rules["floor_in_matmuls"] == pytest.approx(rules["floor"]["seconds_per_step"] / matmul)
@@ -122,6 +124,19 @@ def test_floor_direction_is_eq24_at_depth_2(shape):
     w, g = rng.normal(size=shape), rng.normal(size=shape)
     direction = run.floor_direction(tf.constant(w), tf.constant(g)).numpy()
     np.testing.assert_allclose(direction, reference_direction(w, g, 2), rtol=1e-9, atol=1e-10)
+
+
+def test_kernels_of_the_update_rule_section_take_the_paths_they_are_named_for():
+    # The Gaussian 3136 x 512 kernel (cond(W) about 2.4) takes Newton-Schulz; the conditioned one
+    # (cond(W) 1e3, singular values 1e3 apart) is built as named and declines it.
+    rng = np.random.default_rng(0)
+    kernel = run._benchmark_kernel(rng, (3136, 512), None)
+    assert bool(run._square_roots(tf.constant(kernel.T @ kernel))[2])
+    conditioned = run._benchmark_kernel(rng, (300, 128, ), 1e3)
+    s = np.linalg.svd(conditioned, compute_uv=False)
+    assert s.max() / s.min() == pytest.approx(1e3, rel=1e-9)
+    assert s.max() == pytest.approx(0.1 * (np.sqrt(300) + np.sqrt(128)), rel=1e-9)
+    assert not bool(run._square_roots(tf.constant(conditioned.T @ conditioned))[2])
 
 
 def test_step_flops_by_hand():

@@ -271,7 +271,10 @@ LANCZOS_STEPS = 16  # Lanczos steps for the extreme eigenvalues of the Gram matr
 # half a `W^T G` matmul and the eigh path about 10, so 8 steps still save about 1.5.
 NEWTON_SCHULZ_MAX_STEPS = 8
 NEWTON_SCHULZ_SPARE_STEPS = 3  # allowed past the prediction (the Frobenius test, an optimistic estimate)
-NEWTON_SCHULZ_MIN_COLUMNS = 128  # smaller b: the eigh is cheaper than the iteration's overhead (measured: b = 16, 32 slower, 128 faster)
+# Smaller b: the Lanczos estimate's ~160 small ops weigh against the eigh (one run, 2 CPU cores,
+# time against the eigh path: b = 128, a declined kernel 1.29x, a converging one 0.89x; b = 256,
+# 1.09x and 0.80x; b = 512, 1.04x-1.07x and 0.73x).
+NEWTON_SCHULZ_MIN_COLUMNS = 256
 
 
 def _newton_schulz_map(x):
@@ -300,6 +303,7 @@ def _lanczos_extremes(matrix, steps):
     steps). No reorthogonalisation: a lost orthogonality repeats Ritz values but keeps the
     extreme ones. A breakdown (an invariant subspace) leaves zero vectors, hence Ritz values 0."""
     dtype = matrix.dtype
+    tiny = float(np.finfo(keras.backend.standardize_dtype(dtype)).tiny)
     vector = ops.ones(ops.shape(matrix)[:-1] + (1,), dtype) / float(np.sqrt(matrix.shape[-1]))
     previous, beta = ops.zeros_like(vector), ops.zeros(ops.shape(matrix)[:-2] + (1, 1), dtype)
     alphas, betas = [], []
@@ -310,7 +314,7 @@ def _lanczos_extremes(matrix, steps):
         beta = ops.sqrt(ops.sum(ops.square(work), axis=(-2, -1), keepdims=True))
         alphas.append(alpha[..., 0])
         betas.append(beta[..., 0])
-        previous, vector = vector, ops.where(beta > 0, work / ops.where(beta > 0, beta, ops.ones_like(beta)), ops.zeros_like(work))
+        previous, vector = vector, work / (beta + tiny)  # 0 / tiny = 0 at a breakdown
     alphas, betas = ops.concatenate(alphas, axis=-1), ops.concatenate(betas[:-1], axis=-1)  # (..., m), (..., m - 1)
     off = ops.pad(betas, [[0, 0]] * (len(betas.shape) - 1) + [[0, 1]])
     eye = ops.eye(steps, dtype=dtype)
