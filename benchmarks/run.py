@@ -353,8 +353,11 @@ def update_rule_section(config):
     its input changes every step, as in training: an `eigh` of a loop-invariant matrix timed
     about 40% cheaper here) and, for kernels with both sides above 1, `floor` (d =
     `floor_direction`, the exact depth-2 direction through the eigh with nothing but its
-    unavoidable work). One matmul is half the `matmuls` step; the amortised rule with
-    refresh_every = k costs between_refreshes + (exact - between_refreshes) / k on average.
+    unavoidable work) and `refresh` (d = P(W) G with P(W) computed at the current W,
+    `compute_preconditioner` then `apply_preconditioner`: the amortised rule's step at a refresh,
+    which eigendecomposes also where the exact direction takes Newton-Schulz). One matmul is half
+    the `matmuls` step; the amortised rule with refresh_every = k costs
+    between_refreshes + (refresh - between_refreshes) / k on average.
     Kernels: Gaussian N(0, 0.01) of `config.kernels` (cond(W) about 2.4 at 3136 x 512, where
     depth 2 takes Newton-Schulz), and `config.conditioned_kernels` with log-spaced singular
     values (where it declines and takes the eigh). `newton_schulz` says which, for the kernel
@@ -375,6 +378,7 @@ def update_rule_section(config):
         cases[f"{key}/matmuls"] = _update_case(kernel, lambda w, g: tf.matmul(w, tf.matmul(w, g, transpose_a=True)), grad)
         cases[f"{key}/exact"] = _update_case(kernel, lambda w, g: end_to_end_direction(w, g, DEPTH), grad)
         cases[f"{key}/between_refreshes"] = _update_case(kernel, lambda w, g, p=kept: apply_preconditioner(p, g), grad)
+        cases[f"{key}/refresh"] = _update_case(kernel, lambda w, g: apply_preconditioner(compute_preconditioner(w, DEPTH), g), grad)
         cases[f"{key}/gram_eigh"] = _update_case(kernel, _gram_eigh_step, grad)
         if min(shape) > 1:  # a single output takes eq. 27's closed form, below any eigh
             cases[f"{key}/floor"] = _update_case(kernel, floor_direction, grad)
@@ -384,14 +388,16 @@ def update_rule_section(config):
         key, rule = name.split("/")
         section["kernels"][key][rule] = timing
     for rules in section["kernels"].values():
-        seconds = {rule: rules[rule]["seconds_per_step"] for rule in ("sgd", "matmuls", "exact", "between_refreshes", "gram_eigh")}
+        seconds = {rule: rules[rule]["seconds_per_step"]
+                   for rule in ("sgd", "matmuls", "exact", "between_refreshes", "refresh", "gram_eigh")}
         matmul = seconds["matmuls"] / 2
         rules["exact_vs_sgd"] = seconds["exact"] / seconds["sgd"]
         rules["exact_in_matmuls"] = seconds["exact"] / matmul
         rules["between_refreshes_in_matmuls"] = seconds["between_refreshes"] / matmul
+        rules["refresh_in_matmuls"] = seconds["refresh"] / matmul
         rules["gram_eigh_in_matmuls"] = (seconds["gram_eigh"] - seconds["sgd"]) / matmul
         rules["amortised_in_matmuls"] = (
-            seconds["between_refreshes"] + (seconds["exact"] - seconds["between_refreshes"]) / REFRESH_EVERY) / matmul
+            seconds["between_refreshes"] + (seconds["refresh"] - seconds["between_refreshes"]) / REFRESH_EVERY) / matmul
         if "floor" in rules:
             rules["floor_in_matmuls"] = rules["floor"]["seconds_per_step"] / matmul
     return section
@@ -478,14 +484,15 @@ def format_tables(results):
         "same kernel (a whole step each, compiled loop):",
         "",
         f"| kernel | SGD step (us) | eq. 24 step (us) | x SGD | exact (matmuls) | between refreshes (matmuls) | "
-        f"refresh_every={results['update_rule']['refresh_every']} (matmuls) | exact by | Gram + eigh alone (matmuls) | "
+        f"refresh step (matmuls) | refresh_every={results['update_rule']['refresh_every']}, average (matmuls) | exact by | Gram + eigh alone (matmuls) | "
         "eigh path's floor: Gram, eigh, W^T G, G R, W (C W^T G) (matmuls) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for key, rules in results["update_rule"]["kernels"].items():
         lines.append(
             f"| {key} | {1e6 * rules['sgd']['seconds_per_step']:,.1f} | {1e6 * rules['exact']['seconds_per_step']:,.1f} | "
             f"{rules['exact_vs_sgd']:.1f}x | {rules['exact_in_matmuls']:.1f} | {rules['between_refreshes_in_matmuls']:.1f} | "
+            f"{rules['refresh_in_matmuls']:.1f} | "
             f"{rules['amortised_in_matmuls']:.1f} | {_method(rules)} | {rules['gram_eigh_in_matmuls']:.1f} | "
             + (f"{rules['floor_in_matmuls']:.1f} |" if "floor_in_matmuls" in rules else "- |")
         )

@@ -83,18 +83,20 @@ def _check_update_rule(update_rule):
                             | {f"{a}x{b}, cond(W) {c:g}" for a, b, c in quick.conditioned_kernels})
     k = update_rule["refresh_every"]
     for key, rules in kernels.items():
-        for rule in ("sgd", "matmuls", "exact", "between_refreshes", "gram_eigh"):
+        for rule in ("sgd", "matmuls", "exact", "between_refreshes", "refresh", "gram_eigh"):
             _check_timing(rules[rule])
-        seconds = {rule: rules[rule]["seconds_per_step"] for rule in ("sgd", "matmuls", "exact", "between_refreshes", "gram_eigh")}
+        seconds = {rule: rules[rule]["seconds_per_step"]
+                   for rule in ("sgd", "matmuls", "exact", "between_refreshes", "refresh", "gram_eigh")}
         matmul = seconds["matmuls"] / 2  # the matmuls step is W (W^T G): two matmuls
         assert rules["exact_vs_sgd"] == pytest.approx(seconds["exact"] / seconds["sgd"])
         assert rules["exact_in_matmuls"] == pytest.approx(seconds["exact"] / matmul)
         assert rules["between_refreshes_in_matmuls"] == pytest.approx(seconds["between_refreshes"] / matmul)
+        assert rules["refresh_in_matmuls"] == pytest.approx(seconds["refresh"] / matmul)
         # The Gram + eigh part: its step minus the plain step, in matmuls.
         assert rules["gram_eigh_in_matmuls"] == pytest.approx((seconds["gram_eigh"] - seconds["sgd"]) / matmul)
-        # k - 1 steps between refreshes and one exact step, per k steps.
+        # k - 1 steps between refreshes and one refresh step, per k steps.
         assert rules["amortised_in_matmuls"] == pytest.approx(
-            ((k - 1) * seconds["between_refreshes"] + seconds["exact"]) / k / matmul)
+            ((k - 1) * seconds["between_refreshes"] + seconds["refresh"]) / k / matmul)
         # The floor case, for kernels with both sides above 1 only (a single output takes eq. 27).
         assert ("floor" in rules) == (min(rules["shape"]) > 1)
         if "floor" in rules:

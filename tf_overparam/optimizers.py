@@ -114,7 +114,9 @@ class EndToEnd(keras.optimizers.Optimizer):
         optimizer: the `keras.optimizers.Optimizer` to wrap (or its name / config).
         depth: int >= 1, the emulated chain depth N; 1 is the inner optimizer unchanged.
         weight_decay: float >= 0, the per-factor weight decay lambda of the paper.
-        refresh_every: None (exact: P(W) of the current kernel at every step), or an int
+        refresh_every: None (exact: P(W) of the current kernel at every step; at depth 2 a
+            kernel with at least 256 columns gets it from a Newton-Schulz iteration where that
+            converges, see `tf_overparam.preconditioning`), or an int
             k >= 1: amortised, Shampoo-style. P(W) is computed at steps 0, k, 2k, ... (counting
             calls of `apply`) and kept, eigenbasis and eigenvalues, for the next k steps, so a
             step in between applies P(W_r) of the last refresh r to the new gradient G_t:

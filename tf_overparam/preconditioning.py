@@ -34,6 +34,18 @@ with b x b matrices Q1 = V diag(t) V^T and Q2 (at depth 2, V diag(m) V^T (W^T G)
 one column (or one row) takes the closed form of eq. 27 instead: lambda is ||w||^2, V = 1, and
 the formula reads ||w||^{2-2/N} (g + (N-1) <g, w>/||w||^2 w).
 
+Depth 2 without the eigh. At N = 2 the direction is G A^{1/2} + W A^{-1/2} (W^T G) with
+A = W^T W ([W W^T]^{1/2} = W A^{-1/2} W^T): only the two square roots of A are needed, and a
+coupled Newton-Schulz iteration gives both with matmuls alone (`_square_roots`). It converges
+fast only when A is well conditioned, so a 16-step Lanczos estimate of A's extreme eigenvalues
+(`_lanczos_extremes`) predicts the steps first, and beyond `NEWTON_SCHULZ_MAX_STEPS` (or on a
+kernel the iteration does not settle) the eigendecomposition above is used. This matters because
+TensorFlow's CPU eigh is single-threaded: for a 512 x 512 Gram matrix it costs about 5.6 matmuls
+of a 3136 x 512 `W^T G` on 2 cores, so no arrangement of the products around it brings the exact
+direction under about 10 such matmuls (benchmarks/run.py, `floor_direction`), while a converging
+iteration (7 steps of three 512 x 512 matmuls for a Gaussian kernel) costs about 7.5. Kernels
+with fewer than `NEWTON_SCHULZ_MIN_COLUMNS` columns keep the eigh, which is cheap there.
+
 Precision, chosen by measurement (benchmarks/run.py and tests/test_preconditioning.py): float64
 kernels are computed in float64 (1e-12 of the NumPy reference). A float32 kernel forms its Gram
 matrix in float32; the Gram squares the condition number, and the eigenvalues it loses are the
@@ -219,7 +231,9 @@ def end_to_end_direction(kernel, grad, depth):
     """sum_j [W W^T]^{(j-1)/N} G [W^T W]^{(N-j)/N} (eq. 24), from the Gram eigendecomposition.
 
     The singular values of the null spaces are 0 and 0^0 = 1. A kernel with a dimension of size
-    1 (a single output) takes the closed form of eq. 27. A kernel holding inf or NaN (or so large
+    1 (a single output) takes the closed form of eq. 27. At depth 2 a kernel with at least
+    `NEWTON_SCHULZ_MIN_COLUMNS` columns and rows takes the Newton-Schulz square roots of W^T W
+    where they converge (module docstring), the eigendecomposition otherwise. A kernel holding inf or NaN (or so large
     that W^T W overflows) gives a NaN direction, so divergence shows as usual. See the module
     docstring for the algorithm and the precision per depth. A kernel much taller than wide
     (`DIRECT_FORM_ASPECT`) is computed as G Q1 + W Q2 with the b x b matrices Q1 = V diag(t) V^T
