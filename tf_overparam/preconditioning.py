@@ -43,7 +43,7 @@ kernel the iteration does not settle) the eigendecomposition above is used. This
 TensorFlow's CPU eigh is single-threaded: for a 512 x 512 Gram matrix it costs about 5.6 matmuls
 of a 3136 x 512 `W^T G` on 2 cores, so no arrangement of the products around it brings the exact
 direction under about 10 such matmuls (benchmarks/run.py, `floor_direction`), while a converging
-iteration (7 steps of three 512 x 512 matmuls for a Gaussian kernel) costs about 7.5. Kernels
+iteration (6 steps of three 512 x 512 matmuls for a Gaussian kernel) costs about 7.5. Kernels
 with fewer than `NEWTON_SCHULZ_MIN_COLUMNS` columns keep the eigh, which is cheap there.
 
 Precision, chosen by measurement (benchmarks/run.py and tests/test_preconditioning.py): float64
@@ -392,11 +392,12 @@ def _depth_two_direction(kernel, grad):
     A = W^T W (W oriented tall), since [W W^T]^{1/2} = W A^{-1/2} W^T.
 
     The roots come from `_square_roots` (Newton-Schulz, matmuls only) when it converges, which it
-    does for a full-rank kernel with cond(W) up to about 5-7; otherwise (an ill-conditioned,
-    rank-deficient, zero or non-finite kernel) from the eigendecomposition (`_eigh_direction`,
-    which forms the Gram matrix again). Measured (tests/test_preconditioning.py, benchmarks/run.py):
-    on a 3136 x 512 Gaussian kernel (cond(W) about 2.4) 7 steps, relative error 5e-7 in float32
-    (the eigh path 3e-5) and 3e-15 in float64, at about 7 `W^T G` matmuls against 10 for the eigh.
+    does for a full-rank kernel with cond(W) up to about 8 in float32 (about 5 in float64, whose
+    tighter tolerance needs more steps); otherwise (an ill-conditioned, rank-deficient, zero or
+    non-finite kernel) from the eigendecomposition (`_eigh_direction`, given the Gram matrix).
+    Measured on a 3136 x 512 Gaussian kernel (cond(W) about 2.4; README, Performance): 6 steps
+    in float32 and 7 in float64, relative error 5.4e-7 (the eigh path 2.3e-5) and 2.6e-15, at
+    7.5 `W^T G` matmuls against 10.4 for the eigh path's floor.
     """
     dtype = _compute_dtype(kernel)
     w = ops.cast(kernel, dtype)
