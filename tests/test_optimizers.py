@@ -81,6 +81,28 @@ def test_sgd_trajectory_is_eq24_and_equals_end_to_end_model(float64, depth, weig
     assert np.abs(wrapped.get_weights()[0] - plain[0]).max() > 1e-4
 
 
+def test_sgd_on_a_kernel_wide_enough_for_newton_schulz_is_eq24(float64):
+    # A linear layer whose 600 x 256 kernel takes the depth-2 Newton-Schulz path (checked on its
+    # Gram matrix): three full-batch SGD steps equal the NumPy eq. 24 steps of the hand gradient
+    # of (1/2) mean (x W - y)^2.
+    from tf_overparam import preconditioning
+
+    rng = np.random.default_rng(12)
+    x, y = rng.normal(size=(32, 600)), rng.normal(size=(32, preconditioning.NEWTON_SCHULZ_MIN_COLUMNS))
+    kernel = rng.normal(size=(600, preconditioning.NEWTON_SCHULZ_MIN_COLUMNS)) * 0.05
+    assert bool(preconditioning._square_roots(keras.ops.convert_to_tensor(kernel.T @ kernel))[2])
+    model = keras.Sequential([keras.Input((600,)), keras.layers.Dense(y.shape[1], use_bias=False)])
+    model.set_weights([kernel])
+    eta, steps = 0.5, 3
+    model.compile(EndToEnd(keras.optimizers.SGD(eta), depth=2), loss=to.LpLoss(2))
+    model.fit(x, y, batch_size=len(x), epochs=steps, shuffle=False, verbose=0)
+    expected = kernel.copy()
+    for _ in range(steps):
+        expected = expected - eta * reference_direction(expected, x.T @ ((x @ expected - y) / y.size), 2)
+    assert np.abs(expected - kernel).max() > 1e-3  # it moved
+    assert_allclose_through_keras(model.get_weights()[0], expected, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("refresh_every", [1, 3])
 def test_amortised_rule_keeps_the_preconditioner_of_the_last_refresh(float64, refresh_every):
     x, y = _data()
