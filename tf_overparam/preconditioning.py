@@ -183,7 +183,12 @@ def compute_preconditioner(kernel, depth):
         kernel: tensor (..., a, b), the end-to-end kernel W.
         depth: int >= 1, the depth N of the chain being emulated.
     """
-    kernel, basis, direct, cross = _spectrum(kernel, depth)
+    return _preconditioner(kernel, depth)
+
+
+def _preconditioner(kernel, depth, gram=None):
+    """`compute_preconditioner`, given W^T W (W oriented tall) if already formed."""
+    kernel, basis, direct, cross = _spectrum(kernel, depth, gram)
     return Preconditioner(ops.matmul(kernel, basis), basis, direct, cross)
 
 
@@ -265,8 +270,7 @@ def _eigh_direction(kernel, grad, depth, gram=None):
     kernel more than `DIRECT_FORM_ASPECT` times taller than wide, the direct form G Q1 + W Q2.
     `gram`: W^T W (W oriented tall) if already formed."""
     if max(kernel.shape[-2:]) <= DIRECT_FORM_ASPECT * min(kernel.shape[-2:]):
-        w, basis, direct, cross = _spectrum(kernel, depth, gram)
-        return apply_preconditioner(Preconditioner(ops.matmul(w, basis), basis, direct, cross), grad)
+        return apply_preconditioner(_preconditioner(kernel, depth, gram), grad)
     w, basis, direct, cross = _spectrum(kernel, depth, gram)
     g, wide = _oriented(grad, w.dtype)
     w_g = ops.matmul(_transpose(w), g)  # independent of the eigh: may run beside it
@@ -313,8 +317,8 @@ def _lanczos_extremes(matrix, steps):
     """(smallest, largest) Ritz values of the symmetric `matrix` (..., b, b) after `steps` Lanczos
     steps from the vector of ones, each (..., 1, 1): inside the spectrum, so the smallest is at
     least lambda_min and the largest at most lambda_max, both sharp at the ends of a spectrum
-    (measured: within 1% of lambda_max and within 3x of lambda_min at cond(A) = 100 after 16
-    steps). No reorthogonalisation: a lost orthogonality repeats Ritz values but keeps the
+    (measured after 16 steps on 512 x 512 Gram matrices: within 1% of lambda_max, and 1.3x
+    lambda_min at cond(A) = 100, 3.1x at cond(A) = 900). No reorthogonalisation: a lost orthogonality repeats Ritz values but keeps the
     extreme ones. A breakdown (an invariant subspace) leaves zero vectors, hence Ritz values 0."""
     dtype = matrix.dtype
     tiny = float(np.finfo(keras.backend.standardize_dtype(dtype)).tiny)
