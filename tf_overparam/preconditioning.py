@@ -238,8 +238,9 @@ def end_to_end_direction(kernel, grad, depth):
     The singular values of the null spaces are 0 and 0^0 = 1. A kernel with a dimension of size
     1 (a single output) takes the closed form of eq. 27. At depth 2 a kernel with at least
     `NEWTON_SCHULZ_MIN_COLUMNS` columns and rows takes the Newton-Schulz square roots of W^T W
-    where they converge (module docstring), the eigendecomposition otherwise. A kernel holding inf or NaN (or so large
-    that W^T W overflows) gives a NaN direction, so divergence shows as usual. See the module
+    where they converge (module docstring), the eigendecomposition otherwise. A kernel holding
+    inf or NaN (or so large that W^T W overflows) gives a NaN direction, so divergence shows as
+    usual. See the module
     docstring for the algorithm and the precision per depth. A kernel much taller than wide
     (`DIRECT_FORM_ASPECT`) is computed as G Q1 + W Q2 with the b x b matrices Q1 = V diag(t) V^T
     and Q2 = V (M o (V^T (W^T G) V)) V^T (at depth 2, V diag(m) V^T (W^T G)), the same sum
@@ -404,9 +405,7 @@ def _depth_two_direction(kernel, grad):
     7.5 `W^T G` matmuls against 10.4 for the eigh path's floor.
     """
     dtype = _compute_dtype(kernel)
-    w = ops.cast(kernel, dtype)
-    if _is_wide(w.shape):
-        w = _transpose(w)
+    w, _ = _oriented(kernel, dtype)
     g, wide = _oriented(grad, dtype)
     gram = ops.matmul(_transpose(w), w)
     root, inverse_root, converged = _square_roots(gram)
