@@ -49,8 +49,12 @@ def train(refresh_every, x, y, steps, every, eval_x, eval_y):
     """Loss of (eval_x, eval_y) at steps 0, every, 2 every, ..., steps."""
     keras.utils.set_random_seed(0)
     model = build_cnn(Config())
-    optimizer = EndToEnd(keras.optimizers.SGD(0.01, momentum=0.9), depth=2, refresh_every=refresh_every,
-                         variables=["*fc1/kernel", "*fc2/kernel"])
+    optimizer = EndToEnd(
+        keras.optimizers.SGD(0.01, momentum=0.9),
+        depth=2,
+        refresh_every=refresh_every,
+        variables=["*fc1/kernel", "*fc2/kernel"],
+    )
     model.compile(optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     losses = [model.evaluate(eval_x, eval_y, batch_size=500, verbose=0)]
     started = time.perf_counter()
@@ -84,13 +88,24 @@ def main(argv=None):
         results["runs"][name] = {"refresh_every": refresh_every, "loss": losses, "train_seconds": seconds}
         write_json_atomic(run_dir / "results.json", results)
     exact = np.array(results["runs"]["exact"]["loss"])
-    print("| step | " + " | ".join(f"loss {name}" for name in RUNS) + " | " +
-          " | ".join(f"gap {name}" for name in list(RUNS)[1:]) + " |")
+    print(
+        "| step | "
+        + " | ".join(f"loss {name}" for name in RUNS)
+        + " | "
+        + " | ".join(f"gap {name}" for name in list(RUNS)[1:])
+        + " |"
+    )
     print("| ---: " * (2 * len(RUNS)) + "|")
     for i, step in enumerate(steps):
         losses = [results["runs"][name]["loss"][i] for name in RUNS]
         gaps = [abs(loss - exact[i]) / exact[i] for loss in losses[1:]]
-        print(f"| {step} | " + " | ".join(f"{v:.4f}" for v in losses) + " | " + " | ".join(f"{g:.2e}" for g in gaps) + " |")
+        print(
+            f"| {step} | "
+            + " | ".join(f"{v:.4f}" for v in losses)
+            + " | "
+            + " | ".join(f"{g:.2e}" for g in gaps)
+            + " |"
+        )
     print("train seconds: " + ", ".join(f"{n} {r['train_seconds']:.0f}" for n, r in results["runs"].items()))
     print(f"results: {run_dir / 'results.json'}")
     return 0

@@ -139,8 +139,9 @@ def cnn_models():
         twin = overparameterize(plain, depth=DEPTH)
     models = {"plain": plain, "overparameterized": twin}
     for model in models.values():
-        model.compile(keras.optimizers.SGD(0.01, momentum=0.9),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(
+            keras.optimizers.SGD(0.01, momentum=0.9), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        )
     return models
 
 
@@ -185,7 +186,8 @@ def direction_section(config):
         orthogonal = ops.convert_to_tensor(np.linalg.qr(rng.normal(size=(cols, cols)))[0].astype("float32"))
         key = f"{rows}x{cols}"
         cases[f"{key}/end_to_end"] = compiled_loop(
-            lambda w, g=grad: w - UPDATE_RATE * end_to_end_direction(w, g, DEPTH), kernel)
+            lambda w, g=grad: w - UPDATE_RATE * end_to_end_direction(w, g, DEPTH), kernel
+        )
         cases[f"{key}/matmul"] = compiled_loop(lambda a, q=orthogonal: ops.matmul(a, q), kernel)
     timings = measure(cases, config.target_s, config.repeats)
     section = {"depth": DEPTH, "kernels": {}}
@@ -205,9 +207,14 @@ def machine_info():
     import keras
 
     backend = keras.backend.backend()
-    info = {"backend": backend, "keras": keras.__version__, "cpus": os.cpu_count(),
-            "platform": platform.platform(), "processor": platform.processor(),
-            "python": platform.python_version()}
+    info = {
+        "backend": backend,
+        "keras": keras.__version__,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+    }
     if backend == "jax":
         import jax
 
@@ -219,8 +226,9 @@ def machine_info():
     elif backend == "torch":
         import torch
 
-        info.update(version=torch.__version__,
-                    devices=[torch.cuda.get_device_name(0)] if torch.cuda.is_available() else ["cpu"])
+        info.update(
+            version=torch.__version__, devices=[torch.cuda.get_device_name(0)] if torch.cuda.is_available() else ["cpu"]
+        )
     return info
 
 
@@ -260,8 +268,11 @@ def format_tables(results):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run --backend", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run --backend",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--backend", required=True, choices=BACKENDS, help="the Keras backend to time")
     parser.add_argument("--out", help="output folder (default runs/benchmarks/<UTC time>)")
     parser.add_argument("--quick", action="store_true", help="CI scale: short calls, small kernels")
@@ -287,7 +298,9 @@ def main(argv=None):
         raise SystemExit(2)
     results = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "config": dataclasses.asdict(config), "machine": machine_info(), "loadavg_start": os.getloadavg(),
+        "config": dataclasses.asdict(config),
+        "machine": machine_info(),
+        "loadavg_start": os.getloadavg(),
     }
     assert keras.backend.backend() == config.backend
     results["cnn"] = cnn_section(config)

@@ -47,6 +47,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from benchmarks.timing import Case, compiled_loop, load_sentence, measure, model_cases
 from experiments import gas_sensor as gas_experiment
 from experiments import mnist_cnn
 from experiments._common import make_run_dir, write_json_atomic
@@ -63,8 +64,6 @@ from tf_overparam.preconditioning import (
     compute_preconditioner,
     end_to_end_direction,
 )
-
-from benchmarks.timing import Case, compiled_loop, load_sentence, measure, model_cases
 
 P = 4  # the l4 loss of the experiment's headline figure
 DEPTH = 2  # depth emulated by the update rule and of the overparameterized CNN
@@ -101,8 +100,17 @@ class Config:
     @classmethod
     def quick(cls, **overrides):
         """CI scale: short calls, 3 rounds, a 3-point grid, the small kernels only."""
-        quick = dict(scale="quick", target_s=0.02, repeats=3, fit_epochs=1, steps_per_execution=100, grid_points=3,
-                     peak_size=512, kernels=((1, 128), (128, 1), (128, 128)), conditioned_kernels=((300, 128, 1e3),))
+        quick = dict(
+            scale="quick",
+            target_s=0.02,
+            repeats=3,
+            fit_epochs=1,
+            steps_per_execution=100,
+            grid_points=3,
+            peak_size=512,
+            kernels=((1, 128), (128, 1), (128, 128)),
+            conditioned_kernels=((300, 128, 1e3),),
+        )
         return cls(**{**quick, **overrides})
 
 
@@ -123,10 +131,12 @@ def step_flops(examples, features, grid):
 
 
 def _keras_linear(learning_rate, features, steps_per_execution=1):
-    model = keras.Sequential([
-        keras.Input((features,)),
-        keras.layers.Dense(1, use_bias=False, kernel_initializer=NearZero(_INIT.stddev, seed=0)),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((features,)),
+            keras.layers.Dense(1, use_bias=False, kernel_initializer=NearZero(_INIT.stddev, seed=0)),
+        ]
+    )
     model.compile(keras.optimizers.SGD(learning_rate), loss=LpLoss(p=P), steps_per_execution=steps_per_execution)
     return model
 
@@ -197,7 +207,9 @@ def fullbatch_section(config, x, y):
     peak = timings.pop("peak_matmul")
     peak_rate = 2 * config.peak_size**3 / peak["seconds_per_step"]
     section = {
-        "examples": x.shape[0], "features": x.shape[1], "p": P,
+        "examples": x.shape[0],
+        "features": x.shape[1],
+        "p": P,
         "keras_jit_compile": _keras_linear(1.0, x.shape[1]).jit_compile,  # "auto", as resolved here
         "peak_matmul": {**peak, "size": config.peak_size, "flops_per_s": peak_rate},
     }
@@ -224,9 +236,14 @@ def grid_result(shape, rates, methods, peak_rate):
         if method != "data_matmuls"
     }
     return {
-        "grid": len(rates), "learning_rates": rates, "flops": flops, "matmul_flops_per_s": matmul_rate,
-        "bound_seconds_per_step": bound, "peak_bound_seconds_per_step": peak_bound,
-        "methods": methods, "ratios": ratios,
+        "grid": len(rates),
+        "learning_rates": rates,
+        "flops": flops,
+        "matmul_flops_per_s": matmul_rate,
+        "bound_seconds_per_step": bound,
+        "peak_bound_seconds_per_step": peak_bound,
+        "methods": methods,
+        "ratios": ratios,
     }
 
 
@@ -234,8 +251,10 @@ def grid_result(shape, rates, methods, peak_rate):
 
 
 def _compiled(model, optimizer=None):
-    model.compile(optimizer or keras.optimizers.SGD(0.01, momentum=0.9),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer or keras.optimizers.SGD(0.01, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     return model
 
 
@@ -287,9 +306,12 @@ def layer_section(config):
         return section["models"][name][kind]["seconds_per_step"] / section["models"][baseline][kind]["seconds_per_step"]
 
     for name, model in section["models"].items():
-        section["ratios"][name] = {f"{kind}_time_vs_plain": ratio(name, model["baseline"], kind) for kind in ("train", "predict")}
+        section["ratios"][name] = {
+            f"{kind}_time_vs_plain": ratio(name, model["baseline"], kind) for kind in ("train", "predict")
+        }
     section["ratios"]["plain, EndToEnd optimizer"]["train_time_vs_overparameterized"] = ratio(
-        "plain, EndToEnd optimizer", "overparameterized", "train")
+        "plain, EndToEnd optimizer", "overparameterized", "train"
+    )
     return section
 
 
@@ -372,24 +394,37 @@ def update_rule_section(config):
         kept = compute_preconditioner(kernel, DEPTH)
         key = "x".join(map(str, shape)) + ("" if condition is None else f", cond(W) {condition:g}")
         oriented = kernel if shape[0] >= shape[1] else tf.transpose(kernel)
-        shapes[key] = {"shape": list(shape), "newton_schulz": min(shape) >= NEWTON_SCHULZ_MIN_COLUMNS and bool(
-            _square_roots(tf.matmul(oriented, oriented, transpose_a=True))[2])}
+        shapes[key] = {
+            "shape": list(shape),
+            "newton_schulz": min(shape) >= NEWTON_SCHULZ_MIN_COLUMNS
+            and bool(_square_roots(tf.matmul(oriented, oriented, transpose_a=True))[2]),
+        }
         cases[f"{key}/sgd"] = _update_case(kernel, lambda w, g: g, grad)
-        cases[f"{key}/matmuls"] = _update_case(kernel, lambda w, g: tf.matmul(w, tf.matmul(w, g, transpose_a=True)), grad)
+        cases[f"{key}/matmuls"] = _update_case(
+            kernel, lambda w, g: tf.matmul(w, tf.matmul(w, g, transpose_a=True)), grad
+        )
         cases[f"{key}/exact"] = _update_case(kernel, lambda w, g: end_to_end_direction(w, g, DEPTH), grad)
         cases[f"{key}/between_refreshes"] = _update_case(kernel, lambda w, g, p=kept: apply_preconditioner(p, g), grad)
-        cases[f"{key}/refresh"] = _update_case(kernel, lambda w, g: apply_preconditioner(compute_preconditioner(w, DEPTH), g), grad)
+        cases[f"{key}/refresh"] = _update_case(
+            kernel, lambda w, g: apply_preconditioner(compute_preconditioner(w, DEPTH), g), grad
+        )
         cases[f"{key}/gram_eigh"] = _update_case(kernel, _gram_eigh_step, grad)
         if min(shape) > 1:  # a single output takes eq. 27's closed form, below any eigh
             cases[f"{key}/floor"] = _update_case(kernel, floor_direction, grad)
     timings = measure(cases, config.target_s, config.repeats)
-    section = {"depth": DEPTH, "refresh_every": REFRESH_EVERY, "kernels": {key: dict(spec) for key, spec in shapes.items()}}
+    section = {
+        "depth": DEPTH,
+        "refresh_every": REFRESH_EVERY,
+        "kernels": {key: dict(spec) for key, spec in shapes.items()},
+    }
     for name, timing in timings.items():
         key, rule = name.split("/")
         section["kernels"][key][rule] = timing
     for rules in section["kernels"].values():
-        seconds = {rule: rules[rule]["seconds_per_step"]
-                   for rule in ("sgd", "matmuls", "exact", "between_refreshes", "refresh", "gram_eigh")}
+        seconds = {
+            rule: rules[rule]["seconds_per_step"]
+            for rule in ("sgd", "matmuls", "exact", "between_refreshes", "refresh", "gram_eigh")
+        }
         matmul = seconds["matmuls"] / 2
         rules["exact_vs_sgd"] = seconds["exact"] / seconds["sgd"]
         rules["exact_in_matmuls"] = seconds["exact"] / matmul
@@ -397,7 +432,8 @@ def update_rule_section(config):
         rules["refresh_in_matmuls"] = seconds["refresh"] / matmul
         rules["gram_eigh_in_matmuls"] = (seconds["gram_eigh"] - seconds["sgd"]) / matmul
         rules["amortised_in_matmuls"] = (
-            seconds["between_refreshes"] + (seconds["refresh"] - seconds["between_refreshes"]) / REFRESH_EVERY) / matmul
+            seconds["between_refreshes"] + (seconds["refresh"] - seconds["between_refreshes"]) / REFRESH_EVERY
+        ) / matmul
         if "floor" in rules:
             rules["floor_in_matmuls"] = rules["floor"]["seconds_per_step"] / matmul
     return section
@@ -409,8 +445,12 @@ def update_rule_section(config):
 def machine_info():
     """What the numbers were measured on."""
     return {
-        "cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-        "python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
         "devices": [d.name for d in tf.config.list_logical_devices()],
     }
 
@@ -443,9 +483,11 @@ def format_tables(results):
         "| method | 1 rate: steps/s | x naive fit | x of bound | grid: steps/s | x naive fit | x of bound |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    labels = {"keras_fit": f"`model.fit`, one epoch per step, {results['config']['fit_epochs']} epochs a call (naive)",
-              "keras_fit_spe": f"`model.fit`, steps_per_execution={results['config']['steps_per_execution']}",
-              **{method: label for method, (label, _) in ENGINE_SPECS.items()}}
+    labels = {
+        "keras_fit": f"`model.fit`, one epoch per step, {results['config']['fit_epochs']} epochs a call (naive)",
+        "keras_fit_spe": f"`model.fit`, steps_per_execution={results['config']['steps_per_execution']}",
+        **{method: label for method, (label, _) in ENGINE_SPECS.items()},
+    }
     grids = (fullbatch["single"], fullbatch["grid"])
     for method, label in labels.items():
         cells = [
@@ -454,8 +496,10 @@ def format_tables(results):
             for g in grids
         ]
         lines.append(f"| {label} | {' | '.join(cells)} |")
-    for key, label in (("bound_seconds_per_step", "bound: FLOPs at the data matmuls' rate"),
-                       ("peak_bound_seconds_per_step", "bound: FLOPs at peak matmul rate")):
+    for key, label in (
+        ("bound_seconds_per_step", "bound: FLOPs at the data matmuls' rate"),
+        ("peak_bound_seconds_per_step", "bound: FLOPs at peak matmul rate"),
+    ):
         lines.append(f"| {label} | " + " | ".join(f"{_rate(1 / g[key])} | | " for g in grids) + " |")
     lines += [
         "",
@@ -476,8 +520,11 @@ def format_tables(results):
             f"{ratio['train_time_vs_plain']:.2f} | {1e3 * model['predict']['seconds_per_step']:.1f} | "
             f"{ratio['predict_time_vs_plain']:.2f} | {model['train']['first_call_s']:.1f} |"
         )
-    lines += ["", "The `EndToEnd` optimizer's train step is "
-              f"{layer['ratios']['plain, EndToEnd optimizer']['train_time_vs_overparameterized']:.2f}x the twin's."]
+    lines += [
+        "",
+        "The `EndToEnd` optimizer's train step is "
+        f"{layer['ratios']['plain, EndToEnd optimizer']['train_time_vs_overparameterized']:.2f}x the twin's.",
+    ]
     lines += [
         "",
         f"Update rule, depth {results['update_rule']['depth']}: eq. 24 direction in `W^T G` matmuls of the "
@@ -503,8 +550,9 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", help=f"folder of the gas sensor batch*.dat files (or set {gas_sensor.ENV_VAR})")
     parser.add_argument("--out", help="output folder (default runs/benchmarks/<UTC time>)")
-    parser.add_argument("--quick", action="store_true",
-                        help="CI scale: short calls, a 3-point grid, small kernels (under a minute)")
+    parser.add_argument(
+        "--quick", action="store_true", help="CI scale: short calls, a 3-point grid, small kernels (under a minute)"
+    )
     args = parser.parse_args(argv)
     overrides = dict(data_dir=args.data_dir, out=args.out)
     return Config.quick(**overrides) if args.quick else Config(**overrides)
@@ -518,7 +566,9 @@ def main(argv=None):
     keras.utils.set_random_seed(0)
     results = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "config": dataclasses.asdict(config), "machine": machine_info(), "loadavg_start": os.getloadavg(),
+        "config": dataclasses.asdict(config),
+        "machine": machine_info(),
+        "loadavg_start": os.getloadavg(),
         "data": data.description,
     }
     results["fullbatch"] = fullbatch_section(config, data.x, data.y)

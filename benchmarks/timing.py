@@ -44,9 +44,11 @@ def model_cases(models, x, y):
 def load_sentence(results, cpus):
     """The machine's load during a run (`loadavg_start`, `loadavg_end` of `results`), for the tables."""
     start, end = results["loadavg_start"][0], results["loadavg_end"][0]
-    return (f"load average {start:.2f} at the start, {end:.2f} at the end"
-            f"{' (--quick)' if results['config']['scale'] == 'quick' else ''}."
-            + (" The load is above the CPU count: absolute numbers are noisy, compare ratios." if start > cpus else ""))
+    return (
+        f"load average {start:.2f} at the start, {end:.2f} at the end"
+        f"{' (--quick)' if results['config']['scale'] == 'quick' else ''}."
+        + (" The load is above the CPU count: absolute numbers are noisy, compare ratios." if start > cpus else "")
+    )
 
 
 def _clock(run, units):
@@ -83,7 +85,7 @@ def measure(cases, target_s, repeats):
     seconds = {name: [] for name in cases}
     names = list(cases)
     for round_ in range(repeats):
-        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             seconds[name].append(_clock(cases[name].run, units[name]))
     timings = {}
     for name, case in cases.items():

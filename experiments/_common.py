@@ -126,7 +126,7 @@ def user_errors(*kinds):
         yield
     except UserError:
         raise
-    except kinds or (ValueError, OSError) as error:
+    except kinds or (ValueError, OSError) as error:  # noqa: B030 - a tuple either way
         raise UserError(one_line(error)) from error
 
 
@@ -232,8 +232,11 @@ def provenance():
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"package_version": tf_overparam.__version__, "git_commit": commit,
-            "git_dirty": None if status is None else bool(status)}
+    return {
+        "package_version": tf_overparam.__version__,
+        "git_commit": commit,
+        "git_dirty": None if status is None else bool(status),
+    }
 
 
 def record_run(out, name, config, run, plot, summarize):

@@ -18,7 +18,6 @@ import time
 import numpy as np
 
 
-
 @dataclasses.dataclass
 class GridTask:
     """One configuration to train: `spec` on (x, y) for `learning_rates` x `seeds`, logged at
@@ -98,8 +97,10 @@ def tensorboard_writers(root, name, learning_rates, seeds):
     """One file writer per grid point, under root/<name>/lr_<rate>_seed_<seed>."""
     import tensorflow as tf
 
-    return [tf.summary.create_file_writer(os.path.join(str(root), name, f"lr_{rate:.3g}_seed_{seed}"))
-            for rate, seed in zip(learning_rates, seeds)]
+    return [
+        tf.summary.create_file_writer(os.path.join(str(root), name, f"lr_{rate:.3g}_seed_{seed}"))
+        for rate, seed in zip(learning_rates, seeds)
+    ]
 
 
 def write_tensorboard(root, outcome):
@@ -108,8 +109,14 @@ def write_tensorboard(root, outcome):
     result = outcome.result
     writers = tensorboard_writers(root, outcome.name, result.learning_rates, result.seeds)
     for t, iteration in enumerate(result.iterations):
-        write_log_point(writers, result.learning_rates, iteration, result.losses[t],
-                        outcome.diagnostics.get(int(iteration)), outcome.depth)
+        write_log_point(
+            writers,
+            result.learning_rates,
+            iteration,
+            result.losses[t],
+            outcome.diagnostics.get(int(iteration)),
+            outcome.depth,
+        )
     for writer in writers:
         writer.close()
 
@@ -132,14 +139,20 @@ class Executor:
             import ray
         except ImportError as error:
             raise ValueError(
-                "`workers`/`address` need Ray: pip install -e \".[ray]\" (or leave them out to run in-process)."
+                '`workers`/`address` need Ray: pip install -e ".[ray]" (or leave them out to run in-process).'
             ) from error
         # Workers import this checkout's packages, whatever the installed copy.
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         # One TensorFlow thread per task: a task holds one CPU (num_cpus=1).
-        env = {"env_vars": {"PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
-                            "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}}
+        env = {
+            "env_vars": {
+                "PYTHONPATH": path,
+                "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+                "TF_NUM_INTRAOP_THREADS": "1",
+                "TF_NUM_INTEROP_THREADS": "1",
+            }
+        }
         if address is not None:
             ray.init(address=address, runtime_env=env, ignore_reinit_error=True)
         else:
@@ -172,8 +185,12 @@ class Executor:
 
 def add_arguments(parser):
     """The sweep's CLI flags: --workers and --address."""
-    parser.add_argument("--workers", type=int, default=None,
-                        help="run configurations as Ray tasks on a local Ray with this many CPUs (needs .[ray])")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="run configurations as Ray tasks on a local Ray with this many CPUs (needs .[ray])",
+    )
     parser.add_argument("--address", default=None, help="run configurations on the Ray cluster at this address")
 
 

@@ -110,8 +110,15 @@ class Config:
         """CI scale: a short horizon and a coarse grid."""
         # An odd number of seeds: a median is then one seed's value (with 2 seeds it is their
         # mean, and the hardest target, the best median final loss, may be reached by neither).
-        quick = dict(iterations=2000, grid_points=4, depths=(1, 2), wide_units=4, log_points=40, seeds=(0,),
-                     headline_seeds=(0, 1, 2))
+        quick = dict(
+            iterations=2000,
+            grid_points=4,
+            depths=(1, 2),
+            wide_units=4,
+            log_points=40,
+            seeds=(0,),
+            headline_seeds=(0, 1, 2),
+        )
         return cls(**{**quick, **overrides})
 
     def learning_rates(self, spec, shift=0.0):
@@ -184,7 +191,9 @@ def configurations(config):
         label = f"{'eq. 24 ' if update == 'end_to_end' else optimizer.upper() + ' '}depth {depth}"
         label += f", width {width}" if width_tag else ""
         label += tag.replace("-", ", ")
-        spec = fullbatch.ChainSpec(depth=depth, hidden_units=width, update=update, optimizer=optimizer, initializer=init, p=p)
+        spec = fullbatch.ChainSpec(
+            depth=depth, hidden_units=width, update=update, optimizer=optimizer, initializer=init, p=p
+        )
         style = ":" if update == "end_to_end" else "--" if width_tag and width > 1 else "-"
         return RunConfig(name, label, spec, style)
 
@@ -198,12 +207,16 @@ def configurations(config):
             + [gd(p, d, update="end_to_end") for d in deep[:2]]
         ]
     if "optimizers" in config.figures:
-        figures["optimizers"] = [gd(4, 1)] + [gd(4, d) for d in deep[:2]] + [
-            gd(4, 1, optimizer="adagrad"),
-            gd(4, 1, optimizer="adadelta"),
-            gd(4, 1, optimizer="adam"),
-            gd(4, 2, optimizer="adam"),
-        ]
+        figures["optimizers"] = (
+            [gd(4, 1)]
+            + [gd(4, d) for d in deep[:2]]
+            + [
+                gd(4, 1, optimizer="adagrad"),
+                gd(4, 1, optimizer="adadelta"),
+                gd(4, 1, optimizer="adam"),
+                gd(4, 2, optimizer="adam"),
+            ]
+        )
     if "init" in config.figures:
         identity = initializers.Identity()
         figures["init"] = [gd(4, 1)] + [
@@ -211,9 +224,11 @@ def configurations(config):
         ]
     if "preprocessing" in config.figures:
         figures["preprocessing"] = [
-            dataclasses.replace(run, name=f"pre/{key}/{run.name.split('/')[1]}", label=f"{run.label}, {key}",
-                                data_key=key)
-            for key in variant_keys() for run in (gd(4, 1), gd(4, 2))
+            dataclasses.replace(
+                run, name=f"pre/{key}/{run.name.split('/')[1]}", label=f"{run.label}, {key}", data_key=key
+            )
+            for key in variant_keys()
+            for run in (gd(4, 1), gd(4, 2))
         ]
     return figures
 
@@ -271,18 +286,28 @@ def summarize(result, targets):
     choose_rates`), the configuration's best rate (the one of the hardest target reached,
     else the unflagged rate with the lowest median final loss), its median final loss and
     range, and per grid point the flags and recovered spikes."""
-    reports = [_curves.curve_report(result.iterations, result.losses[:, g], targets) for g in range(result.losses.shape[1])]
+    reports = [
+        _curves.curve_report(result.iterations, result.losses[:, g], targets) for g in range(result.losses.shape[1])
+    ]
     finals = result.losses[-1]
     flags = {
-        "diverged_at": [r["diverged_at"] for r in reports], "spikes": [r["spikes"] for r in reports],
-        "largest_spike": [r["largest_spike"] for r in reports], "stalled": [r["stalled"] for r in reports],
+        "diverged_at": [r["diverged_at"] for r in reports],
+        "spikes": [r["spikes"] for r in reports],
+        "largest_spike": [r["largest_spike"] for r in reports],
+        "stalled": [r["stalled"] for r in reports],
         "oscillating": [r["oscillating"] for r in reports],
     }
     choices = _rates.choose_rates(result.learning_rates, result.seeds, reports, len(targets), finals)
     best = _rates.headline_rate(result.learning_rates, result.seeds, reports, finals)
     if best is None:
-        return {"diverged": all(r["diverged_at"] is not None for r in reports), "best_learning_rate": None,
-                "final_loss": None, "iterations_to_target": {}, "per_target": {}, "flags": flags}
+        return {
+            "diverged": all(r["diverged_at"] is not None for r in reports),
+            "best_learning_rate": None,
+            "final_loss": None,
+            "iterations_to_target": {},
+            "per_target": {},
+            "flags": flags,
+        }
     points = _points_at(result, best)
     return {
         "diverged": False,
@@ -343,8 +368,9 @@ def run_configuration(stage, data, config, run_dir, progress, checkpoint=None):
     schedule = fullbatch.log_schedule(stage.iterations, config.log_points)
     logger = None
     if stage.kind == "final":
-        logger = TensorBoardLogger(run_dir / "tensorboard", run.name, trainer.learning_rates, trainer.seeds,
-                                   diagnostics_every(schedule))
+        logger = TensorBoardLogger(
+            run_dir / "tensorboard", run.name, trainer.learning_rates, trainer.seeds, diagnostics_every(schedule)
+        )
     logged = []
     if checkpoint is not None:
         _, state, iterations, losses = checkpoint
@@ -366,7 +392,7 @@ def run_configuration(stage, data, config, run_dir, progress, checkpoint=None):
         last[0] = iteration
 
     try:
-        result = trainer.run(stage.iterations, schedule=schedule[len(logged):], on_log=on_log)
+        result = trainer.run(stage.iterations, schedule=schedule[len(logged) :], on_log=on_log)
     finally:
         if logger is not None:
             logger.close()
@@ -429,8 +455,16 @@ def plot_lr_grid(path, title_runs, results):
         median = np.array([np.median(f) if np.isfinite(f).all() else np.nan for f in finals])
         low = np.array([np.min(f) for f in finals])
         high = np.array([np.max(f) for f in finals])
-        ax.errorbar(rates, median, yerr=[median - low, high - median], fmt="o" + run.style, color=color,
-                    label=run.label, markersize=4, capsize=2)
+        ax.errorbar(
+            rates,
+            median,
+            yerr=[median - low, high - median],
+            fmt="o" + run.style,
+            color=color,
+            label=run.label,
+            markersize=4,
+            capsize=2,
+        )
         if diverged.any():
             ax.plot(rates[diverged], np.full(diverged.sum(), 1.5 * np.nanmax(result.losses[0])), "x", color=color)
 
@@ -495,23 +529,40 @@ SECONDS_PER_CONFIGURATION = 3.0  # tracing and setup, per stage
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--figure", nargs="+", choices=FIGURES + EXTRA_FIGURES + ("all",), default=["all"],
-        help="which figures (default all; 'preprocessing' only when named)"
+        "--figure",
+        nargs="+",
+        choices=FIGURES + EXTRA_FIGURES + ("all",),
+        default=["all"],
+        help="which figures (default all; 'preprocessing' only when named)",
     )
     parser.add_argument(
-        "--iterations", type=int,
+        "--iterations",
+        type=int,
         help="full-batch iterations per run (default 1e6: all figures take about 2 hours in-process by the cost model, and took 1 hour with --workers 2 on 2 CPU cores)",
     )
-    parser.add_argument("--seeds", type=int, default=None,
-                        help=f"initialisation seeds of each configuration (default {len(Config.seeds)})")
-    parser.add_argument("--headline-seeds", type=int, default=None,
-                        help=f"seeds of the headline configurations {', '.join(HEADLINE)} "
-                             f"(default {len(Config.headline_seeds)}, at least --seeds)")
-    parser.add_argument("--refine-points", type=int, default=None,
-                        help=f"refined rates on each side of the screen's best (default {Config.refine_points})")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help=f"initialisation seeds of each configuration (default {len(Config.seeds)})",
+    )
+    parser.add_argument(
+        "--headline-seeds",
+        type=int,
+        default=None,
+        help=f"seeds of the headline configurations {', '.join(HEADLINE)} "
+        f"(default {len(Config.headline_seeds)}, at least --seeds)",
+    )
+    parser.add_argument(
+        "--refine-points",
+        type=int,
+        default=None,
+        help=f"refined rates on each side of the screen's best (default {Config.refine_points})",
+    )
     parser.add_argument("--out", help="output folder, new or empty (default runs/gas_sensor/<UTC time>)")
     parser.add_argument(
-        "--resume", metavar="DIR",
+        "--resume",
+        metavar="DIR",
         help="continue the interrupted run in DIR (give the same options; the data may have moved)",
     )
     parser.add_argument("--data-dir", help=f"folder of UCI batch*.dat files (or set {DATA_ENV_VAR})")
@@ -558,8 +609,13 @@ def load_data(config, download):
 def open_run(config, data, resume):
     """The run folder: a new one (config.json written), or with `resume` the folder of a run
     with the same config and data files (by sha256), whose saved summaries are returned."""
-    record = {**_jsonable(config), "data": data.description, "data_source": data.source, "data_files": data.files,
-              "provenance": provenance()}
+    record = {
+        **_jsonable(config),
+        "data": data.description,
+        "data_source": data.source,
+        "data_files": data.files,
+        "provenance": provenance(),
+    }
     if not resume:
         run_dir = make_run_dir(config.out, "gas_sensor")
         write_json_atomic(run_dir / "config.json", record)
@@ -600,10 +656,12 @@ def main(argv=None):
         executor = _sweep.Executor(workers=args.workers, address=args.address)
     run_dir, saved = open_run(config, data, resume=args.resume is not None)
     print(f"data: {data.description}\nfrom: {data.source}\noutput: {run_dir}")
-    print(f"{len(runs)} configurations x {config.iterations:,} iterations: screen {config.grid_points} rates x 1 seed "
-          f"x {config.screen_fraction:g} of the horizon, then {2 * config.refine_points + 1} rates x "
-          f"{len(config.seeds)} seeds ({len(config.headline_seeds)} for {', '.join(HEADLINE)}); "
-          f"estimated total time {format_seconds(estimate_seconds(config, runs))} in-process; running {executor.description}")
+    print(
+        f"{len(runs)} configurations x {config.iterations:,} iterations: screen {config.grid_points} rates x 1 seed "
+        f"x {config.screen_fraction:g} of the horizon, then {2 * config.refine_points + 1} rates x "
+        f"{len(config.seeds)} seeds ({len(config.headline_seeds)} for {', '.join(HEADLINE)}); "
+        f"estimated total time {format_seconds(estimate_seconds(config, runs))} in-process; running {executor.description}"
+    )
     try:
         return train_all(config, datas, run_dir, figures, runs, saved, executor)
     except KeyboardInterrupt:
@@ -618,9 +676,11 @@ def interrupted_message(run_dir, runs, argv):
 
     checkpoint = _runstate.load_checkpoint(run_dir)
     half = f" and {checkpoint[0]} at iteration {int(checkpoint[2][-1]):,}" if checkpoint else ""
-    return (f"kept {kept('')} of {len(runs)} configurations (rate screens: {kept('.screen')} of {len(runs)}){half} "
-            f"in {run_dir}; "
-            f"continue with: {resume_command('experiments.gas_sensor', run_dir, argv)}")
+    return (
+        f"kept {kept('')} of {len(runs)} configurations (rate screens: {kept('.screen')} of {len(runs)}){half} "
+        f"in {run_dir}; "
+        f"continue with: {resume_command('experiments.gas_sensor', run_dir, argv)}"
+    )
 
 
 def execute(stages, datas, config, run_dir, progress, executor, checkpoint):
@@ -639,8 +699,18 @@ def execute(stages, datas, config, run_dir, progress, executor, checkpoint):
     tasks = []
     for stage in stages:
         data, schedule = datas[stage.run.data_key], fullbatch.log_schedule(stage.iterations, config.log_points)
-        tasks.append(_sweep.GridTask(stage.name, data.x, data.y, stage.run.spec, stage.learning_rates, stage.seeds,
-                                     schedule, diagnostics_every(schedule)))
+        tasks.append(
+            _sweep.GridTask(
+                stage.name,
+                data.x,
+                data.y,
+                stage.run.spec,
+                stage.learning_rates,
+                stage.seeds,
+                schedule,
+                diagnostics_every(schedule),
+            )
+        )
     for outcome in executor.map(tasks):
         stage = by_name[outcome.name]
         if stage.kind == "final":
@@ -692,9 +762,14 @@ def train_all(config, datas, run_dir, figures, runs, saved, executor=None):
         screen = done[f"{run.name}.screen"]
         results[run.name] = done[run.name]
         summaries[run.name] = {
-            "label": run.label, "loss_p": run.spec.p, "spec": _jsonable(run.spec), "data": run.data_key,
-            "rate_shift_decades": run.rate_shift, "grid": _grid_table(done[run.name]),
-            "screen": {**_grid_table(screen), "iterations": int(screen.iterations[-1])}, "seconds": seconds,
+            "label": run.label,
+            "loss_p": run.spec.p,
+            "spec": _jsonable(run.spec),
+            "data": run.data_key,
+            "rate_shift_decades": run.rate_shift,
+            "grid": _grid_table(done[run.name]),
+            "screen": {**_grid_table(screen), "iterations": int(screen.iterations[-1])},
+            "seconds": seconds,
         }
 
     def write():
@@ -726,8 +801,11 @@ def preprocessing_shapes(results, summaries):
         if not (name.startswith("pre/") and name.endswith("/gd-d1")):
             continue
         deep = name[: -len("gd-d1")] + "gd-d2-w1"
-        if deep not in results or summaries[name].get("best_learning_rate") is None \
-                or summaries[deep].get("best_learning_rate") is None:
+        if (
+            deep not in results
+            or summaries[name].get("best_learning_rate") is None
+            or summaries[deep].get("best_learning_rate") is None
+        ):
             continue
         shallow_curve = best_band(results[name], summaries[name])[0]
         deep_curve = best_band(results[deep], summaries[deep])[0]
@@ -750,9 +828,15 @@ def _write_results(run_dir, data, config, summaries, targets, results, seconds):
     write_json_atomic(
         run_dir / "results.json",
         {
-            "data": data.description, "batches": list(data.batches), "rows": int(data.x.shape[0]),
-            "iterations": config.iterations, "targets": targets, "seconds": seconds,
-            "rules": counting_rules(), "configurations": summaries, "best_curves": curves,
+            "data": data.description,
+            "batches": list(data.batches),
+            "rows": int(data.x.shape[0]),
+            "iterations": config.iterations,
+            "targets": targets,
+            "seconds": seconds,
+            "rules": counting_rules(),
+            "configurations": summaries,
+            "best_curves": curves,
             "preprocessing": preprocessing_shapes(results, summaries),
         },
     )
@@ -760,8 +844,14 @@ def _write_results(run_dir, data, config, summaries, targets, results, seconds):
 
 def counting_rules():
     """The thresholds of the counting rules, recorded with the results."""
-    names = ("FELL_FRACTION", "SPIKE_FACTOR", "STALL_FACTOR", "TAIL_FRACTION", "RISE_TOLERANCE",
-             "OSCILLATION_MIN_RISES")
+    names = (
+        "FELL_FRACTION",
+        "SPIKE_FACTOR",
+        "STALL_FACTOR",
+        "TAIL_FRACTION",
+        "RISE_TOLERANCE",
+        "OSCILLATION_MIN_RISES",
+    )
     return {name.lower(): getattr(_curves, name) for name in names}
 
 
@@ -788,8 +878,9 @@ def _plot_figures(run_dir, config, figures, results, summaries):
         title_runs = panels([("l4 loss: near-zero vs identity init", figures["init"])])
         plots.append((plot_curves, "init.png", title_runs, (results, summaries)))
     if "preprocessing" in figures:
-        title_runs = panels([(f"l4, {key}", [r for r in figures["preprocessing"] if r.data_key == key])
-                             for key in variant_keys()])
+        title_runs = panels(
+            [(f"l4, {key}", [r for r in figures["preprocessing"] if r.data_key == key]) for key in variant_keys()]
+        )
         plots.append((plot_curves, "preprocessing.png", title_runs, (results, summaries)))
     for plot, name, title_runs, arguments in plots:
         if title_runs:
@@ -797,21 +888,26 @@ def _plot_figures(run_dir, config, figures, results, summaries):
 
 
 def _print_summary(summaries, targets, seconds):
-    print(f"\n{'configuration':34s} {'best lr':>9s} {'final loss (median, range)':>30s} {'spikes':>6s}  "
-          "speedup vs depth 1 at targets: median ratio [per-seed range]")
+    print(
+        f"\n{'configuration':34s} {'best lr':>9s} {'final loss (median, range)':>30s} {'spikes':>6s}  "
+        "speedup vs depth 1 at targets: median ratio [per-seed range]"
+    )
     for name, s in summaries.items():
         if s.get("best_learning_rate") is None:
             print(f"{name:34s} {'diverged' if s.get('diverged') else 'all flagged':>9s}")
             continue
         ratios = " ".join(
-            "-" if not r or r["ratio"] is None
+            "-"
+            if not r or r["ratio"] is None
             else f"{r['ratio']:.2f}" + ("" if not r["range"] else f" [{r['range'][0]:.2f}-{r['range'][1]:.2f}]")
             for r in s.get("acceleration_vs_depth1", {}).values()
         )
         low, high = s["final_loss_range"]
         edge = "*" if s.get("best_on_edge") else " "
-        print(f"{name:34s} {s['best_learning_rate']:8.3g}{edge} {s['final_loss']:11.4g} [{low:.4g}, {high:.4g}]"
-              f" {s['spikes_at_best']:6d}  {ratios}")
+        print(
+            f"{name:34s} {s['best_learning_rate']:8.3g}{edge} {s['final_loss']:11.4g} [{low:.4g}, {high:.4g}]"
+            f" {s['spikes_at_best']:6d}  {ratios}"
+        )
     print("*: best rate on the edge of the refined rates (flagged)")
     for loss, values in targets.items():
         print(f"targets {loss}: " + ", ".join(f"{v:.4g}" for v in values))

@@ -56,10 +56,9 @@ import time
 import matplotlib
 
 matplotlib.use("Agg")
+import keras  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-
-import keras  # noqa: E402
 
 from experiments import _curves, _rates  # noqa: E402
 from experiments._common import cli, record_run  # noqa: E402
@@ -162,8 +161,9 @@ def run_method(method, config, rates, schedule):
     the sustained crossing per coordinate (-1 if not reached); `final_error` (R, 2).
     """
     labels = config.labels
-    trainer = FullBatchTrainer(np.eye(2), labels[:, np.newaxis], spec(method, config), rates,
-                               blowup=config.divergence_factor, dtype="float64")
+    trainer = FullBatchTrainer(
+        np.eye(2), labels[:, np.newaxis], spec(method, config), rates, blowup=config.divergence_factor, dtype="float64"
+    )
     errors = []
 
     def on_log(trainer, iteration, losses):
@@ -172,18 +172,32 @@ def run_method(method, config, rates, schedule):
 
     result = trainer.run(int(schedule[-1]), schedule=schedule, on_log=on_log)
     history = np.asarray(errors)
-    diverged = np.array([
-        engine if engine >= 0 else _or_minus_one(_curves.diverged_at(result.iterations, result.losses[:, g]))
-        for g, engine in enumerate(result.diverged_at)
-    ])
-    history[:, diverged >= 0] = np.where(result.iterations[:, np.newaxis, np.newaxis] < diverged[diverged >= 0, None],
-                                         history[:, diverged >= 0], np.nan)
-    reached = np.array([
-        [_or_minus_one(_curves.sustained_crossing(result.iterations, history[:, g, k], config.target)) for k in (0, 1)]
-        for g in range(len(rates))
-    ])
-    return {"iterations": result.iterations, "losses": result.losses, "history": history, "diverged_at": diverged,
-            "iterations_to_target": reached, "final_error": history[-1]}
+    diverged = np.array(
+        [
+            engine if engine >= 0 else _or_minus_one(_curves.diverged_at(result.iterations, result.losses[:, g]))
+            for g, engine in enumerate(result.diverged_at)
+        ]
+    )
+    history[:, diverged >= 0] = np.where(
+        result.iterations[:, np.newaxis, np.newaxis] < diverged[diverged >= 0, None], history[:, diverged >= 0], np.nan
+    )
+    reached = np.array(
+        [
+            [
+                _or_minus_one(_curves.sustained_crossing(result.iterations, history[:, g, k], config.target))
+                for k in (0, 1)
+            ]
+            for g in range(len(rates))
+        ]
+    )
+    return {
+        "iterations": result.iterations,
+        "losses": result.losses,
+        "history": history,
+        "diverged_at": diverged,
+        "iterations_to_target": reached,
+        "final_error": history[-1],
+    }
 
 
 def _or_minus_one(value):
@@ -236,8 +250,9 @@ def summarize(rates, outcome):
         "rates": rates.tolist(),
         "diverged_at": [_iterations_or_none(n) for n in outcome["diverged_at"]],
         "iterations_to_target": [_iterations_or_none(n) for n in both],
-        "iterations_to_target_per_coordinate": [[_iterations_or_none(n) for n in row]
-                                                for row in outcome["iterations_to_target"]],
+        "iterations_to_target_per_coordinate": [
+            [_iterations_or_none(n) for n in row] for row in outcome["iterations_to_target"]
+        ],
         "final_error": [_errors_or_none(row) for row in outcome["final_error"]],
         "best": best(converged),
         "first_divergent_rate": float(rates[first_divergent]) if first_divergent < len(rates) else None,
@@ -318,8 +333,12 @@ def headline(methods):
             rows[method] = None
             continue
         n = at_edge["iterations"]
-        rows[method] = {"eta": at_edge["eta"], "iterations": n, "iterations_per_coordinate":
-                        at_edge["iterations_per_coordinate"], "speedup_vs_gd": gd / n if gd and n else None}
+        rows[method] = {
+            "eta": at_edge["eta"],
+            "iterations": n,
+            "iterations_per_coordinate": at_edge["iterations_per_coordinate"],
+            "speedup_vs_gd": gd / n if gd and n else None,
+        }
     return rows
 
 
@@ -330,18 +349,33 @@ def plot(results, config, path):
     colors = {"gd": "C0", "depth2": "C1", "end_to_end": "C2"}
     below = results["stability"]["below"]
     for k, style in ((0, "-"), (1, "--")):
-        left.loglog(iterations, results["curves"]["gd_below_bound"][k], style, color="gray", lw=3, alpha=0.4,
-                    label=f"GD at (1 - margin) x bound, w{k + 1} (eta = {below['eta']:.3g})")
+        left.loglog(
+            iterations,
+            results["curves"]["gd_below_bound"][k],
+            style,
+            color="gray",
+            lw=3,
+            alpha=0.4,
+            label=f"GD at (1 - margin) x bound, w{k + 1} (eta = {below['eta']:.3g})",
+        )
     for method in METHODS:
         curve, edge = results["curves"].get(f"{method}_largest_stable"), results["headline"][method]
         if curve is None:
             continue
         for k, style in ((0, "-"), (1, "--")):
-            left.loglog(iterations, curve[k], style, color=colors[method],
-                        label=f"{LABELS[method]}, w{k + 1} (eta = {edge['eta']:.4g})")
+            left.loglog(
+                iterations,
+                curve[k],
+                style,
+                color=colors[method],
+                label=f"{LABELS[method]}, w{k + 1} (eta = {edge['eta']:.4g})",
+            )
     left.axhline(config.target, color="gray", lw=0.8, ls=":")
-    left.set(xlabel="iteration", ylabel="|w_k - y_k| / y_k",
-             title=f"l{config.p} toy, y = ({config.y1:g}, {config.y2:g}): error per coordinate, largest stable rates")
+    left.set(
+        xlabel="iteration",
+        ylabel="|w_k - y_k| / y_k",
+        title=f"l{config.p} toy, y = ({config.y1:g}, {config.y2:g}): error per coordinate, largest stable rates",
+    )
     left.legend(fontsize=7)
     for method in METHODS:
         summary = results["methods"][method]
@@ -354,8 +388,11 @@ def plot(results, config, path):
         if edge is not None and edge["iterations"] is not None:
             right.plot([edge["eta"]], [edge["iterations"]], "*", ms=12, color=colors[method])
     right.axvline(results["bound"], color="gray", lw=0.8, ls=":", label="GD bound 4 / y1^(p-2)")
-    right.set(xlabel="learning rate eta", ylabel=f"iterations to error <= {config.target:g}",
-              title="x: diverged; *: largest stable rate; no point: not reached")
+    right.set(
+        xlabel="learning rate eta",
+        ylabel=f"iterations to error <= {config.target:g}",
+        title="x: diverged; *: largest stable rate; no point: not reached",
+    )
     right.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -368,18 +405,25 @@ def _text(value, spec=""):
 
 def print_summary(results, config):
     stability = results["stability"]
-    print(f"l{config.p} toy, y = ({config.y1:g}, {config.y2:g}), target relative error {config.target:g}, "
-          f"{config.iterations} iterations")
+    print(
+        f"l{config.p} toy, y = ({config.y1:g}, {config.y2:g}), target relative error {config.target:g}, "
+        f"{config.iterations} iterations"
+    )
     print(f"GD stability bound eta < 4 / y1^(p-2) = {results['bound']:.6g}")
     for side in ("below", "above"):
         s = stability[side]
-        state = f"diverged at iteration {s['diverged_at']}" if s["diverged_at"] else (
-            "converges; iterations to target per coordinate "
-            + ", ".join(_text(n) for n in s["iterations_per_coordinate"]))
+        state = (
+            f"diverged at iteration {s['diverged_at']}"
+            if s["diverged_at"]
+            else (
+                "converges; iterations to target per coordinate "
+                + ", ".join(_text(n) for n in s["iterations_per_coordinate"])
+            )
+        )
         print(f"  eta = {s['eta']:.6g} ({side} the bound): {state}")
     predicted = stability["predicted_iterations_coordinate_2"]
     print(f"  predicted (ODE) iterations for w2 at the lower rate: {predicted:.0f}")
-    print(f"Headline: each method at its largest stable rate (below its first divergence, edge bisected)")
+    print("Headline: each method at its largest stable rate (below its first divergence, edge bisected)")
     print(f"{'method':<24}{'largest stable eta':>19}{'edge bracket':>22}{'iters':>9}{'w1':>9}{'w2':>9}{'vs GD':>8}")
     for method in METHODS:
         row, edge = results["headline"][method], results["methods"][method].get("stability_edge")
@@ -389,15 +433,19 @@ def print_summary(results, config):
         w1, w2 = row["iterations_per_coordinate"]
         bracket = f"[{edge[0]:.5g}, {edge[1]:.5g})"
         speedup = "-" if row["speedup_vs_gd"] is None else f"{row['speedup_vs_gd']:.2f}x"
-        print(f"{LABELS[method]:<24}{row['eta']:>19.5g}{bracket:>22}{_text(row['iterations']):>9}"
-              f"{_text(w1):>9}{_text(w2):>9}{speedup:>8}")
+        print(
+            f"{LABELS[method]:<24}{row['eta']:>19.5g}{bracket:>22}{_text(row['iterations']):>9}"
+            f"{_text(w1):>9}{_text(w2):>9}{speedup:>8}"
+        )
     print("The fastest rate of the grid, wherever it lies (stable rates need not form an interval):")
     print(f"{'method':<24}{'best eta':>10}{'iters':>9}{'w1':>9}{'w2':>9}")
     for method in METHODS:
         best = results["methods"][method]["best"] or {}
         w1, w2 = best.get("iterations_per_coordinate", (None, None))
-        print(f"{LABELS[method]:<24}{_text(best.get('eta'), '.4g'):>10}{_text(best.get('iterations')):>9}"
-              f"{_text(w1):>9}{_text(w2):>9}")
+        print(
+            f"{LABELS[method]:<24}{_text(best.get('eta'), '.4g'):>10}{_text(best.get('iterations')):>9}"
+            f"{_text(w1):>9}{_text(w2):>9}"
+        )
 
 
 def build_parser():
@@ -407,8 +455,13 @@ def build_parser():
     parser.add_argument("--y2", type=float, default=Config.y2, help="label of x_2 = [0, 1] (default 1)")
     parser.add_argument("--target", type=float, default=None, help="target relative error per coordinate")
     parser.add_argument("--iterations", type=int, default=None, help="iterations per run")
-    parser.add_argument("--rates", type=float, nargs="+", default=(),
-                        help="explicit learning rates (default: a log grid around the bound)")
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=(),
+        help="explicit learning rates (default: a log grid around the bound)",
+    )
     parser.add_argument("--quick", action="store_true", help="CI-scale: 5000 iterations, target 0.1, coarse grid")
     parser.add_argument("--out", default=None, help="output folder (default runs/lp_toy/<UTC timestamp>/)")
     return parser
@@ -418,8 +471,11 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    scale = {"iterations": 5_000, "target": 0.1, "grid_per_decade": 3, "log_points": 400,
-             "edge_rounds": 2} if args.quick else {}
+    scale = (
+        {"iterations": 5_000, "target": 0.1, "grid_per_decade": 3, "log_points": 400, "edge_rounds": 2}
+        if args.quick
+        else {}
+    )
     overrides = {name: getattr(args, name) for name in ("target", "iterations") if getattr(args, name) is not None}
     try:
         config = Config(p=args.p, y1=args.y1, y2=args.y2, rates=tuple(args.rates), **{**scale, **overrides})

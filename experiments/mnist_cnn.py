@@ -95,9 +95,9 @@ from experiments._common import (
     lazy_keras_tensorflow_pyplot,
     make_run_dir,
     provenance,
+    quiet_tensorflow,
     replace_atomic,
     resume_command,
-    quiet_tensorflow,
     user_errors,
     write_json_atomic,
 )
@@ -182,8 +182,15 @@ class Config:
     def quick(cls, **overrides):
         """CI scale: 640 training examples (10 steps per epoch), 2 epochs, 2 seeds, seconds a model."""
         quick = dict(
-            epochs=2, train_examples=640, validation_examples=128, test_examples=256, eval_batch_size=64,
-            window=5, thresholds=(2.0, 1.5, 1.0), diagnostics_every=10, seeds=(66478, 66479),
+            epochs=2,
+            train_examples=640,
+            validation_examples=128,
+            test_examples=256,
+            eval_batch_size=64,
+            window=5,
+            thresholds=(2.0, 1.5, 1.0),
+            diagnostics_every=10,
+            seeds=(66478, 66479),
         )
         return cls(**{**quick, **overrides})
 
@@ -199,7 +206,9 @@ class Config:
         so that a run stopped early already holds the headline comparison, then the others."""
         seeds = dict.fromkeys([*self.seeds, *self.other_seeds])
         pairs = [(arm, seed) for seed in seeds for arm in self.arms if seed in self.seeds_of(arm)]
-        return [pair for pair in pairs if pair[0] in SEEDED_ARMS] + [pair for pair in pairs if pair[0] not in SEEDED_ARMS]
+        return [pair for pair in pairs if pair[0] in SEEDED_ARMS] + [
+            pair for pair in pairs if pair[0] not in SEEDED_ARMS
+        ]
 
     def for_seed(self, seed):
         return dataclasses.replace(self, seed=seed)
@@ -225,19 +234,45 @@ def build_cnn(config):
     return keras.Sequential(
         [
             keras.Input((28, 28, 1)),
-            keras.layers.Conv2D(32, 5, padding="same", activation="relu", kernel_initializer=normal("conv1"),
-                                bias_initializer="zeros", name="conv1"),
+            keras.layers.Conv2D(
+                32,
+                5,
+                padding="same",
+                activation="relu",
+                kernel_initializer=normal("conv1"),
+                bias_initializer="zeros",
+                name="conv1",
+            ),
             keras.layers.MaxPooling2D(2, padding="same", name="pool1"),
-            keras.layers.Conv2D(64, 5, padding="same", activation="relu", kernel_initializer=normal("conv2"),
-                                bias_initializer=keras.initializers.Constant(0.1), name="conv2"),
+            keras.layers.Conv2D(
+                64,
+                5,
+                padding="same",
+                activation="relu",
+                kernel_initializer=normal("conv2"),
+                bias_initializer=keras.initializers.Constant(0.1),
+                name="conv2",
+            ),
             keras.layers.MaxPooling2D(2, padding="same", name="pool2"),
             keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(512, activation="relu", kernel_initializer=normal("fc1"),
-                               bias_initializer=keras.initializers.Constant(0.1),
-                               kernel_regularizer=l2, bias_regularizer=l2, name="fc1"),
+            keras.layers.Dense(
+                512,
+                activation="relu",
+                kernel_initializer=normal("fc1"),
+                bias_initializer=keras.initializers.Constant(0.1),
+                kernel_regularizer=l2,
+                bias_regularizer=l2,
+                name="fc1",
+            ),
             keras.layers.Dropout(config.dropout, seed=stream_seed(config.seed, "dropout"), name="dropout"),
-            keras.layers.Dense(10, kernel_initializer=normal("fc2"), bias_initializer=keras.initializers.Constant(0.1),
-                               kernel_regularizer=l2, bias_regularizer=l2, name="fc2"),
+            keras.layers.Dense(
+                10,
+                kernel_initializer=normal("fc2"),
+                bias_initializer=keras.initializers.Constant(0.1),
+                kernel_regularizer=l2,
+                bias_regularizer=l2,
+                name="fc2",
+            ),
         ],
         name="plain",
     )
@@ -257,14 +292,22 @@ def build_twin(plain, config, factor_init="tutorial", regularize="end_to_end"):
     def layer_kwargs(layer):  # factor j of layer i: seed + 2 i + j, no seed used twice
         if factor_init != "tutorial":
             return {}
-        return {"factor_initializer": keras.initializers.TruncatedNormal(
-            stddev=config.init_stddev, seed=factors_seed + 2 * plain.layers.index(layer))}
+        return {
+            "factor_initializer": keras.initializers.TruncatedNormal(
+                stddev=config.init_stddev, seed=factors_seed + 2 * plain.layers.index(layer)
+            )
+        }
 
     with warnings.catch_warnings():  # the layers not expanded (convolutions by default) stay, as meant
         warnings.filterwarnings("ignore", message="overparameterize left these layers unchanged")
         twin = models_module.overparameterize(
-            plain, depth=2, preserve_function=factor_init == "balanced", seed=stream_seed(config.seed, "balanced"),
-            layers=expanded, layer_kwargs=layer_kwargs)
+            plain,
+            depth=2,
+            preserve_function=factor_init == "balanced",
+            seed=stream_seed(config.seed, "balanced"),
+            layers=expanded,
+            layer_kwargs=layer_kwargs,
+        )
     if regularize == "factors":
         # Same weights, the penalty moved from the end-to-end kernel to each factor.
         model_config = twin.get_config()
@@ -339,7 +382,7 @@ def steps_to_threshold(values, threshold, window, sustained=True):
     values = np.asarray(values, dtype=np.float64)
     if values.size < window:
         return None
-    means = running_mean(values, window)[window - 1:]
+    means = running_mean(values, window)[window - 1 :]
     steps = np.arange(window, values.size + 1)
     return (_curves.sustained_crossing if sustained else _curves.first_crossing)(steps, means, threshold)
 
@@ -378,7 +421,8 @@ def load_data(config):
     """(train split, validation split, test split) as unbatched uint8 datasets."""
     train, validation, test = mnist.load_mnist(
         (f"train[{config.validation_size}:]", f"train[:{config.validation_size}]", "test"),
-        manual_dir=config.manual_dir, data_dir=config.tfds_data_dir,
+        manual_dir=config.manual_dir,
+        data_dir=config.tfds_data_dir,
     )
     return train, validation, test
 
@@ -387,7 +431,8 @@ def train_batches(config, train):
     """The training pipeline of seed `config.seed`; call once per model: the same seed gives the
     same batches in the same order."""
     batches = mnist.train_pipeline(
-        train, batch_size=config.batch_size, seed=stream_seed(config.seed, "shuffle"), take=config.train_examples)
+        train, batch_size=config.batch_size, seed=stream_seed(config.seed, "shuffle"), take=config.train_examples
+    )
     return batches.take(config.steps) if config.steps else batches
 
 
@@ -424,13 +469,19 @@ def train_one(arm, model, config, data, steps_per_epoch, run_dir):
     recorder = _keras_classes.BatchRecorder(tensorboard / "batch")
     callbacks = [keras.callbacks.TensorBoard(str(tensorboard), update_freq="epoch", write_graph=False), recorder]
     if overparam_callbacks.find_overparam_layers(model):
-        callbacks.append(overparam_callbacks.OverparamTensorBoard(str(tensorboard), update_freq=config.diagnostics_every))
+        callbacks.append(
+            overparam_callbacks.OverparamTensorBoard(str(tensorboard), update_freq=config.diagnostics_every)
+        )
     initial_state = dense_state(model)
     keras.utils.set_random_seed(stream_seed(config.seed, "fit"))
     started = time.perf_counter()
     history = model.fit(
-        train_batches(config, train), epochs=config.epochs, validation_data=validation,
-        callbacks=callbacks, shuffle=False, verbose=2 if config.train_examples is None else 0,
+        train_batches(config, train),
+        epochs=config.epochs,
+        validation_data=validation,
+        callbacks=callbacks,
+        shuffle=False,
+        verbose=2 if config.train_examples is None else 0,
     )
     fit_seconds = time.perf_counter() - started
     test_loss = model.evaluate(test, verbose=0, return_dict=True)["loss"]
@@ -492,7 +543,8 @@ def check_collapse(twin, twin_logits, test, path):
         "test_accuracy": float(np.mean(np.argmax(logits, 1) == labels)),
     }
     result["passed"] = bool(
-        difference <= result["tolerance"] and result["argmax_equal"]
+        difference <= result["tolerance"]
+        and result["argmax_equal"]
         and result["reloaded_max_abs_logit_difference"] == 0.0
     )
     return result
@@ -529,8 +581,10 @@ def train_and_save(arm, config, data, steps_per_epoch, run_dir, strategy):
     if overparam_callbacks.find_overparam_layers(model):
         results["collapse"] = check_collapse(model, logits, data[2], collapsed_path)
     write_json_atomic(record_path, results)
-    print(f"{arm}/{config.seed}: test accuracy {results['test_accuracy']:.4f}, "
-          f"{results['fit_seconds']:.0f} s ({results['seconds_per_step'] * 1000:.0f} ms/step)")
+    print(
+        f"{arm}/{config.seed}: test accuracy {results['test_accuracy']:.4f}, "
+        f"{results['fit_seconds']:.0f} s ({results['seconds_per_step'] * 1000:.0f} ms/step)"
+    )
     return results
 
 
@@ -562,8 +616,13 @@ def summarize(records, config):
     table = {}
     for arm, runs in by_arm.items():
         row = {"seeds": list(runs), "parameters": next(iter(runs.values()))["parameters"]}
-        for key in ("test_accuracy", "final_running_mean_cross_entropy", "initial_penalty",
-                    "final_running_mean_penalty", "median_batch_seconds"):
+        for key in (
+            "test_accuracy",
+            "final_running_mean_cross_entropy",
+            "initial_penalty",
+            "final_running_mean_penalty",
+            "median_batch_seconds",
+        ):
             row[key] = over_seeds({seed: r[key] for seed, r in runs.items()})
         collapses = [r["collapse"]["passed"] for r in runs.values() if "collapse" in r]
         row["collapse_passed"] = all(collapses) if collapses else None
@@ -572,18 +631,26 @@ def summarize(records, config):
     for threshold in config.thresholds:
         row = {}
         for arm, runs in by_arm.items():
-            sustained = {seed: steps_to_threshold(r["batch_cross_entropy"], threshold, config.window)
-                         for seed, r in runs.items()}
-            first = {seed: steps_to_threshold(r["batch_cross_entropy"], threshold, config.window, sustained=False)
-                     for seed, r in runs.items()}
+            sustained = {
+                seed: steps_to_threshold(r["batch_cross_entropy"], threshold, config.window) for seed, r in runs.items()
+            }
+            first = {
+                seed: steps_to_threshold(r["batch_cross_entropy"], threshold, config.window, sustained=False)
+                for seed, r in runs.items()
+            }
             row[arm] = {**over_seeds(sustained), "first_crossing": over_seeds(first)}
             if BASELINE in by_arm:
                 ratio, (low, high) = _curves.speedup(
-                    {s: row[BASELINE]["per_seed"][str(s)] for s in by_arm[BASELINE]}, sustained)
+                    {s: row[BASELINE]["per_seed"][str(s)] for s in by_arm[BASELINE]}, sustained
+                )
                 row[arm].update(speedup=ratio, speedup_range=[low, high])
         steps[f"{threshold:g}"] = row
-    return {"window": config.window, "thresholds": list(config.thresholds), "arms": table,
-            "steps_to_cross_entropy": steps}
+    return {
+        "window": config.window,
+        "thresholds": list(config.thresholds),
+        "arms": table,
+        "steps_to_cross_entropy": steps,
+    }
 
 
 def plot_curves(path, records, config, thresholds):
@@ -601,8 +668,12 @@ def plot_curves(path, records, config, thresholds):
             curves = np.array([c[:length] for c in curves])
             steps = np.arange(1, length + 1)
             ax.fill_between(steps, curves.min(0), curves.max(0), color=f"C{i}", alpha=0.2, linewidth=0)
-            ax.plot(steps, np.median(curves, 0), color=f"C{i}",
-                    label=f"{arm} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
+            ax.plot(
+                steps,
+                np.median(curves, 0),
+                color=f"C{i}",
+                label=f"{arm} ({len(curves)} seed{'s' if len(curves) > 1 else ''})",
+            )
         if values_of is not batch_penalty:
             for threshold in thresholds:
                 ax.axhline(threshold, color="gray", linestyle=":", linewidth=0.8)
@@ -633,31 +704,54 @@ def _int_list(text, name, parser):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", default=",".join(ARMS),
-                        help=f"comma-separated arms to train (default all: {','.join(ARMS)})")
-    parser.add_argument("--seeds", help="comma-separated seeds of plain and twin (default 66478,66479,66480; "
-                        "--quick 66478,66479)")
-    parser.add_argument("--other-seeds", help="comma-separated seeds of balanced, factors and end_to_end (default 66478)")
+    parser.add_argument(
+        "--arms", default=",".join(ARMS), help=f"comma-separated arms to train (default all: {','.join(ARMS)})"
+    )
+    parser.add_argument(
+        "--seeds", help="comma-separated seeds of plain and twin (default 66478,66479,66480; --quick 66478,66479)"
+    )
+    parser.add_argument(
+        "--other-seeds", help="comma-separated seeds of balanced, factors and end_to_end (default 66478)"
+    )
     parser.add_argument("--epochs", type=int, help="epochs (default 10, the tutorial's)")
     parser.add_argument("--steps", type=int, help="cap on steps per epoch (default: the whole training set)")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="momentum",
-                        help="momentum 0.9 (default, the tutorial's), plain sgd, or adam")
-    parser.add_argument("--learning-rate", type=float,
-                        help="initial learning rate (default 0.01; adam 0.001), decayed x0.95 per epoch")
-    parser.add_argument("--overparameterize", default="dense",
-                        help="comma-separated layer kinds the twins expand: dense (default), conv, or dense,conv")
-    parser.add_argument("--strategy", choices=("none", "mirrored"), default="none",
-                        help="mirrored: tf.distribute.MirroredStrategy over 2 GPUs, or 2 logical CPU devices")
+    parser.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="momentum",
+        help="momentum 0.9 (default, the tutorial's), plain sgd, or adam",
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, help="initial learning rate (default 0.01; adam 0.001), decayed x0.95 per epoch"
+    )
+    parser.add_argument(
+        "--overparameterize",
+        default="dense",
+        help="comma-separated layer kinds the twins expand: dense (default), conv, or dense,conv",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=("none", "mirrored"),
+        default="none",
+        help="mirrored: tf.distribute.MirroredStrategy over 2 GPUs, or 2 logical CPU devices",
+    )
     parser.add_argument("--manual-dir", help=f"folder of the four MNIST *-ubyte.gz files (or set {MNIST_ENV_VAR})")
-    parser.add_argument("--tfds-data-dir",
-                        help="where tfds keeps the prepared data (default tfds': ~/tensorflow_datasets)")
+    parser.add_argument(
+        "--tfds-data-dir", help="where tfds keeps the prepared data (default tfds': ~/tensorflow_datasets)"
+    )
     parser.add_argument("--out", help="output folder, new or empty (default runs/mnist_cnn/<UTC time>)")
-    parser.add_argument("--resume", metavar="DIR",
-                        help="continue the run in DIR: finished arms and seeds are kept (same options; "
-                        "--arms, --seeds and --other-seeds may add more)")
-    parser.add_argument("--quick", action="store_true",
-                        help="CI scale: 640 training examples, 2 epochs, 2 seeds (the full default run: about "
-                        "1.3 hours on an idle 2-core machine)")
+    parser.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR: finished arms and seeds are kept (same options; "
+        "--arms, --seeds and --other-seeds may add more)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI scale: 640 training examples, 2 epochs, 2 seeds (the full default run: about "
+        "1.3 hours on an idle 2-core machine)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
     if args.resume and args.out:
@@ -670,14 +764,22 @@ def parse_args(argv):
         parser.error(f"--learning-rate must be positive, got {args.learning_rate}")
     kinds = tuple(dict.fromkeys(kind.strip() for kind in args.overparameterize.split(",")))
     if not kinds or not set(kinds) <= set(EXPANDABLE):
-        parser.error(f"--overparameterize must be a comma-separated subset of {sorted(EXPANDABLE)}, "
-                     f"got {args.overparameterize!r}")
+        parser.error(
+            f"--overparameterize must be a comma-separated subset of {sorted(EXPANDABLE)}, "
+            f"got {args.overparameterize!r}"
+        )
     arms = tuple(dict.fromkeys(arm.strip() for arm in args.arms.split(",")))
     if not set(arms) <= set(ARMS):
         parser.error(f"--arms must be a comma-separated subset of {','.join(ARMS)}, got {args.arms!r}")
     overrides = dict(
-        optimizer=args.optimizer, learning_rate=args.learning_rate, strategy=args.strategy, manual_dir=args.manual_dir,
-        tfds_data_dir=args.tfds_data_dir, out=args.resume or args.out, steps=args.steps, overparameterize=kinds,
+        optimizer=args.optimizer,
+        learning_rate=args.learning_rate,
+        strategy=args.strategy,
+        manual_dir=args.manual_dir,
+        tfds_data_dir=args.tfds_data_dir,
+        out=args.resume or args.out,
+        steps=args.steps,
+        overparameterize=kinds,
         arms=arms,
     )
     if args.seeds is not None:
@@ -720,9 +822,13 @@ def open_run(config, resume):
         return make_run_dir(config.out, "mnist_cnn"), {}, config
     run_dir = pathlib.Path(config.out)
     saved = _runstate.check_same_config(run_dir, run_config_record(config), ignore=RESUME_MAY_CHANGE)
-    union = dataclasses.replace(config, **{
-        key: tuple(dict.fromkeys([*saved.get(key, ()), *getattr(config, key)])) for key in ("arms", "seeds", "other_seeds")
-    })
+    union = dataclasses.replace(
+        config,
+        **{
+            key: tuple(dict.fromkeys([*saved.get(key, ()), *getattr(config, key)]))
+            for key in ("arms", "seeds", "other_seeds")
+        },
+    )
     union = dataclasses.replace(union, arms=tuple(arm for arm in ARMS if arm in union.arms))
     return run_dir, load_finished(run_dir), union
 
@@ -743,29 +849,50 @@ def main(argv=None):
     plan = config.plan()
     todo = [key for key in plan if key not in finished]
     machine = {
-        "cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-        "tensorflow": tf.__version__, "keras": keras.__version__, "strategy": config.strategy,
-        "replicas": strategy.num_replicas_in_sync, "load_average_at_start": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "strategy": config.strategy,
+        "replicas": strategy.num_replicas_in_sync,
+        "load_average_at_start": os.getloadavg(),
     }
-    print(f"output: {run_dir}\nsteps per epoch: {steps_per_epoch}, epochs: {config.epochs}, "
-          f"replicas: {strategy.num_replicas_in_sync}\n{len(plan)} models (arm/seed), {len(plan) - len(todo)} finished; "
-          f"estimated time of the rest {format_seconds(estimate_seconds(todo, steps_per_epoch * config.epochs))} "
-          "(idle 2-core machine)")
-    sitting = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "machine": machine,
-               "provenance": provenance(), "plan": [f"{arm}/{seed}" for arm, seed in todo]}
+    print(
+        f"output: {run_dir}\nsteps per epoch: {steps_per_epoch}, epochs: {config.epochs}, "
+        f"replicas: {strategy.num_replicas_in_sync}\n{len(plan)} models (arm/seed), {len(plan) - len(todo)} finished; "
+        f"estimated time of the rest {format_seconds(estimate_seconds(todo, steps_per_epoch * config.epochs))} "
+        "(idle 2-core machine)"
+    )
+    sitting = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "machine": machine,
+        "provenance": provenance(),
+        "plan": [f"{arm}/{seed}" for arm, seed in todo],
+    }
     sittings = json.loads((run_dir / "config.json").read_text()).get("sittings", []) if args.resume else []
     # The first sitting's machine and provenance on top; every sitting (a resume is one) listed.
     first = (sittings or [sitting])[0]
-    write_json_atomic(run_dir / "config.json", {**run_config_record(recorded), "machine": first["machine"],
-                                                "provenance": first["provenance"], "sittings": [*sittings, sitting]})
+    write_json_atomic(
+        run_dir / "config.json",
+        {
+            **run_config_record(recorded),
+            "machine": first["machine"],
+            "provenance": first["provenance"],
+            "sittings": [*sittings, sitting],
+        },
+    )
     for arm, seed in plan:
         if (arm, seed) in finished:
             print(f"{arm}/{seed}: kept from the resumed run")
 
     def write_results():
         results = {
-            "config": run_config_record(recorded), "machine": machine, "steps_per_epoch": steps_per_epoch,
-            "finished": [f"{arm}/{seed}" for arm, seed in finished], "seconds": time.time() - started,
+            "config": run_config_record(recorded),
+            "machine": machine,
+            "steps_per_epoch": steps_per_epoch,
+            "finished": [f"{arm}/{seed}" for arm, seed in finished],
+            "seconds": time.time() - started,
             **summarize(finished, config),
         }
         write_json_atomic(run_dir / "results.json", results)
@@ -774,21 +901,23 @@ def main(argv=None):
     done = []
     try:
         for arm, seed in todo:
-            finished[(arm, seed)] = train_and_save(
-                arm, config.for_seed(seed), data, steps_per_epoch, run_dir, strategy)
+            finished[(arm, seed)] = train_and_save(arm, config.for_seed(seed), data, steps_per_epoch, run_dir, strategy)
             done.append(f"{arm}/{seed}")
             write_results()
     except KeyboardInterrupt:
         kept = [f"{arm}/{seed}" for arm, seed in plan if (arm, seed) in finished]
-        raise RunInterrupted(f"kept {', '.join(kept) or 'no model'} ({len(kept)} of {len(plan)} arm/seed models) "
-                             f"in {run_dir}; continue with: {resume_command('experiments.mnist_cnn', run_dir, argv)}"
-                             ) from None
+        raise RunInterrupted(
+            f"kept {', '.join(kept) or 'no model'} ({len(kept)} of {len(plan)} arm/seed models) "
+            f"in {run_dir}; continue with: {resume_command('experiments.mnist_cnn', run_dir, argv)}"
+        ) from None
     plot_curves(run_dir / "batch_loss.png", finished, config, config.thresholds)
     results = write_results()
     print_summary(results)
     failed = [name for name, row in results["arms"].items() if row["collapse_passed"] is False]
     if failed:
-        raise AssertionError(f"a collapsed twin does not predict as the twin it came from: {failed} (see arms/*/*.json)")
+        raise AssertionError(
+            f"a collapsed twin does not predict as the twin it came from: {failed} (see arms/*/*.json)"
+        )
     return run_dir
 
 
@@ -811,28 +940,38 @@ def _cell(statistic, digits=None, percent=False):
 def print_summary(results):
     arms, window = results["arms"], results["window"]
     print(f"\nmedian [min, max] over seeds; final: mean of the last {window} batches")
-    header = f"{'arm':11s} {'seeds':>5s} {'parameters':>10s} {'test acc %':>22s} {'final CE':>26s} {'penalty at step 1':>26s} " \
-             f"{'final penalty':>26s} {'ms/batch':>8s}"
+    header = (
+        f"{'arm':11s} {'seeds':>5s} {'parameters':>10s} {'test acc %':>22s} {'final CE':>26s} {'penalty at step 1':>26s} "
+        f"{'final penalty':>26s} {'ms/batch':>8s}"
+    )
     print(header)
     for arm, row in arms.items():
-        print(f"{arm:11s} {len(row['seeds']):5d} {row['parameters']:10,d} {_cell(row['test_accuracy'], percent=True):>22s} "
-              f"{_cell(row['final_running_mean_cross_entropy'], 4):>26s} {_cell(row['initial_penalty'], 4):>26s} "
-              f"{_cell(row['final_running_mean_penalty'], 4):>26s} "
-              f"{1000 * row['median_batch_seconds']['median']:8.0f}")
-    print(f"steps until the mean batch cross-entropy of the last {window} batches stays <= the threshold "
-          f"(speedup: plain's median / the arm's [per-seed ratios]):")
+        print(
+            f"{arm:11s} {len(row['seeds']):5d} {row['parameters']:10,d} {_cell(row['test_accuracy'], percent=True):>22s} "
+            f"{_cell(row['final_running_mean_cross_entropy'], 4):>26s} {_cell(row['initial_penalty'], 4):>26s} "
+            f"{_cell(row['final_running_mean_penalty'], 4):>26s} "
+            f"{1000 * row['median_batch_seconds']['median']:8.0f}"
+        )
+    print(
+        f"steps until the mean batch cross-entropy of the last {window} batches stays <= the threshold "
+        f"(speedup: plain's median / the arm's [per-seed ratios]):"
+    )
     for threshold, row in results["steps_to_cross_entropy"].items():
         cells = []
         for arm, cell in row.items():
             speed = ""
             if arm != BASELINE and cell.get("speedup") is not None:
                 low, high = cell["speedup_range"]
-                speed = f" {cell['speedup']:.2f}x" + (f" [{low:.2f}, {high:.2f}]" if low is not None and
-                                                       len(cell["per_seed"]) > 1 else "")
+                speed = f" {cell['speedup']:.2f}x" + (
+                    f" [{low:.2f}, {high:.2f}]" if low is not None and len(cell["per_seed"]) > 1 else ""
+                )
             cells.append(f"{arm} {_cell(cell)}{speed}")
         print(f"  {threshold:>5s}: " + "; ".join(cells))
     passed = {arm: row["collapse_passed"] for arm, row in arms.items() if row["collapse_passed"] is not None}
-    print("collapsed twins predict as the twins: " + ", ".join(f"{a} {'ok' if p else 'FAILED'}" for a, p in passed.items()))
+    print(
+        "collapsed twins predict as the twins: "
+        + ", ".join(f"{a} {'ok' if p else 'FAILED'}" for a, p in passed.items())
+    )
     print(f"total time: {results['seconds']:.0f} s")
 
 

@@ -172,22 +172,32 @@ def plot(results, config, path):
     limit = np.nanmax(np.abs(curls))
     image = left.pcolormesh(xx, yy, curls, cmap="RdBu_r", vmin=-limit, vmax=limit, shading="auto")
     figure.colorbar(image, ax=left, label="curl F")
-    left.streamplot(xx, yy, values[:, 0].reshape(xx.shape), values[:, 1].reshape(xx.shape),
-                    color="k", linewidth=0.5, density=1.2)
+    left.streamplot(
+        xx, yy, values[:, 0].reshape(xx.shape), values[:, 1].reshape(xx.shape), color="k", linewidth=0.5, density=1.2
+    )
     t = np.linspace(0, 2 * np.pi, 200)
     for circle in config.circles:
-        left.plot(circle.center[0] + circle.radius * np.cos(t), circle.center[1] + circle.radius * np.sin(t),
-                  lw=2, label=circle.name)
+        left.plot(
+            circle.center[0] + circle.radius * np.cos(t),
+            circle.center[1] + circle.radius * np.sin(t),
+            lw=2,
+            label=circle.name,
+        )
     left.plot(*config.minimizer, "k*", ms=10, label="w*")
-    left.set(xlabel="w1", ylabel="w2", aspect="equal",
-             title=f"F (N = {depth}), A = diag{tuple(config.hessian)}, and curl F")
+    left.set(
+        xlabel="w1", ylabel="w2", aspect="equal", title=f"F (N = {depth}), A = diag{tuple(config.hessian)}, and curl F"
+    )
     left.legend(fontsize=7, loc="lower right")
     ks = np.array(config.ks)
     floor = 1e-18  # exact zeros are drawn here, below round-off
     for depth_name, per_circle in results["depths"].items():
         for name, entry in per_circle.items():
-            right.semilogy(ks[1:], np.maximum(entry["differences"], floor), "o-",
-                           label=f"N = {depth_name}, {name}: |I_K - I_K/2| (limit {entry['limit']:.6g})")
+            right.semilogy(
+                ks[1:],
+                np.maximum(entry["differences"], floor),
+                "o-",
+                label=f"N = {depth_name}, {name}: |I_K - I_K/2| (limit {entry['limit']:.6g})",
+            )
     for name, values in results["depth_1"].items():
         right.semilogy(ks, np.maximum(np.abs(values), floor), "x--", label=f"N = 1 (a gradient), {name}: |I_K|")
     right.set_xscale("log", base=2)
@@ -208,18 +218,34 @@ def print_summary(results):
         print(f"{1:>5} {name:<14}" + "".join(f"{v:>15.3e}" for v in values))
     for depth, per_circle in results["depths"].items():
         for name, entry in per_circle.items():
-            print(f"{depth:>5} {name:<14}" + "".join(f"{v:>15.9f}" for v in entry["circulation"])
-                  + f"{entry['stokes']:>15.9f}")
+            print(
+                f"{depth:>5} {name:<14}"
+                + "".join(f"{v:>15.9f}" for v in entry["circulation"])
+                + f"{entry['stokes']:>15.9f}"
+            )
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m experiments.not_a_regularizer", description=__doc__.split("\n")[0])
-    parser.add_argument("--depths", type=int, nargs="+", default=list(Config.depths),
-                        help="depths N >= 2 (default 2 3)")
-    parser.add_argument("--hessian", type=float, nargs=2, default=list(Config.hessian), metavar=("A1", "A2"),
-                        help="diagonal of A in L_1 (default 1 4)")
-    parser.add_argument("--minimizer", type=float, nargs=2, default=list(Config.minimizer), metavar=("S1", "S2"),
-                        help="w*, the minimiser of L_1 (default 1 1)")
+    parser.add_argument(
+        "--depths", type=int, nargs="+", default=list(Config.depths), help="depths N >= 2 (default 2 3)"
+    )
+    parser.add_argument(
+        "--hessian",
+        type=float,
+        nargs=2,
+        default=list(Config.hessian),
+        metavar=("A1", "A2"),
+        help="diagonal of A in L_1 (default 1 4)",
+    )
+    parser.add_argument(
+        "--minimizer",
+        type=float,
+        nargs=2,
+        default=list(Config.minimizer),
+        metavar=("S1", "S2"),
+        help="w*, the minimiser of L_1 (default 1 1)",
+    )
     parser.add_argument("--ks", type=int, nargs="+", default=None, help="quadrature sizes (default 16 32 ... 1024)")
     parser.add_argument("--quick", action="store_true", help="CI-scale: K up to 128, coarser Stokes grid")
     parser.add_argument("--out", default=None, help="output folder (default runs/not_a_regularizer/<UTC timestamp>/)")

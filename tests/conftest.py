@@ -1,10 +1,10 @@
 """Shared fixtures: where the real data sets are, and a clean Keras state per test; and the
 backend of the run.
 
-The suite runs twice (README, .ci/run): on TensorFlow, then with `KERAS_BACKEND=jax`. The
-second run is the library's tests only: the files in `TENSORFLOW_ONLY` are not collected on
-another backend (the summary lists them with the reason), and a single test that needs
-TensorFlow carries `@pytest.mark.tf_only("why")` and is skipped there. On JAX, 64-bit types are
+The suite runs twice (README, .ci/run): on TensorFlow, then with `KERAS_BACKEND=jax`.
+`tests/library` runs on every backend; `tests/experiments` on TensorFlow only (its own
+conftest.py). A library test that needs TensorFlow carries `@pytest.mark.tf_only("why")` and is
+skipped on another backend. On JAX, 64-bit types are
 enabled before Keras is imported, so that the float64 checks run in float64 (JAX would quietly
 compute them in float32).
 """
@@ -21,24 +21,6 @@ if BACKEND == "jax":
     jax.config.update("jax_enable_x64", True)
 
 import keras  # noqa: E402 - after the JAX precision switch
-
-# Test files that run on TensorFlow only: name -> why.
-TENSORFLOW_ONLY = {
-    "test_benchmarks.py": "the TensorFlow benchmark sections (tf.function loops, the full-batch engine)",
-    "test_callbacks.py": "the TensorBoard callback writes through tf.summary, as Keras' own does",
-    "test_cli_robustness.py": "the experiments' command lines stay on TensorFlow",
-    "test_curves_rates.py": "the experiments stay on TensorFlow (the full-batch engine)",
-    "test_fullbatch.py": "the full-batch grid engine is TensorFlow code (the experiments' engine)",
-    "test_fullbatch_state.py": "the full-batch grid engine is TensorFlow code (the experiments' engine)",
-    "test_gas_sensor_data.py": "a data loader of the experiments, backend-independent NumPy",
-    "test_gas_sensor_experiment.py": "the experiments stay on TensorFlow",
-    "test_lp_toy.py": "the experiments stay on TensorFlow",
-    "test_mnist_cnn.py": "the experiments stay on TensorFlow (tf.data, tfds)",
-    "test_not_a_regularizer.py": "the experiments stay on TensorFlow",
-    "test_packaging.py": "packaging metadata, backend-independent",
-    "test_preprocessing.py": "a data loader of the experiments, backend-independent NumPy",
-    "test_sweep.py": "the experiments stay on TensorFlow (Ray sweep of the full-batch engine)",
-}
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -96,27 +78,13 @@ def pytest_report_header(config):
     return f"Keras backend: {keras.backend.backend()}"
 
 
-def pytest_ignore_collect(collection_path, config):
-    return keras.backend.backend() != "tensorflow" and collection_path.name in TENSORFLOW_ONLY
-
-
 def pytest_collection_modifyitems(config, items):
     if keras.backend.backend() == "tensorflow":
         return
     for item in items:
-        if item.path.name in TENSORFLOW_ONLY:  # named on the command line, so collected
-            item.add_marker(pytest.mark.skip(reason=f"TensorFlow only: {TENSORFLOW_ONLY[item.path.name]}"))
         for marker in item.iter_markers("tf_only"):
             reason = marker.args[0] if marker.args else marker.kwargs.get("reason", "")
             item.add_marker(pytest.mark.skip(reason=f"TensorFlow only: {reason}"))
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if keras.backend.backend() == "tensorflow":
-        return
-    terminalreporter.section(f"not run on {keras.backend.backend()} (TensorFlow only)")
-    for name, reason in TENSORFLOW_ONLY.items():
-        terminalreporter.line(f"{name}: {reason}")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -60,5 +60,5 @@ def accurate_float32_eigh():
 
 
 def widest_float():
-    """"float64" where the backend computes in it, else "float32" (JAX without x64)."""
+    """ "float64" where the backend computes in it, else "float32" (JAX without x64)."""
     return "float64" if float64_available() else "float32"

@@ -51,12 +51,13 @@ def resolve_hidden_units(hidden_units, depth, units, name="hidden_units"):
         hidden_units = list(hidden_units)
     except TypeError:
         hidden_units = None
-    if hidden_units is None or len(hidden_units) != depth - 1 or not all(
-        isinstance(h, numbers.Integral) and not isinstance(h, bool) and h > 0 for h in hidden_units
+    if (
+        hidden_units is None
+        or len(hidden_units) != depth - 1
+        or not all(isinstance(h, numbers.Integral) and not isinstance(h, bool) and h > 0 for h in hidden_units)
     ):
         raise ValueError(
-            f"`{name}` must be a positive int or a list of depth - 1 = "
-            f"{depth - 1} positive ints, got {hidden_units!r}."
+            f"`{name}` must be a positive int or a list of depth - 1 = {depth - 1} positive ints, got {hidden_units!r}."
         )
     return [int(h) for h in hidden_units]
 

@@ -302,7 +302,9 @@ def _initial_chain(spec, seed, inputs, units):
     """The initial matrices of one grid point: the chain's factors, or for the end-to-end
     rule the end-to-end kernel of the chain it emulates (float64 NumPy arrays)."""
     widths = [inputs, *resolve_hidden_units(spec.hidden_units, spec.depth, units), units]
-    chain = initialize_chain(update_rules.seeded(spec.initializer, seed), list(zip(widths[:-1], widths[1:])), dtype="float64")
+    chain = initialize_chain(
+        update_rules.seeded(spec.initializer, seed), list(zip(widths[:-1], widths[1:])), dtype="float64"
+    )
     chain = [np.asarray(f) for f in chain]
     if spec.update == "end_to_end" and spec.depth > 1:
         return [np.asarray(chain_product(chain))]

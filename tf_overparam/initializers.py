@@ -128,9 +128,7 @@ class Balanced(ChainInitializer):
         dtype = dtype or keras.backend.floatx()
         shapes = _check_chain_shapes(shapes)
         end_to_end_shape = (shapes[0][0], shapes[-1][1])
-        kernel = keras.ops.convert_to_numpy(
-            self.end_to_end_initializer(end_to_end_shape, dtype=backend.widest_float())
-        )
+        kernel = keras.ops.convert_to_numpy(self.end_to_end_initializer(end_to_end_shape, dtype=backend.widest_float()))
         hidden = [shape[1] for shape in shapes[:-1]]
         factors = balanced_factors(kernel, hidden, rotation_seed=self.seed)
         return [keras.ops.convert_to_tensor(f.astype(np.dtype(dtype))) for f in factors]

@@ -13,7 +13,12 @@ from keras import ops
 from tf_overparam import backend
 from tf_overparam.chain import check_depth
 from tf_overparam.layers import registry
-from tf_overparam.preconditioning import Preconditioner, apply_preconditioner, compute_preconditioner, end_to_end_direction
+from tf_overparam.preconditioning import (
+    Preconditioner,
+    apply_preconditioner,
+    compute_preconditioner,
+    end_to_end_direction,
+)
 
 # Variables whose name is one of these are never preconditioned by the default rule, whatever
 # their shape: they are factors of a chain trained as such (LoRA's B A) or not a single
@@ -129,18 +134,21 @@ class EndToEnd(keras.optimizers.Optimizer):
         if kwargs:
             raise ValueError(
                 f"`EndToEnd` takes no optimizer options of its own ({', '.join(sorted(kwargs))}): set them on the "
-                "inner `optimizer`, where they act on the preconditioned gradients.")
+                "inner `optimizer`, where they act on the preconditioned gradients."
+            )
         super().__init__(learning_rate=0.0, name=name)
         optimizer = keras.optimizers.get(optimizer)
         if isinstance(optimizer, (EndToEnd, keras.optimizers.LossScaleOptimizer)):
             raise ValueError(
                 f"`optimizer` must be a plain Keras optimizer, got {type(optimizer).__name__}: wrap the optimizer "
-                "itself (mixed precision wraps `EndToEnd` in a `LossScaleOptimizer` by itself).")
+                "itself (mixed precision wraps `EndToEnd` in a `LossScaleOptimizer` by itself)."
+            )
         self.inner_optimizer = optimizer
         self.depth = check_depth(depth)
         self.weight_decay = _check_weight_decay(weight_decay)
-        if refresh_every is not None and (isinstance(refresh_every, bool) or not isinstance(refresh_every, numbers.Integral)
-                                          or refresh_every < 1):
+        if refresh_every is not None and (
+            isinstance(refresh_every, bool) or not isinstance(refresh_every, numbers.Integral) or refresh_every < 1
+        ):
             raise ValueError(f"`refresh_every` must be None or an int >= 1, got {refresh_every!r}.")
         self.refresh_every = None if refresh_every is None else int(refresh_every)
         if isinstance(variables, str):
@@ -164,12 +172,14 @@ class EndToEnd(keras.optimizers.Optimizer):
                 if not any(fnmatch.fnmatchcase(v.path, pattern) for v in var_list):
                     raise ValueError(
                         f"`variables` pattern {pattern!r} of `EndToEnd` matches no trainable variable; paths are "
-                        f"{[v.path for v in var_list]}.")
+                        f"{[v.path for v in var_list]}."
+                    )
         elif not any(selected):
             raise ValueError(
                 "`EndToEnd` found no variable to precondition: the default rule takes kernels (>= 2-D variables "
                 "named 'kernel', as in Dense and Conv layers; OverparamDense factors are trained as deep chains). "
-                "Pass `variables=` path patterns to choose others.")
+                "Pass `variables=` path patterns to choose others."
+            )
         self._warn_about_zero_kernels([v for v, s in zip(var_list, selected) if s])
         self.inner_optimizer.build(var_list)
         super().build(var_list)
@@ -177,7 +187,8 @@ class EndToEnd(keras.optimizers.Optimizer):
         self._preconditioners = [None] * len(var_list)
         if self.refresh_every is not None and self.depth > 1:
             self._refresh_counter = self.add_variable(
-                (), dtype="int", initializer="zeros", aggregation="only_first_replica", name="refresh_counter")
+                (), dtype="int", initializer="zeros", aggregation="only_first_replica", name="refresh_counter"
+            )
             for index, (variable, chosen) in enumerate(zip(var_list, selected)):
                 if chosen:
                     self._preconditioners[index] = self._preconditioner_slots(variable)
@@ -186,10 +197,18 @@ class EndToEnd(keras.optimizers.Optimizer):
         rows, cols = _matrix_shape(tuple(variable.shape))
         dtype = "float64" if keras.backend.standardize_dtype(variable.dtype) == "float64" else "float32"
         shapes = Preconditioner((rows, cols), (cols, cols), (1, cols), (self.depth - 1, 2, cols))
-        return Preconditioner(*(
-            self.add_variable(shape, dtype=dtype, initializer="zeros", aggregation="only_first_replica",
-                              name=f"{variable.path.replace('/', '_')}_{field}")
-            for shape, field in zip(shapes, Preconditioner._fields)))
+        return Preconditioner(
+            *(
+                self.add_variable(
+                    shape,
+                    dtype=dtype,
+                    initializer="zeros",
+                    aggregation="only_first_replica",
+                    name=f"{variable.path.replace('/', '_')}_{field}",
+                )
+                for shape, field in zip(shapes, Preconditioner._fields)
+            )
+        )
 
     @staticmethod
     def _warn_about_zero_kernels(kernels):
@@ -198,7 +217,9 @@ class EndToEnd(keras.optimizers.Optimizer):
             if value is not None and not np.any(value):
                 warnings.warn(
                     f"EndToEnd: the kernel {kernel.path!r} is exactly zero, a fixed point of the end-to-end rule "
-                    "(eq. 24): it will not train. Initialise it with non-zero values.", stacklevel=3)
+                    "(eq. 24): it will not train. Initialise it with non-zero values.",
+                    stacklevel=3,
+                )
 
     @property
     def variables(self):
@@ -237,8 +258,9 @@ class EndToEnd(keras.optimizers.Optimizer):
                 self.built = True
         indices = [self._get_variable_index(v) for v in trainable_variables]
         if self.refresh_every is not None and self.depth > 1:
-            self._refresh([(i, k) for i, k, g in zip(indices, trainable_variables, grads)
-                           if self._selected[i] and g is not None])
+            self._refresh(
+                [(i, k) for i, k, g in zip(indices, trainable_variables, grads) if self._selected[i] and g is not None]
+            )
         decay = self.weight_decay / backend.replicas_in_sync()
         for position, (index, kernel, grad) in enumerate(zip(indices, trainable_variables, grads)):
             if grad is None or not self._selected[index] or (self.depth == 1 and not decay):
@@ -246,7 +268,8 @@ class EndToEnd(keras.optimizers.Optimizer):
             slots = self._preconditioners[index]
             preconditioner = None if slots is None else Preconditioner(*(ops.convert_to_tensor(s) for s in slots))
             grads[position] = ops.cast(
-                precondition_kernel_gradient(kernel, grad, self.depth, decay, preconditioner), grad.dtype)
+                precondition_kernel_gradient(kernel, grad, self.depth, decay, preconditioner), grad.dtype
+            )
         self.inner_optimizer.apply(grads, trainable_variables)
 
     # --- delegation -------------------------------------------------------------------------

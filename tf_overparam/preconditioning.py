@@ -74,7 +74,9 @@ from keras import ops
 from tf_overparam import backend
 from tf_overparam.chain import check_depth
 
-Preconditioner = collections.namedtuple("Preconditioner", ["projected_kernel", "basis", "direct_weights", "cross_weights"])
+Preconditioner = collections.namedtuple(
+    "Preconditioner", ["projected_kernel", "basis", "direct_weights", "cross_weights"]
+)
 Preconditioner.__doc__ = """P(W) of eq. 26 in factored form, for W oriented tall (a >= b; W^T when wider than tall).
 
 Fields (leading batch dimensions allowed): `projected_kernel` B = W V (a, b); `basis` V (b, b), the
@@ -117,14 +119,20 @@ def _weights(eigenvalues, depth):
     positive = eigenvalues > 0
     safe = ops.where(positive, eigenvalues, ops.ones_like(eigenvalues))
     pairs = [
-        ops.stack([
-            ops.where(positive, ops.power(safe, (j - 1) / depth - 1), ops.zeros_like(eigenvalues)),
-            ops.power(eigenvalues, (depth - j) / depth),  # 0^0 = 1: the j = N term
-        ], axis=-2)
+        ops.stack(
+            [
+                ops.where(positive, ops.power(safe, (j - 1) / depth - 1), ops.zeros_like(eigenvalues)),
+                ops.power(eigenvalues, (depth - j) / depth),  # 0^0 = 1: the j = N term
+            ],
+            axis=-2,
+        )
         for j in range(2, depth + 1)
     ]
-    cross = (ops.stack(pairs, axis=-3) if pairs
-             else ops.zeros(ops.shape(eigenvalues)[:-1] + (0, 2, eigenvalues.shape[-1]), eigenvalues.dtype))
+    cross = (
+        ops.stack(pairs, axis=-3)
+        if pairs
+        else ops.zeros(ops.shape(eigenvalues)[:-1] + (0, 2, eigenvalues.shape[-1]), eigenvalues.dtype)
+    )
     return ops.power(eigenvalues, (depth - 1) / depth)[..., None, :], cross
 
 
@@ -219,12 +227,15 @@ def apply_preconditioner(preconditioner, grad):
     if _is_depth_two(cross):
         # G V diag(t) V^T + B diag(m) B^T G, as M o Y = diag(m) Y and V V^T = I.
         direction = ops.matmul(g, _eigen_matrix(basis, direct)) + ops.matmul(
-            projected, cross[..., 0, 0, :, None] * ops.matmul(_transpose(projected), g))
+            projected, cross[..., 0, 0, :, None] * ops.matmul(_transpose(projected), g)
+        )
     elif projected.shape[-2] > DIRECT_FORM_ASPECT * projected.shape[-1]:
         # Much taller than wide: G (V diag(t) V^T) + B ((M o (B^T G V)) V^T), three matmuls of G's
         # size and three b x b ones, against the four of G's size below.
         inner = _cross_matrix(cross) * ops.matmul(ops.matmul(_transpose(projected), g), basis)
-        direction = ops.matmul(g, _eigen_matrix(basis, direct)) + ops.matmul(projected, ops.matmul(inner, _transpose(basis)))
+        direction = ops.matmul(g, _eigen_matrix(basis, direct)) + ops.matmul(
+            projected, ops.matmul(inner, _transpose(basis))
+        )
     else:
         g_basis = ops.matmul(g, basis)
         inner = _cross_matrix(cross) * ops.matmul(_transpose(projected), g_basis)
@@ -279,7 +290,9 @@ def _eigh_direction(kernel, grad, depth, gram=None):
         left = ops.matmul(_eigen_matrix(basis, cross[..., 0, 0, None, :]), w_g)
     else:
         basis_t = _transpose(basis)
-        left = ops.matmul(ops.matmul(basis, _cross_matrix(cross) * ops.matmul(ops.matmul(basis_t, w_g), basis)), basis_t)
+        left = ops.matmul(
+            ops.matmul(basis, _cross_matrix(cross) * ops.matmul(ops.matmul(basis_t, w_g), basis)), basis_t
+        )
     direction = ops.matmul(g, _eigen_matrix(basis, direct)) + ops.matmul(w, left)
     return ops.cast(_transpose(direction) if wide else direction, grad.dtype)
 
@@ -385,8 +398,12 @@ def _square_roots(gram):
         return ops.logical_and(residual > tolerance, k < NEWTON_SCHULZ_MAX_STEPS + NEWTON_SCHULZ_SPARE_STEPS)
 
     infinite = ops.convert_to_tensor(np.inf, dtype)
-    start = (ops.convert_to_tensor(0), gram / scale, ops.broadcast_to(eye, ops.shape(gram)),
-             ops.where(hopeful, infinite, -infinite))
+    start = (
+        ops.convert_to_tensor(0),
+        gram / scale,
+        ops.broadcast_to(eye, ops.shape(gram)),
+        ops.where(hopeful, infinite, -infinite),
+    )
     _, root, inverse_root, residual = ops.while_loop(going, step, start)
     root_scale = ops.sqrt(scale)
     return root * root_scale, inverse_root / root_scale, ops.logical_and(hopeful, residual <= tolerance)

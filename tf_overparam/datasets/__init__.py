@@ -1,9 +1,6 @@
 """Data sets used by the experiments."""
 
-from tf_overparam.datasets.gas_sensor import UCI_URL
-from tf_overparam.datasets.gas_sensor import GasSensorData
-from tf_overparam.datasets.gas_sensor import load_ethanol
-from tf_overparam.datasets.gas_sensor import parse_batch_file
+from tf_overparam.datasets.gas_sensor import UCI_URL, GasSensorData, load_ethanol, parse_batch_file
 from tf_overparam.datasets.mnist import load_mnist
 
 __all__ = ["UCI_URL", "GasSensorData", "load_ethanol", "parse_batch_file"]

@@ -44,10 +44,7 @@ import numpy as np
 
 from tf_overparam.datasets._checksums import file_sha256
 
-UCI_URL = (
-    "https://archive.ics.uci.edu/static/public/270/"
-    "gas+sensor+array+drift+dataset+at+different+concentrations.zip"
-)
+UCI_URL = "https://archive.ics.uci.edu/static/public/270/gas+sensor+array+drift+dataset+at+different+concentrations.zip"
 UCI_PAGE = "https://archive.ics.uci.edu/dataset/270"
 ENV_VAR = "TF_OVERPARAM_GAS_SENSOR_DIR"
 
@@ -123,9 +120,7 @@ class GasSensorData:
         if not self.missing_batches:
             where = f"({used})"
         scaling = self.scaling or (
-            "features and target z-scored"
-            if self.normalized
-            else "raw features and target (not normalised)"
+            "features and target z-scored" if self.normalized else "raw features and target (not normalised)"
         )
         return (
             f"UCI 270 {GAS_CLASSES[self.gas_class]}: {self.num_rows} rows "
@@ -166,9 +161,7 @@ def parse_batch_file(path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(
-                    f"{where}: not valid UTF-8 text ({e})"
-                ) from None
+                raise ValueError(f"{where}: not valid UTF-8 text ({e})") from None
             tokens = line.split()
             if not tokens:
                 continue
@@ -186,28 +179,19 @@ def parse_batch_file(path):
 def _parse_head(token, where):
     gas_text, sep, conc_text = token.partition(";")
     if not sep:
-        raise ValueError(
-            f"{where}: expected '<gas class>;<concentration>' at the start "
-            f"of the line, got {token!r}"
-        )
+        raise ValueError(f"{where}: expected '<gas class>;<concentration>' at the start of the line, got {token!r}")
     try:
         gas = int(gas_text)
     except ValueError:
-        raise ValueError(
-            f"{where}: gas class {gas_text!r} is not an integer"
-        ) from None
+        raise ValueError(f"{where}: gas class {gas_text!r} is not an integer") from None
     if gas not in GAS_CLASSES:
-        raise ValueError(
-            f"{where}: gas class {gas} is not one of {sorted(GAS_CLASSES)}"
-        )
+        raise ValueError(f"{where}: gas class {gas} is not one of {sorted(GAS_CLASSES)}")
     try:
         conc = float(conc_text)
     except ValueError:
         conc = math.nan
     if not math.isfinite(conc):
-        raise ValueError(
-            f"{where}: concentration {conc_text!r} is not a finite float"
-        )
+        raise ValueError(f"{where}: concentration {conc_text!r} is not a finite float")
     return gas, conc
 
 
@@ -232,10 +216,7 @@ def _raise_bad_value(pairs, where):
         except ValueError:
             ok = False
         if not ok:
-            raise ValueError(
-                f"{where}: value {text!r} of feature {index} is not a "
-                "finite float"
-            )
+            raise ValueError(f"{where}: value {text!r} of feature {index} is not a finite float")
 
 
 def _diagnose_indices(pairs, where):
@@ -244,43 +225,29 @@ def _diagnose_indices(pairs, where):
     indices = []
     for index, sep, _ in pairs:
         if not sep:
-            raise ValueError(
-                f"{where}: feature token {index!r} is not of the form "
-                "<index>:<value>"
-            )
+            raise ValueError(f"{where}: feature token {index!r} is not of the form <index>:<value>")
         try:
             indices.append(int(index))
         except ValueError:
-            raise ValueError(
-                f"{where}: feature index {index!r} is not an integer"
-            ) from None
+            raise ValueError(f"{where}: feature index {index!r} is not an integer") from None
     bad = [i for i in indices if not 1 <= i <= NUM_FEATURES]
     if bad:
-        raise ValueError(
-            f"{where}: feature index {bad[0]} is out of range "
-            f"1..{NUM_FEATURES}"
-        )
+        raise ValueError(f"{where}: feature index {bad[0]} is out of range 1..{NUM_FEATURES}")
     seen, duplicated = set(), []
     for i in indices:
         if i in seen and i not in duplicated:
             duplicated.append(i)
         seen.add(i)
     if duplicated:
-        raise ValueError(
-            f"{where}: feature index {_join(duplicated)} duplicated"
-        )
+        raise ValueError(f"{where}: feature index {_join(duplicated)} duplicated")
     missing = sorted(set(range(1, NUM_FEATURES + 1)) - seen)
     if missing:
         raise ValueError(
-            f"{where}: feature index {_join(missing)} missing "
-            f"({len(indices)} of {NUM_FEATURES} features present)"
+            f"{where}: feature index {_join(missing)} missing ({len(indices)} of {NUM_FEATURES} features present)"
         )
     for previous, current in zip(indices, indices[1:]):
         if current < previous:
-            raise ValueError(
-                f"{where}: feature indices out of order "
-                f"({current} comes after {previous})"
-            )
+            raise ValueError(f"{where}: feature indices out of order ({current} comes after {previous})")
 
 
 def _join(numbers, limit=8):
@@ -342,11 +309,7 @@ def load_ethanol(
     UCI 270 Ethanol: 1316 rows from 8 of 10 batches (batch1..6, batch8,
     batch9; missing batch7, batch10), features and target z-scored
     """
-    if (
-        isinstance(gas_class, bool)
-        or not isinstance(gas_class, (int, np.integer))
-        or int(gas_class) not in GAS_CLASSES
-    ):
+    if isinstance(gas_class, bool) or not isinstance(gas_class, (int, np.integer)) or int(gas_class) not in GAS_CLASSES:
         raise ValueError(
             f"`gas_class` must be an int in 1..6 "
             f"({', '.join(f'{k} {v}' for k, v in GAS_CLASSES.items())}); "
@@ -378,8 +341,7 @@ def load_ethanol(
     y = np.concatenate(ys, axis=0).reshape(-1, 1)
     if x.shape[0] == 0:
         raise ValueError(
-            f"no rows of gas class {gas_class} ({GAS_CLASSES[gas_class]}) "
-            f"in {', '.join(files)} under {source}"
+            f"no rows of gas class {gas_class} ({GAS_CLASSES[gas_class]}) in {', '.join(files)} under {source}"
         )
 
     if normalize:
@@ -453,8 +415,15 @@ def preprocess(data, scheme="zscore", bias=False):
         x_offset, x_scale = np.append(x_offset, 0.0), np.append(x_scale, 1.0)
         description += ", with a constant bias feature"
     return dataclasses.replace(
-        data, x=x.astype(np.float32), y=y.astype(np.float32), feature_mean=x_offset, feature_std=x_scale,
-        target_mean=y_offset, target_std=y_scale, normalized=True, scaling=description,
+        data,
+        x=x.astype(np.float32),
+        y=y.astype(np.float32),
+        feature_mean=x_offset,
+        feature_std=x_scale,
+        target_mean=y_offset,
+        target_std=y_scale,
+        normalized=True,
+        scaling=description,
     )
 
 
@@ -478,8 +447,7 @@ def _locate(data_dir, download, cache_dir, origin):
         found = find_batch_files(data_dir)
         if found:
             return found
-        state = ("does not exist" if not pathlib.Path(data_dir).expanduser().exists()
-                 else "holds no batch<N>.dat files")
+        state = "does not exist" if not pathlib.Path(data_dir).expanduser().exists() else "holds no batch<N>.dat files"
         raise FileNotFoundError(
             f"data_dir={os.fspath(data_dir)!r} {state}: pass the folder holding "
             f"batch1.dat ... batch10.dat (from {UCI_PAGE})"
@@ -497,8 +465,7 @@ def _locate(data_dir, download, cache_dir, origin):
         found = find_batch_files(extracted)
         if found:
             return found
-        tried.append(f"the archive downloaded from {origin} (extracted to "
-                     f"{extracted!s})")
+        tried.append(f"the archive downloaded from {origin} (extracted to {extracted!s})")
     else:
         tried.append("no download (download=False)")
     raise FileNotFoundError(
@@ -538,9 +505,7 @@ def find_batch_files(directory):
         return None
     best = groups.get(root) or None
     if best is None:
-        parent = min(
-            groups, key=lambda p: (-len(groups[p]), len(p.parts), str(p))
-        )
+        parent = min(groups, key=lambda p: (-len(groups[p]), len(p.parts), str(p)))
         best = groups[parent]
     else:
         parent = root
@@ -583,10 +548,7 @@ def _download_and_extract(origin, cache_dir):
     for _ in range(_MAX_NESTED_ZIP_DEPTH):
         if find_batch_files(target):
             break
-        nested = [
-            p for p in sorted(target.rglob("*.zip"))
-            if not p.with_name(p.name[:-4] + "_extracted").exists()
-        ]
+        nested = [p for p in sorted(target.rglob("*.zip")) if not p.with_name(p.name[:-4] + "_extracted").exists()]
         if not nested:
             break
         for inner in nested:
@@ -603,19 +565,12 @@ def _extract_zip(archive, target):
         with zipfile.ZipFile(archive) as zf:
             for member in zf.namelist():
                 parts = pathlib.PurePosixPath(member.replace("\\", "/")).parts
-                if member.startswith(("/", "\\")) or ".." in parts or (
-                    parts and ":" in parts[0]
-                ):
-                    raise ValueError(
-                        f"{archive}: unsafe member path {member!r}"
-                    )
+                if member.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+                    raise ValueError(f"{archive}: unsafe member path {member!r}")
             zf.extractall(tmp)
     except zipfile.BadZipFile as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(
-            f"{archive} is not a valid zip archive ({e}); delete it to "
-            "download it again"
-        ) from None
+        raise ValueError(f"{archive} is not a valid zip archive ({e}); delete it to download it again") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -386,8 +386,11 @@ class OverparamConv2D(ChainedKernelLayer):
         if kernel_sizes is not None:
             depth = len(cls._check_kernel_sizes(kernel_sizes, None))
         return super().overparam_config(
-            plain_config, depth=depth, factor_initializer=factor_initializer,
-            hidden_filters=hidden_filters, kernel_sizes=kernel_sizes,
+            plain_config,
+            depth=depth,
+            factor_initializer=factor_initializer,
+            hidden_filters=hidden_filters,
+            kernel_sizes=kernel_sizes,
         )
 
     def get_config(self):

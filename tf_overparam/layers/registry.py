@@ -14,9 +14,7 @@ def register(overparam_class):
     """Class decorator: registers a `ChainedKernelLayer` subclass for its `plain_class`."""
     plain_class = getattr(overparam_class, "plain_class", None)
     if not (isinstance(plain_class, type) and issubclass(plain_class, keras.layers.Layer)):
-        raise ValueError(
-            f"{overparam_class.__name__}.plain_class must be a keras Layer class, got {plain_class!r}."
-        )
+        raise ValueError(f"{overparam_class.__name__}.plain_class must be a keras Layer class, got {plain_class!r}.")
     _REGISTRY[plain_class] = overparam_class
     return overparam_class
 

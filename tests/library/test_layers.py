@@ -10,11 +10,11 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-
-import tf_overparam as to
 from _backend import keras_float64_rtol, layer_gradients  # tests/ is on sys.path (rootdir-relative import)
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+import tf_overparam as to
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _factors(layer):
@@ -68,22 +68,37 @@ def test_depth_n_output_is_input_times_factor_product_plus_bias():
         )
         x = rng.normal(size=input_shape)
         out = keras.ops.convert_to_numpy(layer(x))
-        hidden = ([4] * (depth - 1) if hidden_units is None
-                  else [hidden_units] * (depth - 1) if isinstance(hidden_units, int) else hidden_units)
+        hidden = (
+            [4] * (depth - 1)
+            if hidden_units is None
+            else [hidden_units] * (depth - 1)
+            if isinstance(hidden_units, int)
+            else hidden_units
+        )
         widths = [5, *hidden, 4]
         assert [tuple(f.shape) for f in layer.factors] == list(zip(widths[:-1], widths[1:]))
         assert out.shape == input_shape[:-1] + (4,)
         # float64: equal to the NumPy product to 1e-12.
         np.testing.assert_allclose(out, _numpy_forward(layer, x), rtol=1e-12, atol=1e-12, err_msg=str(hidden_units))
         # `.kernel` is the end-to-end product too.
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel),
-                                   functools.reduce(np.matmul, _factors(layer)), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(layer.kernel),
+            functools.reduce(np.matmul, _factors(layer)),
+            rtol=1e-12,
+            atol=1e-14,
+        )
 
 
 def test_activation_and_no_bias():
     x = np.random.default_rng(1).normal(size=(5, 3))
-    layer = to.OverparamDense(2, depth=3, use_bias=False, activation="relu", dtype="float64",
-                              factor_initializer=keras.initializers.RandomNormal(seed=3))
+    layer = to.OverparamDense(
+        2,
+        depth=3,
+        use_bias=False,
+        activation="relu",
+        dtype="float64",
+        factor_initializer=keras.initializers.RandomNormal(seed=3),
+    )
     out = keras.ops.convert_to_numpy(layer(x))
     assert layer.bias is None and len(layer.weights) == 3
     np.testing.assert_allclose(out, np.maximum(_numpy_forward(layer, x), 0.0), rtol=1e-12, atol=1e-14)
@@ -91,15 +106,21 @@ def test_activation_and_no_bias():
 
 def test_to_dense_computes_the_same_function():
     x = np.random.default_rng(2).normal(size=(8, 6)).astype("float32")
-    layer = to.OverparamDense(3, depth=3, hidden_units=[5, 4], activation="sigmoid",
-                              factor_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=0),
-                              bias_initializer="ones")
+    layer = to.OverparamDense(
+        3,
+        depth=3,
+        hidden_units=[5, 4],
+        activation="sigmoid",
+        factor_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=0),
+        bias_initializer="ones",
+    )
     expected = keras.ops.convert_to_numpy(layer(x))
     dense = layer.to_dense()
     assert type(dense) is keras.layers.Dense
     assert dense.units == 3 and dense.get_config()["activation"] == "sigmoid"
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(dense.kernel), keras.ops.convert_to_numpy(layer.kernel),
-                               rtol=0, atol=0)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(dense.kernel), keras.ops.convert_to_numpy(layer.kernel), rtol=0, atol=0
+    )
     # Same kernel and bias: the outputs agree to float32 rounding of the matmul (tolerance 1e-6).
     np.testing.assert_allclose(keras.ops.convert_to_numpy(dense(x)), expected, rtol=1e-6, atol=1e-6)
 
@@ -107,8 +128,11 @@ def test_to_dense_computes_the_same_function():
 def test_works_inside_a_subclassed_model():
     # A subclassed model builds its layers inside a traced call (shape inference): the chain must
     # still be drawn once, eagerly, and be the one the variables hold.
-    for name, initializer in [("balanced", to.initializers.Balanced(keras.initializers.RandomNormal(stddev=0.5))),
-                              ("near_zero", to.initializers.NearZero(0.3)), ("identity", to.initializers.Identity(0.9))]:
+    for name, initializer in [
+        ("balanced", to.initializers.Balanced(keras.initializers.RandomNormal(stddev=0.5))),
+        ("near_zero", to.initializers.NearZero(0.3)),
+        ("identity", to.initializers.Identity(0.9)),
+    ]:
 
         class Sub(keras.Model):
             def __init__(self, initializer=initializer):
@@ -169,7 +193,7 @@ def test_numpy_integers_are_accepted_as_integer_arguments():
 def test_kernel_before_build_is_a_clear_error():
     layer = to.OverparamDense(3)
     with pytest.raises(ValueError, match="before the layer is built"):
-        layer.kernel
+        _ = layer.kernel
     with pytest.raises(ValueError, match="before the layer is built"):
         layer.to_dense()
 
@@ -202,8 +226,13 @@ def test_both_orders_and_the_runtime_choice_equal_the_kernel_product(policy, mon
     keras.mixed_precision.set_global_policy(policy)
     try:
         # widths 20 -> 6 -> 5: inputs first below 12 rows, kernel first from 12 rows on.
-        layer = to.OverparamDense(5, depth=2, hidden_units=6, use_bias=False,
-                                  factor_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=0))
+        layer = to.OverparamDense(
+            5,
+            depth=2,
+            hidden_units=6,
+            use_bias=False,
+            factor_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=0),
+        )
         layer.build((None, 20))
         factors = _factors(layer)
         compute = np.dtype(layer.compute_dtype)
@@ -234,8 +263,14 @@ def test_both_orders_and_the_runtime_choice_equal_the_kernel_product(policy, mon
 
 
 def test_gradients_through_the_runtime_choice_match_numpy():
-    layer = to.OverparamDense(5, depth=2, hidden_units=6, use_bias=False, dtype="float64",
-                              factor_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=0))
+    layer = to.OverparamDense(
+        5,
+        depth=2,
+        hidden_units=6,
+        use_bias=False,
+        dtype="float64",
+        factor_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=0),
+    )
     layer.build((None, 20))
 
     if keras.backend.backend() == "tensorflow":  # an unknown batch: the order chosen at run time
@@ -264,17 +299,19 @@ def test_gradients_through_the_runtime_choice_match_numpy():
 # --- compatibility ------------------------------------------------------------------------------
 
 
-def test_a_keras_file_saved_by_version_0_1_0_loads_with_equal_outputs_and_penalties():
-    data = REPO_ROOT / "tests" / "data"
+def test_a_keras_file_saved_by_version_0_1_0_loads_with_equal_outputs_and_penalties(saved_models_dir):
+    data = saved_models_dir
     model = keras.models.load_model(data / "overparam_dense_v0_1_0.keras")
     x = np.load(data / "overparam_dense_v0_1_0_inputs.npy")
     assert [type(layer).__name__ for layer in model.layers[1:]] == ["OverparamDense", "OverparamDense"]
     # Outputs and penalties computed by 0.1.0: equal to float32 rounding (the new code may
     # multiply in the other order).
-    np.testing.assert_allclose(model.predict(x, verbose=0), np.load(data / "overparam_dense_v0_1_0_outputs.npy"),
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(sorted(float(v) for v in model.losses),
-                               sorted(np.load(data / "overparam_dense_v0_1_0_losses.npy")), rtol=1e-5)
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), np.load(data / "overparam_dense_v0_1_0_outputs.npy"), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        sorted(float(v) for v in model.losses), sorted(np.load(data / "overparam_dense_v0_1_0_losses.npy")), rtol=1e-5
+    )
 
 
 # --- regularizers -------------------------------------------------------------------------------
@@ -287,7 +324,10 @@ def _losses(model):
 def test_kernel_regularizer_acts_on_end_to_end_kernel_and_factor_regularizer_on_each_factor():
     x = np.random.default_rng(3).normal(size=(4, 5))
     layer = to.OverparamDense(
-        3, depth=3, hidden_units=[4, 2], dtype="float64",
+        3,
+        depth=3,
+        hidden_units=[4, 2],
+        dtype="float64",
         factor_initializer=keras.initializers.RandomNormal(stddev=0.8, seed=5),
         kernel_regularizer=keras.regularizers.L2(0.125),
         factor_regularizer=keras.regularizers.L1(0.0625),
@@ -299,9 +339,7 @@ def test_kernel_regularizer_acts_on_end_to_end_kernel_and_factor_regularizer_on_
     model = keras.Sequential([keras.Input((5,)), layer])
     factors = _factors(layer)
     kernel = functools.reduce(np.matmul, factors)
-    expected = sorted(
-        [0.125 * np.sum(kernel**2), 0.25 * 3.0] + [0.0625 * np.sum(np.abs(f)) for f in factors]
-    )
+    expected = sorted([0.125 * np.sum(kernel**2), 0.25 * 3.0] + [0.0625 * np.sum(np.abs(f)) for f in factors])
     # Like Dense's kernel penalty, the end-to-end penalty is there before any call ...
     np.testing.assert_allclose(_losses(model), expected, rtol=1e-12)
     model(x)
@@ -314,8 +352,12 @@ def test_kernel_regularizer_acts_on_end_to_end_kernel_and_factor_regularizer_on_
 def test_kernel_regularizer_tracks_training_and_matches_collapse(float64):
     rng = np.random.default_rng(4)
     x, y = rng.normal(size=(16, 5)), rng.normal(size=(16, 2))
-    layer = to.OverparamDense(2, depth=2, kernel_regularizer=keras.regularizers.L2(0.25),
-                              factor_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=1))
+    layer = to.OverparamDense(
+        2,
+        depth=2,
+        kernel_regularizer=keras.regularizers.L2(0.25),
+        factor_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=1),
+    )
     model = keras.Sequential([keras.Input((5,)), layer])
     model.compile(keras.optimizers.SGD(0.05), loss="mse")
     model.fit(x, y, epochs=2, batch_size=8, verbose=0)
@@ -328,7 +370,8 @@ def test_kernel_regularizer_tracks_training_and_matches_collapse(float64):
     # The training loss includes the penalty: evaluate = mse + penalty.
     pred = _numpy_forward(layer, x)
     np.testing.assert_allclose(  # Keras' own "mse": its mean is float32 off TensorFlow
-        model.evaluate(x, y, batch_size=16, verbose=0), np.mean((pred - y) ** 2) + 0.25 * np.sum(kernel**2),
+        model.evaluate(x, y, batch_size=16, verbose=0),
+        np.mean((pred - y) ** 2) + 0.25 * np.sum(kernel**2),
         rtol=keras_float64_rtol(1e-10),
     )
 
@@ -336,7 +379,7 @@ def test_kernel_regularizer_tracks_training_and_matches_collapse(float64):
 # --- training on real data ----------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ethanol(directory):
     """Class-1 rows of the UCI gas sensor batches: (z-scored features, z-scored concentration)."""
     xs, ys = [], []
@@ -358,10 +401,12 @@ def _ethanol(directory):
 def test_fit_lowers_loss_on_gas_sensor_regression(gas_sensor_dir):
     x, y = _ethanol(str(gas_sensor_dir))
     x, y = x.astype("float32"), y.astype("float32")
-    model = keras.Sequential([
-        keras.Input((128,)),
-        to.OverparamDense(1, depth=3, factor_initializer=to.initializers.Balanced(seed=0)),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((128,)),
+            to.OverparamDense(1, depth=3, factor_initializer=to.initializers.Balanced(seed=0)),
+        ]
+    )
     model.compile(keras.optimizers.SGD(0.01), loss=to.LpLoss(2))
     history = model.fit(x, y, epochs=8, batch_size=64, verbose=0)
     final = model.evaluate(x, y, batch_size=len(x), verbose=0)
@@ -384,8 +429,11 @@ def test_mixed_float16_keeps_float32_factors_and_trains():
     rng = np.random.default_rng(5)
     x = rng.normal(size=(64, 6)).astype("float32")
     y = (x @ rng.normal(size=(6, 2))).astype("float32")
-    layer = to.OverparamDense(2, depth=3, factor_initializer=to.initializers.Balanced(
-        keras.initializers.RandomNormal(stddev=0.3, seed=0), seed=0))
+    layer = to.OverparamDense(
+        2,
+        depth=3,
+        factor_initializer=to.initializers.Balanced(keras.initializers.RandomNormal(stddev=0.3, seed=0), seed=0),
+    )
     model = keras.Sequential([keras.Input((6,)), layer])
     model.compile(keras.optimizers.SGD(0.05), loss="mse")
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
@@ -394,8 +442,9 @@ def test_mixed_float16_keeps_float32_factors_and_trains():
     out = model(x[:4])
     assert keras.backend.standardize_dtype(out.dtype) == "float16"
     # float16 output of the float32 kernel: agrees with NumPy to float16 precision (rtol 1e-2).
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(out).astype(np.float64),
-                               _numpy_forward(layer, x[:4]), rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(out).astype(np.float64), _numpy_forward(layer, x[:4]), rtol=1e-2, atol=1e-2
+    )
     before = model.evaluate(x, y, verbose=0)
     history = model.fit(x, y, epochs=10, batch_size=16, verbose=0)
     assert [f.dtype for f in layer.factors] == ["float32"] * 3
@@ -411,9 +460,13 @@ def test_keras_save_and_load_in_fresh_process_gives_identical_predictions(tmp_pa
     x = rng.normal(size=(10, 4)).astype("float32")
     inputs = keras.Input((4,))
     hidden = to.OverparamDense(
-        5, depth=3, hidden_units=[6, 2], activation="relu",
+        5,
+        depth=3,
+        hidden_units=[6, 2],
+        activation="relu",
         factor_initializer=to.initializers.Balanced(keras.initializers.RandomNormal(stddev=0.5, seed=2), seed=2),
-        kernel_regularizer=keras.regularizers.L2(0.01), factor_regularizer=keras.regularizers.L2(0.001),
+        kernel_regularizer=keras.regularizers.L2(0.01),
+        factor_regularizer=keras.regularizers.L2(0.001),
         bias_initializer="ones",
     )(inputs)
     outputs = to.OverparamDense(2, depth=2, factor_initializer=to.initializers.Identity(0.9))(hidden)
@@ -449,8 +502,9 @@ def test_from_config_rebuilds_identical_initial_factors():
         "random_normal": keras.initializers.RandomNormal(stddev=0.5, seed=7),
     }
     for name, initializer in initializers.items():
-        layer = to.OverparamDense(3, depth=4, hidden_units=[3, 3, 3], factor_initializer=initializer,
-                                  kernel_regularizer="l2", name="deep")
+        layer = to.OverparamDense(
+            3, depth=4, hidden_units=[3, 3, 3], factor_initializer=initializer, kernel_regularizer="l2", name="deep"
+        )
         layer.build((None, 3))
         clone = to.OverparamDense.from_config(layer.get_config())
         clone.build((None, 3))

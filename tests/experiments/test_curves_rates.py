@@ -82,8 +82,9 @@ def test_medians_and_speedups_over_seeds():
 
 def test_refine_around_fills_the_neighbour_intervals_and_extends_an_edge():
     rates = [1e-3, 1e-2, 1e-1, 1.0]
-    np.testing.assert_allclose(_rates.refine_around(rates, 1e-2, 2), [10**-2.667, 10**-2.333, 10**-1.667, 10**-1.333],
-                               rtol=2e-3)
+    np.testing.assert_allclose(
+        _rates.refine_around(rates, 1e-2, 2), [10**-2.667, 10**-2.333, 10**-1.667, 10**-1.333], rtol=2e-3
+    )
     # Best on the top edge: the interval below, plus one grid step (10x) beyond, and one inside it.
     np.testing.assert_allclose(_rates.refine_around(rates, 1.0, 1), [10**-0.5, 10**0.5, 10.0], rtol=1e-12)
     assert _rates.on_edge(rates, 1.0) and _rates.on_edge(rates, 1e-3) and not _rates.on_edge(rates, 0.1)
@@ -98,8 +99,17 @@ def test_choose_rates_takes_the_median_over_seeds_and_skips_flagged_rates():
     rates = [0.1, 0.1, 0.1, 0.2, 0.2, 0.2, 0.4, 0.4, 0.4]
     seeds = [0, 1, 2] * 3
     # 0.1: medians 50; 0.2: one lucky seed (10) but median 60; 0.4: fastest, but a seed is flagged.
-    reports = [report(40), report(50), report(70), report(10), report(60), report(90),
-               report(5), report(5), report(5, flagged=True)]
+    reports = [
+        report(40),
+        report(50),
+        report(70),
+        report(10),
+        report(60),
+        report(90),
+        report(5),
+        report(5),
+        report(5, flagged=True),
+    ]
     (choice,) = _rates.choose_rates(rates, seeds, reports, 1, finals=np.ones(9))
     assert choice["rate"] == 0.1 and choice["median"] == 50 and choice["range"] == (40, 70)
     assert choice["per_seed"] == {0: 40, 1: 50, 2: 70} and choice["flagged_rates"] == [0.4]

@@ -7,7 +7,7 @@ import setuptools
 
 import tf_overparam
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_only_tf_overparam_packages_are_found_for_the_wheel():

@@ -18,8 +18,12 @@ from tests._layer_testing import run_keras_layer_test
             {
                 "units": 3,
                 "depth": 2,
-                "factor_initializer": {"class_name": "Balanced", "module": None,
-                                       "config": {"seed": 0}, "registered_name": "tf_overparam>Balanced"},
+                "factor_initializer": {
+                    "class_name": "Balanced",
+                    "module": None,
+                    "config": {"seed": 0},
+                    "registered_name": "tf_overparam>Balanced",
+                },
                 "kernel_regularizer": "l2",
                 "factor_regularizer": "l2",
                 "bias_regularizer": "l2",

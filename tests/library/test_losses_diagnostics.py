@@ -42,9 +42,12 @@ def test_lp_loss_p2_is_half_mse():
     rng = np.random.default_rng(0)
     y_true, y_pred = rng.normal(size=(6, 3)), rng.normal(size=(6, 3))
     half_mse = 0.5 * float(keras.losses.MeanSquaredError(dtype="float64")(y_true, y_pred))
-    assert float(to.LpLoss(2, dtype="float64")(y_true, y_pred)) == pytest.approx(half_mse, rel=keras_float64_rtol(1e-13))
     assert float(to.LpLoss(2, dtype="float64")(y_true, y_pred)) == pytest.approx(
-        0.5 * np.mean((y_pred - y_true) ** 2), rel=1e-13)
+        half_mse, rel=keras_float64_rtol(1e-13)
+    )
+    assert float(to.LpLoss(2, dtype="float64")(y_true, y_pred)) == pytest.approx(
+        0.5 * np.mean((y_pred - y_true) ** 2), rel=1e-13
+    )
 
 
 def test_lp_loss_gradient_is_sign_times_abs_residual_power():
@@ -114,8 +117,9 @@ def test_balancedness_of_layer_and_batched_chain():
 
 
 def test_end_to_end_singular_values_match_numpy_svd_of_product():
-    layer = to.OverparamDense(3, depth=3, hidden_units=[4, 2], dtype="float64",
-                              factor_initializer=keras.initializers.RandomNormal(seed=2))
+    layer = to.OverparamDense(
+        3, depth=3, hidden_units=[4, 2], dtype="float64", factor_initializer=keras.initializers.RandomNormal(seed=2)
+    )
     layer.build((None, 5))
     product = layer.factors[0].numpy() @ layer.factors[1].numpy() @ layer.factors[2].numpy()
     values = to.diagnostics.end_to_end_singular_values(layer)
@@ -158,8 +162,9 @@ def test_effective_learning_rate_is_the_eq27_factor_for_scalars_and_arrays():
     # eta * s^(2 - 2/N): depth 1 -> eta; depth 2 -> eta s; depth 4 -> eta s^1.5.
     assert to.diagnostics.effective_learning_rate(0.1, 4.0, 1) == pytest.approx(0.1)
     assert to.diagnostics.effective_learning_rate(0.1, 4.0, np.int64(2)) == pytest.approx(0.4)
-    np.testing.assert_allclose(to.diagnostics.effective_learning_rate([0.1, 0.2], [4.0, 9.0], 4),
-                               [0.1 * 8.0, 0.2 * 27.0], rtol=1e-14)
+    np.testing.assert_allclose(
+        to.diagnostics.effective_learning_rate([0.1, 0.2], [4.0, 9.0], 4), [0.1 * 8.0, 0.2 * 27.0], rtol=1e-14
+    )
     with pytest.raises(ValueError, match="depth"):
         to.diagnostics.effective_learning_rate(0.1, 4.0, 0)
 
@@ -178,8 +183,9 @@ def test_lp_value_and_slope_by_hand():
     r = np.array([-2.0, -0.5, 0.0, 1.5])
     for p in [1, 2, 3, 4, 2.5]:
         np.testing.assert_allclose(keras.ops.convert_to_numpy(lp_loss_values(r, p)), np.abs(r) ** p / p, rtol=1e-12)
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(lp_loss_slope(r, p)),
-                                   np.sign(r) * np.abs(r) ** (p - 1), rtol=1e-12)
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(lp_loss_slope(r, p)), np.sign(r) * np.abs(r) ** (p - 1), rtol=1e-12
+        )
     # Hand values: |-2|^3 = 8, signed -> -8; |-2|^0 signed -> sign = -1.
     assert float(abs_power(np.array(-2.0), 3)) == 8.0
     assert float(abs_power(np.array(-2.0), 3, signed=True)) == -8.0

@@ -9,10 +9,10 @@ import itertools
 
 import numpy as np
 import pytest
-from keras import ops
-
 from _backend import compiled  # tests/ is on sys.path (rootdir-relative import)
 from _reference import reference_direction
+from keras import ops
+
 from tf_overparam import preconditioning
 from tf_overparam.preconditioning import (
     apply_preconditioner,
@@ -21,8 +21,6 @@ from tf_overparam.preconditioning import (
     preconditioner_eigenvalues,
     preconditioner_matrix,
 )
-
-
 
 
 def reference_eigenvalues(w, depth):
@@ -104,8 +102,9 @@ def _check_against_reference(name):
 
         matrix = np.asarray(preconditioner_matrix(ops.convert_to_tensor(w), depth))
         # Row-major vec: vec(direction) = P vec(G).
-        np.testing.assert_allclose((matrix @ g.reshape(-1)).reshape(w.shape), expected, rtol=0, atol=1e-12 * scale,
-                                   err_msg=msg)
+        np.testing.assert_allclose(
+            (matrix @ g.reshape(-1)).reshape(w.shape), expected, rtol=0, atol=1e-12 * scale, err_msg=msg
+        )
         size = max(np.abs(matrix).max(), 1.0)
         # P is symmetric positive semidefinite.
         np.testing.assert_allclose(matrix, matrix.T, atol=1e-12 * size, err_msg=msg)
@@ -114,8 +113,9 @@ def _check_against_reference(name):
         assert eigenvalues.shape == w.shape
         np.testing.assert_allclose(eigenvalues, reference_eigenvalues(w, depth), rtol=1e-12, atol=1e-12, err_msg=msg)
         assert eigenvalues.min() >= 0
-        np.testing.assert_allclose(np.sort(eigenvalues.reshape(-1)), np.linalg.eigvalsh(matrix), rtol=0,
-                                   atol=1e-10 * size, err_msg=msg)
+        np.testing.assert_allclose(
+            np.sort(eigenvalues.reshape(-1)), np.linalg.eigvalsh(matrix), rtol=0, atol=1e-10 * size, err_msg=msg
+        )
         for r, rp in itertools.product(range(w.shape[0]), range(w.shape[1])):
             vector = np.outer(u[:, r], vt[rp]).reshape(-1)
             np.testing.assert_allclose(matrix @ vector, eigenvalues[r, rp] * vector, atol=1e-10 * size, err_msg=msg)
@@ -124,18 +124,32 @@ def _check_against_reference(name):
 def test_hand_computed_directions():
     g = np.array([[1.0]])
     # 1x1 kernel w = 4, depth 2: sum_j w^{2(j-1)/2} g w^{2(2-j)/2} = (4 + 4) g = 8 g.
-    np.testing.assert_allclose(np.asarray(end_to_end_direction(ops.convert_to_tensor([[4.0]], "float64"), g, 2)), [[8.0]], rtol=1e-15)
+    np.testing.assert_allclose(
+        np.asarray(end_to_end_direction(ops.convert_to_tensor([[4.0]], "float64"), g, 2)), [[8.0]], rtol=1e-15
+    )
     # depth 3: 3 * 4^{4/3}.
-    np.testing.assert_allclose(np.asarray(end_to_end_direction(ops.convert_to_tensor([[4.0]], "float64"), g, 3)),
-                               [[3 * 4 ** (4 / 3)]], rtol=1e-14)
+    np.testing.assert_allclose(
+        np.asarray(end_to_end_direction(ops.convert_to_tensor([[4.0]], "float64"), g, 3)),
+        [[3 * 4 ** (4 / 3)]],
+        rtol=1e-14,
+    )
     # W = diag(4, 1), depth 2: entry [r, r'] of G is scaled by s_r + s_r' -> [[8, 5], [5, 2]].
     w = np.diag([4.0, 1.0])
-    np.testing.assert_allclose(np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.ones((2, 2), "float64"), 2)),
-                               [[8.0, 5.0], [5.0, 2.0]], rtol=1e-14)
+    np.testing.assert_allclose(
+        np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.ones((2, 2), "float64"), 2)),
+        [[8.0, 5.0], [5.0, 2.0]],
+        rtol=1e-14,
+    )
     # W = [[4], [0]] (tall, rank 1), depth 2: the left null space e_2 gets weight s^{2(N-1)/N} = 4.
     np.testing.assert_allclose(
-        np.asarray(end_to_end_direction(ops.convert_to_tensor([[4.0, 0.0]], "float64"), ops.convert_to_tensor([[1.0, 1.0]], "float64"), 2)),
-        [[8.0, 4.0]], rtol=1e-14)
+        np.asarray(
+            end_to_end_direction(
+                ops.convert_to_tensor([[4.0, 0.0]], "float64"), ops.convert_to_tensor([[1.0, 1.0]], "float64"), 2
+            )
+        ),
+        [[8.0, 4.0]],
+        rtol=1e-14,
+    )
 
 
 # --- structure ----------------------------------------------------------------------------------
@@ -146,13 +160,16 @@ def test_transpose_consistency():
         w, g = KERNELS[name], _grad(KERNELS[name].shape, seed=2)
         forward = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), depth))
         transposed = np.asarray(end_to_end_direction(ops.convert_to_tensor(w.T), ops.convert_to_tensor(g.T), depth))
-        np.testing.assert_allclose(transposed, forward.T, rtol=1e-12, atol=1e-12 * np.abs(forward).max(),
-                                   err_msg=f"{name}, depth {depth}")
+        np.testing.assert_allclose(
+            transposed, forward.T, rtol=1e-12, atol=1e-12 * np.abs(forward).max(), err_msg=f"{name}, depth {depth}"
+        )
 
 
 def test_depth_one_is_the_gradient():
     w, g = KERNELS["wide"], _grad((2, 5))
-    np.testing.assert_array_equal(np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), 1)), g)
+    np.testing.assert_array_equal(
+        np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), 1)), g
+    )
     np.testing.assert_allclose(np.asarray(preconditioner_matrix(ops.convert_to_tensor(w), 1)), np.eye(10), atol=0)
     np.testing.assert_array_equal(np.asarray(preconditioner_eigenvalues(ops.convert_to_tensor(w), 1)), np.ones((2, 5)))
 
@@ -178,10 +195,14 @@ def test_zero_kernel_is_a_fixed_point():
 
 
 def test_non_finite_kernel_gives_nan_direction():
-    for shape, bad, depth in itertools.product([(4, 1), (1, 1), (3, 4), (12, 3), (3, 12)], [np.inf, -np.inf, np.nan], [2, 3]):
+    for shape, bad, depth in itertools.product(
+        [(4, 1), (1, 1), (3, 4), (12, 3), (3, 12)], [np.inf, -np.inf, np.nan], [2, 3]
+    ):
         w = _grad(shape, seed=5)
         w[0, 0] = bad
-        direction = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(_grad(shape)), depth))
+        direction = np.asarray(
+            end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(_grad(shape)), depth)
+        )
         assert np.all(np.isnan(direction)), (shape, bad, depth)
 
 
@@ -199,10 +220,12 @@ def test_batched_kernels_match_per_item_directions():
             assert direction.shape == shape and eigenvalues.shape == shape
             for index in np.ndindex(*shape[:-2]):
                 expected = reference_direction(w[index], g[index], depth)
-                np.testing.assert_allclose(direction[index], expected, rtol=0,
-                                           atol=1e-12 * max(np.abs(expected).max(), 1e-300))
-                np.testing.assert_allclose(eigenvalues[index], reference_eigenvalues(w[index], depth), rtol=1e-12,
-                                           atol=1e-15)
+                np.testing.assert_allclose(
+                    direction[index], expected, rtol=0, atol=1e-12 * max(np.abs(expected).max(), 1e-300)
+                )
+                np.testing.assert_allclose(
+                    eigenvalues[index], reference_eigenvalues(w[index], depth), rtol=1e-12, atol=1e-15
+                )
     # A non-finite kernel poisons only its own batch entry.
     w, g = rng.normal(size=(3, 4, 2)), rng.normal(size=(3, 4, 2))
     w[1, 0, 0] = np.inf
@@ -215,7 +238,10 @@ def test_direction_is_linear_in_the_gradient():
     w = KERNELS["tall"]
     g1, g2 = _grad(w.shape, 1), _grad(w.shape, 2)
     for depth in [2, 3]:
-        d = lambda g: np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), depth))  # noqa: E731
+
+        def d(g, depth=depth):
+            return np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), depth))
+
         np.testing.assert_allclose(d(2.5 * g1 - g2), 2.5 * d(g1) - d(g2), rtol=1e-12, atol=1e-12)
 
 
@@ -228,8 +254,9 @@ def test_float32_and_compiled():
     # float32: agreement to 1e-5 of the direction's size, also for a rank-deficient kernel.
     np.testing.assert_allclose(np.asarray(direction), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
     matrix = np.asarray(preconditioner_matrix(ops.convert_to_tensor(w, "float32"), 4))
-    np.testing.assert_allclose((matrix @ g.reshape(-1)).reshape(w.shape), expected, rtol=0,
-                               atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        (matrix @ g.reshape(-1)).reshape(w.shape), expected, rtol=0, atol=1e-5 * np.abs(expected).max()
+    )
 
 
 def test_rank_deficient_kernel_at_depth_8_is_accurate():
@@ -239,8 +266,12 @@ def test_rank_deficient_kernel_at_depth_8_is_accurate():
     expected = reference_direction(w, g, 8)
     direction = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), 8))
     np.testing.assert_allclose(direction, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
-    np.testing.assert_allclose(np.asarray(preconditioner_eigenvalues(ops.convert_to_tensor(w), 8)), reference_eigenvalues(w, 8),
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(preconditioner_eigenvalues(ops.convert_to_tensor(w), 8)),
+        reference_eigenvalues(w, 8),
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 def test_bad_arguments_raise():
@@ -271,7 +302,9 @@ def test_float32_direction_of_a_condition_1e3_kernel_is_within_the_bounds(shape)
     w, g = _conditioned(shape, 1e3, seed=sum(shape))
     for depth, bound in [(2, 1e-4), (3, 1e-4), (4, 1e-4), (8, 5e-4)]:
         expected = reference_direction(w, g, depth)
-        direction = end_to_end_direction(ops.convert_to_tensor(w, "float32"), ops.convert_to_tensor(g, "float32"), depth)
+        direction = end_to_end_direction(
+            ops.convert_to_tensor(w, "float32"), ops.convert_to_tensor(g, "float32"), depth
+        )
         assert direction.dtype == "float32"
         error = np.linalg.norm(np.asarray(direction) - expected) / np.linalg.norm(expected)
         assert error <= bound, (shape, depth, error)
@@ -321,8 +354,13 @@ def test_newton_schulz_declines_ill_conditioned_singular_zero_and_non_finite_gra
     rank_deficient = _rank_deficient(rng, (300, 60), 20)
     not_finite = rng.normal(size=(300, 60))
     not_finite[3, 4] = np.nan
-    for name, w in [("cond 1e3", conditioned), ("rank 20", rank_deficient), ("zero", np.zeros((300, 60))),
-                    ("nan", not_finite), ("square Gaussian", rng.normal(size=(60, 60)))]:
+    for name, w in [
+        ("cond 1e3", conditioned),
+        ("rank 20", rank_deficient),
+        ("zero", np.zeros((300, 60))),
+        ("nan", not_finite),
+        ("square Gaussian", rng.normal(size=(60, 60))),
+    ]:
         for dtype in ["float32", "float64"]:
             assert not bool(preconditioning._square_roots(_gram(w, dtype))[2]), (name, dtype)
 
@@ -336,7 +374,9 @@ def test_newton_schulz_of_a_batch_converges_only_if_every_matrix_does():
     for index, w in enumerate(good):
         expected_root, expected_inverse = _numpy_roots(w.T @ w)
         np.testing.assert_allclose(root[index], expected_root, rtol=0, atol=1e-12 * np.abs(expected_root).max())
-        np.testing.assert_allclose(inverse_root[index], expected_inverse, rtol=0, atol=1e-12 * np.abs(expected_inverse).max())
+        np.testing.assert_allclose(
+            inverse_root[index], expected_inverse, rtol=0, atol=1e-12 * np.abs(expected_inverse).max()
+        )
     mixed = ops.stack([_gram(good[0]), _gram(_rank_deficient(rng, (200, 40), 5))])
     assert not bool(preconditioning._square_roots(mixed)[2])
 
@@ -358,8 +398,9 @@ def test_lanczos_extremes_lie_inside_the_spectrum_and_find_its_ends():
     basis, _ = np.linalg.qr(rng.normal(size=(200, 200)))
     spectrum = np.linspace(1.0, 50.0, 200)  # cond 50, evenly spread
     matrix = (basis * spectrum) @ basis.T
-    smallest, largest = (float(np.asarray(x).reshape(())) for x in
-                         preconditioning._lanczos_extremes(ops.convert_to_tensor(matrix), 16))
+    smallest, largest = (
+        float(np.asarray(x).reshape(())) for x in preconditioning._lanczos_extremes(ops.convert_to_tensor(matrix), 16)
+    )
     assert 1.0 - 1e-9 <= smallest <= largest <= 50.0 + 1e-9
     assert largest >= 0.98 * 50.0 and smallest <= 3.0 * 1.0
     # A breakdown (A = I: the Krylov space is one vector) leaves Ritz values 0, so Newton-Schulz declines.
@@ -380,8 +421,9 @@ def test_depth_two_direction_by_newton_schulz_matches_the_reference(shape):
     expected = reference_direction(w, g, 2)
     direction = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), 2))
     assert np.linalg.norm(direction - expected) <= 1e-12 * np.linalg.norm(expected)
-    single = compiled(lambda w, g: end_to_end_direction(w, g, 2))(ops.convert_to_tensor(w, "float32"),
-                                                                 ops.convert_to_tensor(g, "float32"))
+    single = compiled(lambda w, g: end_to_end_direction(w, g, 2))(
+        ops.convert_to_tensor(w, "float32"), ops.convert_to_tensor(g, "float32")
+    )
     assert single.dtype == "float32"
     assert np.linalg.norm(np.asarray(single) - expected) <= 1e-5 * np.linalg.norm(expected)
 
@@ -399,7 +441,9 @@ def test_depth_two_direction_falls_back_to_the_eigh_where_newton_schulz_declines
         assert np.linalg.norm(direction - expected) <= 1e-10 * max(np.linalg.norm(expected), 1e-300)
     w = rng.normal(size=(400, NS_COLUMNS))
     w[5, 6] = np.inf
-    direction = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(rng.normal(size=w.shape)), 2))
+    direction = np.asarray(
+        end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(rng.normal(size=w.shape)), 2)
+    )
     assert np.all(np.isnan(direction))
 
 
@@ -407,7 +451,9 @@ def test_depth_two_direction_falls_back_to_the_eigh_where_newton_schulz_declines
 
 
 @pytest.mark.parametrize("depth", [2, 3])  # depth 2 takes the rank-one form (B diag(m) B^T G)
-@pytest.mark.parametrize("name", ["tall", "wide", "very_tall", "very_wide", "square_rank2", "column", "row", "zero_multi"])
+@pytest.mark.parametrize(
+    "name", ["tall", "wide", "very_tall", "very_wide", "square_rank2", "column", "row", "zero_multi"]
+)
 def test_a_kept_preconditioner_applies_the_old_kernels_eq26_to_new_gradients(name, depth):
     # P(W_r) G_t for a later gradient: the explicit eq. 26 matrix of W_r times vec(G_t), and the
     # reference direction at W_r (linear in G).
@@ -417,7 +463,11 @@ def test_a_kept_preconditioner_applies_the_old_kernels_eq26_to_new_gradients(nam
     for seed in [7, 8]:
         g = _grad(w_r.shape, seed)
         applied = np.asarray(apply_preconditioner(preconditioner, ops.convert_to_tensor(g)))
-        expected = (np.asarray(preconditioner_matrix(ops.convert_to_tensor(w_r), depth)) @ g.reshape(-1)).reshape(w_r.shape)
+        expected = (np.asarray(preconditioner_matrix(ops.convert_to_tensor(w_r), depth)) @ g.reshape(-1)).reshape(
+            w_r.shape
+        )
         scale = max(np.abs(expected).max(), 1e-300)
         np.testing.assert_allclose(applied, expected, rtol=0, atol=1e-12 * scale, err_msg=name)
-        np.testing.assert_allclose(applied, reference_direction(w_r, g, depth), rtol=0, atol=1e-12 * scale, err_msg=name)
+        np.testing.assert_allclose(
+            applied, reference_direction(w_r, g, depth), rtol=0, atol=1e-12 * scale, err_msg=name
+        )

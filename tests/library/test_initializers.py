@@ -61,16 +61,20 @@ def test_balanced_chain_is_balanced_and_holds_the_drawn_kernel(dtype):
         kernel = np.asarray(keras.ops.convert_to_numpy(draw((widths[0], widths[-1]), dtype="float64")))
         rank = min(widths)
         expected = kernel if rank >= min(widths[0], widths[-1]) else _best_rank(kernel, rank)
-        np.testing.assert_allclose(functools.reduce(np.matmul, factors), expected, rtol=tol, atol=tol,
-                                   err_msg=str(widths))
+        np.testing.assert_allclose(
+            functools.reduce(np.matmul, factors), expected, rtol=tol, atol=tol, err_msg=str(widths)
+        )
         # The library's own diagnostic agrees with the NumPy computation.
         assert to.diagnostics.balancedness(factors).relative == pytest.approx(
-            _relative_balancedness(factors), abs=1e-12)
+            _relative_balancedness(factors), abs=1e-12
+        )
 
 
 def test_balanced_layer_relative_balancedness_below_1e_5():
     for units, inputs, hidden in [(1, 8, None), (3, 5, [4, 6]), (4, 4, [2, 2]), (2, 9, 7)]:
-        layer = to.OverparamDense(units, depth=3, hidden_units=hidden, factor_initializer=to.initializers.Balanced(seed=1))
+        layer = to.OverparamDense(
+            units, depth=3, hidden_units=hidden, factor_initializer=to.initializers.Balanced(seed=1)
+        )
         layer.build((None, inputs))
         factors = _np(layer.factors)
         assert _relative_balancedness(factors) < 1e-5
@@ -122,11 +126,13 @@ def test_balanced_config_round_trip():
 def test_identity_end_to_end_kernel_is_gain_power_depth_times_identity():
     cases = [(3, 3, None, 2), (3, 3, None, 4), (2, 5, [3, 4], 3), (5, 2, [2, 7], 3), (1, 1, None, 5)]
     for (units, inputs, hidden, depth), gain in itertools.product(cases, [1.0, 0.8, 1.5]):
-        layer = to.OverparamDense(units, depth=depth, hidden_units=hidden,
-                                  factor_initializer=to.initializers.Identity(gain), dtype="float64")
+        layer = to.OverparamDense(
+            units, depth=depth, hidden_units=hidden, factor_initializer=to.initializers.Identity(gain), dtype="float64"
+        )
         layer.build((None, inputs))
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), gain**depth * np.eye(inputs, units),
-                                   rtol=1e-14, atol=0)
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(layer.kernel), gain**depth * np.eye(inputs, units), rtol=1e-14, atol=0
+        )
         for factor in layer.factors:
             np.testing.assert_array_equal(factor.numpy(), gain * np.eye(*factor.shape))
 

@@ -58,8 +58,14 @@ def _check_fullbatch(fullbatch):
 
 def _check_layer(layer):
     models = layer["models"]
-    assert set(models) == {"plain", "overparameterized", "collapsed", "plain, EndToEnd optimizer",
-                           "plain, no L2", "overparameterized, no L2"}
+    assert set(models) == {
+        "plain",
+        "overparameterized",
+        "collapsed",
+        "plain, EndToEnd optimizer",
+        "plain, no L2",
+        "overparameterized, no L2",
+    }
     parameters = {name: model["parameters"] for name, model in models.items()}
     assert parameters["collapsed"] == parameters["plain"] < parameters["overparameterized"]
     assert parameters["plain, EndToEnd optimizer"] == parameters["plain, no L2"] == parameters["plain"]
@@ -73,20 +79,24 @@ def _check_layer(layer):
             assert layer["ratios"][name][f"{kind}_time_vs_plain"] == pytest.approx(expected)
     end_to_end = models["plain, EndToEnd optimizer"]["train"]["seconds_per_step"]
     assert layer["ratios"]["plain, EndToEnd optimizer"]["train_time_vs_overparameterized"] == pytest.approx(
-        end_to_end / models["overparameterized"]["train"]["seconds_per_step"])
+        end_to_end / models["overparameterized"]["train"]["seconds_per_step"]
+    )
 
 
 def _check_update_rule(update_rule):
     kernels = update_rule["kernels"]
     quick = run.Config.quick()
-    assert set(kernels) == ({f"{a}x{b}" for a, b in quick.kernels}
-                            | {f"{a}x{b}, cond(W) {c:g}" for a, b, c in quick.conditioned_kernels})
+    assert set(kernels) == (
+        {f"{a}x{b}" for a, b in quick.kernels} | {f"{a}x{b}, cond(W) {c:g}" for a, b, c in quick.conditioned_kernels}
+    )
     k = update_rule["refresh_every"]
-    for key, rules in kernels.items():
+    for rules in kernels.values():
         for rule in ("sgd", "matmuls", "exact", "between_refreshes", "refresh", "gram_eigh"):
             _check_timing(rules[rule])
-        seconds = {rule: rules[rule]["seconds_per_step"]
-                   for rule in ("sgd", "matmuls", "exact", "between_refreshes", "refresh", "gram_eigh")}
+        seconds = {
+            rule: rules[rule]["seconds_per_step"]
+            for rule in ("sgd", "matmuls", "exact", "between_refreshes", "refresh", "gram_eigh")
+        }
         matmul = seconds["matmuls"] / 2  # the matmuls step is W (W^T G): two matmuls
         assert rules["exact_vs_sgd"] == pytest.approx(seconds["exact"] / seconds["sgd"])
         assert rules["exact_in_matmuls"] == pytest.approx(seconds["exact"] / matmul)
@@ -96,7 +106,8 @@ def _check_update_rule(update_rule):
         assert rules["gram_eigh_in_matmuls"] == pytest.approx((seconds["gram_eigh"] - seconds["sgd"]) / matmul)
         # k - 1 steps between refreshes and one refresh step, per k steps.
         assert rules["amortised_in_matmuls"] == pytest.approx(
-            ((k - 1) * seconds["between_refreshes"] + seconds["refresh"]) / k / matmul)
+            ((k - 1) * seconds["between_refreshes"] + seconds["refresh"]) / k / matmul
+        )
         # The floor case, for kernels with both sides above 1 only (a single output takes eq. 27).
         assert ("floor" in rules) == (min(rules["shape"]) > 1)
         if "floor" in rules:
@@ -134,7 +145,14 @@ def test_kernels_of_the_update_rule_section_take_the_paths_they_are_named_for():
     rng = np.random.default_rng(0)
     kernel = run._benchmark_kernel(rng, (3136, 512), None)
     assert bool(run._square_roots(tf.constant(kernel.T @ kernel))[2])
-    conditioned = run._benchmark_kernel(rng, (300, 128, ), 1e3)
+    conditioned = run._benchmark_kernel(
+        rng,
+        (
+            300,
+            128,
+        ),
+        1e3,
+    )
     s = np.linalg.svd(conditioned, compute_uv=False)
     assert s.max() / s.min() == pytest.approx(1e3, rel=1e-9)
     assert s.max() == pytest.approx(0.1 * (np.sqrt(300) + np.sqrt(128)), rel=1e-9)

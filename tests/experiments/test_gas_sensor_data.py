@@ -6,9 +6,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from tf_overparam.datasets import gas_sensor
-from tf_overparam.datasets import load_ethanol
-from tf_overparam.datasets import parse_batch_file
+from tf_overparam.datasets import gas_sensor, load_ethanol, parse_batch_file
 
 ENV_VAR = "TF_OVERPARAM_GAS_SENSOR_DIR"
 
@@ -24,12 +22,27 @@ ETHANOL_ROWS_PER_BATCH = {
     "batch9": 61,
 }
 ETHANOL_CONCENTRATIONS = {
-    10, 20, 25, 30, 40, 50, 75, 100, 125, 150, 175, 200, 225, 250, 275, 500,
+    10,
+    20,
+    25,
+    30,
+    40,
+    50,
+    75,
+    100,
+    125,
+    150,
+    175,
+    200,
+    225,
+    250,
+    275,
+    500,
     600,
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_real(path, normalize):
     return load_ethanol(path, normalize=normalize)
 
@@ -93,7 +106,8 @@ def test_real_data_normalisation_and_undo(gas_sensor_dir):
     # The stored statistics are those of the raw rows ...
     np.testing.assert_allclose(data.feature_mean, raw_x.mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(
-        data.feature_std[non_constant], raw_x.std(axis=0)[non_constant],
+        data.feature_std[non_constant],
+        raw_x.std(axis=0)[non_constant],
         rtol=1e-5,
     )
     assert data.target_mean == pytest.approx(raw.y.mean(), rel=1e-6)
@@ -155,14 +169,18 @@ def test_load_hand_written_normalisation(tmp_path, no_env):
     b = [3.0 * i for i in range(1, 129)]
     a[6] = b[6] = 5.0
     (tmp_path / "batch10.dat").write_text(_line(1, "30", b))
-    (tmp_path / "batch2.dat").write_text(
-        _line(1, "10", a) + _good_line(gas=2)
-    )
+    (tmp_path / "batch2.dat").write_text(_line(1, "10", a) + _good_line(gas=2))
     data = load_ethanol(tmp_path)
     assert data.batches == ("batch2", "batch10")
     assert data.rows_per_batch == {"batch2": 1, "batch10": 1}
     assert data.missing_batches == (
-        "batch1", "batch3", "batch4", "batch5", "batch6", "batch7", "batch8",
+        "batch1",
+        "batch3",
+        "batch4",
+        "batch5",
+        "batch6",
+        "batch7",
+        "batch8",
         "batch9",
     )
     expected = np.array([[-1.0] * 128, [1.0] * 128])
@@ -216,9 +234,7 @@ def _bad_lines():
             _line(1, 10, values + ["1.0"], idx + [129]),
             "129 is out of range",
         ),
-        "index zero": (
-            _line(1, 10, ["1.0"] + values, [0] + idx), "0 is out of range"
-        ),
+        "index zero": (_line(1, 10, ["1.0"] + values, [0] + idx), "0 is out of range"),
         "out of order": (_line(1, 10, values, swapped), "out of order"),
         "non-float value": (
             _line(1, 10, values[:9] + ["abc"] + values[10:]),
@@ -314,7 +330,9 @@ def test_files_read_are_recorded_with_sha256_and_rows(tmp_path, no_env):
     for name, rows, used in (("batch1", 3, 2), ("batch3", 1, 0), ("batch4", 1, 1)):
         path = tmp_path / f"{name}.dat"
         assert data.files[name] == {
-            "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "rows": rows,
+            "path": str(path),
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "rows": rows,
             "rows_used": used,
         }
 
@@ -367,7 +385,9 @@ def test_download_extracts_nested_folder(gas_sensor_dir, tmp_path, no_env):
     )
     cache = tmp_path / "cache"
     data = load_ethanol(
-        origin="file://" + str(archive), download=True, cache_dir=cache,
+        origin="file://" + str(archive),
+        download=True,
+        cache_dir=cache,
         normalize=False,
     )
     assert data.batches == ("batch1", "batch4")
@@ -377,16 +397,12 @@ def test_download_extracts_nested_folder(gas_sensor_dir, tmp_path, no_env):
     assert data.source.endswith("Dataset")
     everything = _load_real(str(gas_sensor_dir), False)
     batch4_start = sum(ETHANOL_ROWS_PER_BATCH[f"batch{i}"] for i in (1, 2, 3))
-    expected = np.concatenate(
-        [everything.x[:90], everything.x[batch4_start:batch4_start + 64]]
-    )
+    expected = np.concatenate([everything.x[:90], everything.x[batch4_start : batch4_start + 64]])
     np.testing.assert_array_equal(data.x, expected)
 
     # Second call: served from the cache, the origin is not read again.
     archive.unlink()
-    again = load_ethanol(
-        origin="file://" + str(archive), download=True, cache_dir=cache
-    )
+    again = load_ethanol(origin="file://" + str(archive), download=True, cache_dir=cache)
     assert again.source == data.source and again.x.shape == (154, 128)
 
 
@@ -397,8 +413,10 @@ def test_download_nested_zip(gas_sensor_dir, tmp_path, no_env):
     )
     outer = _zip(tmp_path / "outer.zip", {"Dataset.zip": inner})
     data = load_ethanol(
-        origin="file://" + str(outer), download=True,
-        cache_dir=tmp_path / "cache", normalize=False,
+        origin="file://" + str(outer),
+        download=True,
+        cache_dir=tmp_path / "cache",
+        normalize=False,
     )
     assert data.rows_per_batch == {"batch8": 30}
 
@@ -407,18 +425,18 @@ def test_download_archive_without_batch_files(tmp_path, no_env):
     archive = _zip(tmp_path / "empty.zip", {"readme.txt": b"nothing"})
     with pytest.raises(FileNotFoundError, match="archive downloaded from"):
         load_ethanol(
-            origin="file://" + str(archive), download=True,
+            origin="file://" + str(archive),
+            download=True,
             cache_dir=tmp_path / "cache",
         )
 
 
 def test_download_refuses_unsafe_member(tmp_path, no_env):
-    archive = _zip(
-        tmp_path / "evil.zip", {"../batch1.dat": _good_line().encode()}
-    )
+    archive = _zip(tmp_path / "evil.zip", {"../batch1.dat": _good_line().encode()})
     with pytest.raises(ValueError, match="unsafe member"):
         load_ethanol(
-            origin="file://" + str(archive), download=True,
+            origin="file://" + str(archive),
+            download=True,
             cache_dir=tmp_path / "cache",
         )
     assert not (tmp_path / "cache" / "batch1.dat").exists()
@@ -429,15 +447,14 @@ def test_download_not_a_zip(tmp_path, no_env):
     bogus.write_text("<html>not found</html>")
     with pytest.raises(ValueError, match="not a valid zip"):
         load_ethanol(
-            origin="file://" + str(bogus), download=True,
+            origin="file://" + str(bogus),
+            download=True,
             cache_dir=tmp_path / "cache",
         )
 
 
 def test_no_download_without_flag(tmp_path, no_env):
-    archive = _zip(
-        tmp_path / "uci270.zip", {"batch1.dat": _good_line().encode()}
-    )
+    archive = _zip(tmp_path / "uci270.zip", {"batch1.dat": _good_line().encode()})
     with pytest.raises(FileNotFoundError):
         load_ethanol(origin="file://" + str(archive), cache_dir=tmp_path / "c")
     assert not (tmp_path / "c").exists()

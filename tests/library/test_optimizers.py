@@ -13,13 +13,13 @@ import warnings
 import keras
 import numpy as np
 import pytest
-
-import tf_overparam as to
 from _backend import assert_allclose_through_keras, layer_gradients  # tests/ is on sys.path (rootdir-relative import)
 from _reference import reference_direction
+
+import tf_overparam as to
 from tf_overparam.optimizers import EndToEnd, is_preconditioned_by_default
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _data(n=16, d=4, k=3, seed=0):
@@ -30,8 +30,12 @@ def _data(n=16, d=4, k=3, seed=0):
 
 def _weights(seed=1):
     rng = np.random.default_rng(seed)
-    return [rng.normal(size=(4, 5)) * 0.7, rng.normal(size=5) * 0.1, rng.normal(size=(5, 3)) * 0.7,
-            rng.normal(size=3) * 0.1]
+    return [
+        rng.normal(size=(4, 5)) * 0.7,
+        rng.normal(size=5) * 0.1,
+        rng.normal(size=(5, 3)) * 0.7,
+        rng.normal(size=3) * 0.1,
+    ]
 
 
 def _numpy_run(weights, x, y, eta, depth, weight_decay, steps, refresh_every=None):
@@ -109,8 +113,10 @@ def test_amortised_rule_keeps_the_preconditioner_of_the_last_refresh(float64, re
     eta, depth, steps = 0.2, 3, 7
     expected = _numpy_run(_weights(), x, y, eta, depth, 0.05, steps, refresh_every=refresh_every)
     model = _model(_weights())
-    model.compile(EndToEnd(keras.optimizers.SGD(eta), depth=depth, weight_decay=0.05, refresh_every=refresh_every),
-                  loss=to.LpLoss(2))
+    model.compile(
+        EndToEnd(keras.optimizers.SGD(eta), depth=depth, weight_decay=0.05, refresh_every=refresh_every),
+        loss=to.LpLoss(2),
+    )
     model.fit(x, y, batch_size=len(x), epochs=steps, shuffle=False, verbose=0)
     for a, c in zip(model.get_weights(), expected, strict=True):
         assert_allclose_through_keras(a, c, rtol=1e-11, atol=1e-12)
@@ -143,7 +149,9 @@ def test_subclassed_model_with_conv_and_overparam_layers_trains_by_the_rule(floa
     selected = [v.path for v in model.trainable_variables if is_preconditioned_by_default(v)]
     assert selected == [model.conv.kernel.path, model.head.kernel.path]  # not the chain's factors
     eta, depth = 0.05, 3
-    grads = dict(zip([v.path for v in model.trainable_variables], layer_gradients(model, lambda out: to.LpLoss(2)(y, out), x)))
+    grads = dict(
+        zip([v.path for v in model.trainable_variables], layer_gradients(model, lambda out: to.LpLoss(2)(y, out), x))
+    )
     before = {v.path: np.asarray(v) for v in model.trainable_variables}
     model.compile(EndToEnd(keras.optimizers.SGD(eta), depth=depth), loss=to.LpLoss(2))
     model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
@@ -167,9 +175,15 @@ def test_default_rule_and_path_patterns():
     dense.enable_lora(2)
     model = keras.Model(inputs, out)
     names = {v.path: is_preconditioned_by_default(v) for v in model.trainable_variables}
-    assert names == {"lstm/lstm_cell/kernel": True, "lstm/lstm_cell/recurrent_kernel": False,
-                     "lstm/lstm_cell/bias": False, "lora/bias": False, "lora/lora_kernel_a": False,
-                     "lora/lora_kernel_b": False, "einsum/kernel": True}
+    assert names == {
+        "lstm/lstm_cell/kernel": True,
+        "lstm/lstm_cell/recurrent_kernel": False,
+        "lstm/lstm_cell/bias": False,
+        "lora/bias": False,
+        "lora/lora_kernel_a": False,
+        "lora/lora_kernel_b": False,
+        "einsum/kernel": True,
+    }
     opt = EndToEnd("sgd", variables=["einsum/*"])
     opt.build(model.trainable_variables)
     assert [v.path for v, s in zip(model.trainable_variables, opt._selected) if s] == ["einsum/kernel"]
@@ -181,10 +195,15 @@ def test_default_rule_and_path_patterns():
 
 
 def test_bad_arguments_raise():
-    for kwargs, name in [({"depth": 0}, "depth"), ({"weight_decay": -1.0}, "weight_decay"),
-                         ({"refresh_every": 0}, "refresh_every"), ({"refresh_every": 2.5}, "refresh_every"),
-                         ({"variables": []}, "variables"), ({"variables": [3]}, "variables"),
-                         ({"clipnorm": 1.0}, "clipnorm")]:
+    for kwargs, name in [
+        ({"depth": 0}, "depth"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"refresh_every": 0}, "refresh_every"),
+        ({"refresh_every": 2.5}, "refresh_every"),
+        ({"variables": []}, "variables"),
+        ({"variables": [3]}, "variables"),
+        ({"clipnorm": 1.0}, "clipnorm"),
+    ]:
         with pytest.raises(ValueError, match=name):
             EndToEnd("sgd", **kwargs)
     with pytest.raises(ValueError, match="plain Keras optimizer"):
@@ -192,8 +211,13 @@ def test_bad_arguments_raise():
 
 
 def test_zero_kernel_warns_once_naming_it():
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, kernel_initializer="zeros", name="dead"),
-                              keras.layers.Dense(1, name="alive")])
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(2, kernel_initializer="zeros", name="dead"),
+            keras.layers.Dense(1, name="alive"),
+        ]
+    )
     model.compile(EndToEnd(keras.optimizers.SGD(0.1)), loss="mse")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -218,15 +242,20 @@ def test_save_load_round_trip_continues_identically(float64, tmp_path):
     x, y = _data()
     model = _model(_weights())
     inner = keras.optimizers.Adam(0.01, clipnorm=5.0)
-    model.compile(EndToEnd(inner, depth=3, weight_decay=0.01, refresh_every=2, variables=["dense*/kernel"]),
-                  loss=to.LpLoss(2))
+    model.compile(
+        EndToEnd(inner, depth=3, weight_decay=0.01, refresh_every=2, variables=["dense*/kernel"]), loss=to.LpLoss(2)
+    )
     model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)  # 4 steps: mid-refresh-cycle after 3
     model.fit(x[:4], y[:4], batch_size=4, epochs=1, shuffle=False, verbose=0)  # 5 steps: state is stale now
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     config = loaded.optimizer.get_config()
     assert {k: config[k] for k in ("depth", "weight_decay", "refresh_every", "variables")} == {
-        "depth": 3, "weight_decay": 0.01, "refresh_every": 2, "variables": ["dense*/kernel"]}
+        "depth": 3,
+        "weight_decay": 0.01,
+        "refresh_every": 2,
+        "variables": ["dense*/kernel"],
+    }
     assert isinstance(loaded.optimizer.inner_optimizer, keras.optimizers.Adam)
     assert loaded.optimizer.inner_optimizer.clipnorm == 5.0
     assert int(loaded.optimizer.iterations) == 5
@@ -316,20 +345,35 @@ def test_multi_worker_custom_loop_matches_a_single_worker(tmp_path):
     # the optimizer is checked in a custom training loop, two worker processes on localhost.
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-           "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     for refresh_every in ["none", "2"]:
         single = tmp_path / f"single_{refresh_every}.npz"
-        result = subprocess.run([sys.executable, str(script), str(single), refresh_every], env=env,
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, str(script), str(single), refresh_every],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         workers = [f"localhost:{port}" for port in _free_ports(2)]
         procs = []
         for index in range(2):
             tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
-            procs.append(subprocess.Popen(
-                [sys.executable, str(script), str(tmp_path / f"worker{index}_{refresh_every}.npz"), refresh_every],
-                env={**env, "TF_CONFIG": tf_config}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(script), str(tmp_path / f"worker{index}_{refresh_every}.npz"), refresh_every],
+                    env={**env, "TF_CONFIG": tf_config},
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
         for proc in procs:
             _, stderr = proc.communicate(timeout=300)
             assert proc.returncode == 0, stderr[-3000:]
@@ -350,8 +394,9 @@ def test_inner_gradient_accumulation_gives_one_step_of_the_mean_gradient(float64
     x, y = _data()
     expected = _numpy_run(_weights(), x, y, 0.1, 3, 0.1, 1)
     model = _model(_weights())
-    model.compile(EndToEnd(keras.optimizers.SGD(0.1, gradient_accumulation_steps=2), depth=3, weight_decay=0.1),
-                  loss=to.LpLoss(2))
+    model.compile(
+        EndToEnd(keras.optimizers.SGD(0.1, gradient_accumulation_steps=2), depth=3, weight_decay=0.1), loss=to.LpLoss(2)
+    )
     model.fit(x, y, batch_size=len(x) // 2, epochs=1, shuffle=False, verbose=0)
     for w, e in zip(model.get_weights(), expected, strict=True):
         assert_allclose_through_keras(w, e, rtol=1e-11, atol=1e-13)

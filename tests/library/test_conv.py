@@ -18,15 +18,15 @@ from unittest import mock
 import keras
 import numpy as np
 import pytest
+from _backend import layer_gradients  # tests/ is on sys.path (rootdir-relative import)
+from _reference import reference_direction  # tests/ is on sys.path (rootdir-relative import)
 
 import tf_overparam as to
 from tests._layer_testing import run_keras_layer_test
 from tf_overparam.layers import OverparamConv2D, registry
 from tf_overparam.layers import conv as conv_module
-from _backend import layer_gradients  # tests/ is on sys.path (rootdir-relative import)
-from _reference import reference_direction  # tests/ is on sys.path (rootdir-relative import)
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 # --- independent NumPy references ---------------------------------------------------------------
 
@@ -62,7 +62,7 @@ def numpy_conv2d(x, kernel, bias=None, strides=1, padding="valid", dilation_rate
     y = np.zeros((x.shape[0], oh, ow, kernel.shape[3]))
     for a in range(kh):
         for c in range(kw):
-            patch = padded[:, a * dh: a * dh + (oh - 1) * sh + 1: sh, c * dw: c * dw + (ow - 1) * sw + 1: sw]
+            patch = padded[:, a * dh : a * dh + (oh - 1) * sh + 1 : sh, c * dw : c * dw + (ow - 1) * sw + 1 : sw]
             y += np.einsum("bhwi,io->bhwo", patch, kernel[a, c])
     return y if bias is None else y + np.asarray(bias, np.float64)
 
@@ -93,12 +93,12 @@ def test_numpy_reference_matches_a_hand_computed_same_convolution():
     # each side, windows [0 1 2], [2 3 4], [4 5 0].
     x = np.arange(1.0, 6).reshape(1, 1, 5, 1)
     kernel = np.array([1.0, 10, 100]).reshape(1, 3, 1, 1)
-    np.testing.assert_array_equal(numpy_conv2d(x, kernel, strides=2, padding="same").ravel(),
-                                  [0 + 10 + 200, 2 + 30 + 400, 4 + 50 + 0])
+    np.testing.assert_array_equal(
+        numpy_conv2d(x, kernel, strides=2, padding="same").ravel(), [0 + 10 + 200, 2 + 30 + 400, 4 + 50 + 0]
+    )
     # dilation 2, 'valid': taps 2 apart, x[i] + 10 x[i + 2] + 100 x[i + 4] on 6 samples.
     x = np.arange(1.0, 7).reshape(1, 1, 6, 1)
-    np.testing.assert_array_equal(numpy_conv2d(x, kernel, dilation_rate=2).ravel(),
-                                  [1 + 30 + 500, 2 + 40 + 600])
+    np.testing.assert_array_equal(numpy_conv2d(x, kernel, dilation_rate=2).ravel(), [1 + 30 + 500, 2 + 40 + 600])
 
 
 def test_numpy_composition_is_the_convolution_of_the_chain():
@@ -107,8 +107,12 @@ def test_numpy_composition_is_the_convolution_of_the_chain():
     rng = np.random.default_rng(0)
     first, second = rng.normal(size=(3, 2, 2, 4)), rng.normal(size=(2, 3, 4, 3))
     x = rng.normal(size=(2, 7, 6, 2))
-    np.testing.assert_allclose(numpy_conv2d(numpy_conv2d(x, first), second),
-                               numpy_conv2d(x, numpy_compose(first, second)), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        numpy_conv2d(numpy_conv2d(x, first), second),
+        numpy_conv2d(x, numpy_compose(first, second)),
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -162,16 +166,25 @@ def test_channel_chain_is_the_reference_convolution_of_its_factor_product(float6
     rng = np.random.default_rng(strides + 3 * dilation_rate)
     x = rng.normal(size=(2, 11, 10, 3))
     for depth, hidden in [(2, None), (3, [5, 2]), (1, None)]:
-        layer = _random_layer(filters=4, kernel_size=(3, 2), strides=strides, padding=padding,
-                              dilation_rate=dilation_rate, depth=depth, hidden_filters=hidden, seed=depth)
+        layer = _random_layer(
+            filters=4,
+            kernel_size=(3, 2),
+            strides=strides,
+            padding=padding,
+            dilation_rate=dilation_rate,
+            depth=depth,
+            hidden_filters=hidden,
+            seed=depth,
+        )
         layer.build(x.shape)
         widths = [3 * 2 * 3, *([4] * (depth - 1) if hidden is None else hidden), 4]
         assert [tuple(f.shape) for f in layer.factors] == list(zip(widths[:-1], widths[1:]))
         expected = _numpy_layer(layer, x)
         for out in (keras.ops.convert_to_numpy(layer(x)), *_both_orders(layer, x)):
             np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12, err_msg=str((depth, hidden)))
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), _numpy_kernel(layer),
-                                   rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(layer.kernel), _numpy_kernel(layer), rtol=1e-12, atol=1e-14
+        )
 
 
 @pytest.mark.parametrize("strides, padding, dilation_rate", SPATIAL_CASES)
@@ -184,14 +197,22 @@ def test_spatial_chain_is_the_reference_convolution_of_its_composed_kernel(float
         ((2, 2), 3, 6, (1, 9, 10, 3)),
     ]:
         x = rng.normal(size=shape)
-        layer = _random_layer(filters=4, kernel_size=kernel_size, strides=strides, padding=padding,
-                              dilation_rate=dilation_rate, kernel_sizes=kernel_sizes, hidden_filters=hidden)
+        layer = _random_layer(
+            filters=4,
+            kernel_size=kernel_size,
+            strides=strides,
+            padding=padding,
+            dilation_rate=dilation_rate,
+            kernel_sizes=kernel_sizes,
+            hidden_filters=hidden,
+        )
         layer.build(x.shape)
         expected = _numpy_layer(layer, x)
         for out in (keras.ops.convert_to_numpy(layer(x)), *_both_orders(layer, x)):
             np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12, err_msg=str(kernel_sizes))
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel), _numpy_kernel(layer),
-                                   rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(layer.kernel), _numpy_kernel(layer), rtol=1e-12, atol=1e-14
+        )
 
 
 def _collapse_errors(layer, x, activation=lambda z: z):
@@ -205,8 +226,15 @@ def _collapse_errors(layer, x, activation=lambda z: z):
 @pytest.mark.parametrize("strides, padding, dilation_rate", CHANNEL_CASES)
 def test_channel_chain_collapse_is_exact(strides, padding, dilation_rate):
     x = np.random.default_rng(1).normal(size=(3, 12, 11, 5)).astype("float32")
-    layer = _random_layer(filters=6, kernel_size=3, strides=strides, padding=padding, dilation_rate=dilation_rate,
-                          depth=3, activation="tanh")
+    layer = _random_layer(
+        filters=6,
+        kernel_size=3,
+        strides=strides,
+        padding=padding,
+        dilation_rate=dilation_rate,
+        depth=3,
+        activation="tanh",
+    )
     layer(x)
     folded = layer.to_conv2d()
     assert type(folded) is keras.layers.Conv2D
@@ -232,8 +260,13 @@ def test_unknown_batch_in_a_graph_gives_the_reference(float64):
     for kwargs in [dict(kernel_size=3, padding="same", strides=2), dict(kernel_size=5, kernel_sizes=(3, 3), strides=2)]:
         layer = _random_layer(filters=3, **kwargs)
         model = keras.Sequential([keras.Input((9, 9, 2)), layer])
-        np.testing.assert_allclose(model.predict(x, batch_size=2, verbose=0), _numpy_layer(layer, x),
-                                   rtol=1e-12, atol=1e-12, err_msg=str(kwargs))
+        np.testing.assert_allclose(
+            model.predict(x, batch_size=2, verbose=0),
+            _numpy_layer(layer, x),
+            rtol=1e-12,
+            atol=1e-12,
+            err_msg=str(kwargs),
+        )
 
 
 def test_unknown_spatial_size_uses_the_folded_kernel(float64):
@@ -254,8 +287,9 @@ def test_spatial_chain_called_on_grids_of_other_sizes_pads_for_each(float64):
 
 
 def test_spatial_identity_initializer_gives_centred_delta_kernels():
-    layer = OverparamConv2D(3, 5, padding="same", kernel_sizes=(3, 1, 3),
-                            factor_initializer=to.initializers.Identity(gain=0.5))
+    layer = OverparamConv2D(
+        3, 5, padding="same", kernel_sizes=(3, 1, 3), factor_initializer=to.initializers.Identity(gain=0.5)
+    )
     x = np.random.default_rng(5).normal(size=(2, 6, 7, 3)).astype("float32")
     out = keras.ops.convert_to_numpy(layer(x))
     # Three delta factors compose to 0.5^3 times the identity at the centre of the 5x5 kernel,
@@ -266,7 +300,8 @@ def test_spatial_identity_initializer_gives_centred_delta_kernels():
     np.testing.assert_allclose(out, 0.125 * x, rtol=1e-6, atol=1e-7)
     # Rectangular channels: the delta carries the rectangular identity.
     factor = keras.ops.convert_to_numpy(
-        OverparamConv2D(2, 3, kernel_sizes=(3,), factor_initializer="identity").draw_chain([(3, 3, 4, 2)])[0])
+        OverparamConv2D(2, 3, kernel_sizes=(3,), factor_initializer="identity").draw_chain([(3, 3, 4, 2)])[0]
+    )
     expected = np.zeros((3, 3, 4, 2))
     expected[1, 1] = np.eye(4, 2)
     np.testing.assert_array_equal(factor, expected)
@@ -289,7 +324,7 @@ def test_channel_chain_factor_gradients_are_eq_14_of_the_kernel_matrix_gradient(
     # eq. 14 in Keras layout, written out: dL/dF_j = (F_1..F_{j-1})^T G (F_{j+1}..F_N)^T.
     for j, grad in enumerate(factor_grads):
         before = functools.reduce(np.matmul, factors[:j], np.eye(27))
-        after = functools.reduce(np.matmul, factors[j + 1:], np.eye(factors[j].shape[1]))
+        after = functools.reduce(np.matmul, factors[j + 1 :], np.eye(factors[j].shape[1]))
         np.testing.assert_allclose(grad, before.T @ kernel_grad @ after.T, rtol=1e-10, atol=1e-12)
 
 
@@ -299,9 +334,14 @@ def test_end_to_end_direction_of_a_conv_kernel_is_the_reference_on_the_reshaped_
     matrix, grad_matrix = kernel.reshape(36, 6), grad.reshape(36, 6)
     for depth in (2, 3, 5):
         direction = to.preconditioning.end_to_end_direction(
-            registry.kernel_matrix(kernel), registry.kernel_matrix(grad), depth)
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(direction),
-                                   reference_direction(matrix, grad_matrix, depth), rtol=1e-9, atol=1e-10)
+            registry.kernel_matrix(kernel), registry.kernel_matrix(grad), depth
+        )
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(direction),
+            reference_direction(matrix, grad_matrix, depth),
+            rtol=1e-9,
+            atol=1e-10,
+        )
 
 
 # --- regularizers -------------------------------------------------------------------------------
@@ -309,9 +349,13 @@ def test_end_to_end_direction_of_a_conv_kernel_is_the_reference_on_the_reshaped_
 
 @pytest.mark.parametrize("kernel_sizes", [None, (2, 2)])
 def test_kernel_regularizer_is_on_the_folded_kernel_and_factor_regularizer_on_each_factor(float64, kernel_sizes):
-    layer = _random_layer(filters=3, kernel_size=3, kernel_sizes=kernel_sizes,
-                          kernel_regularizer=keras.regularizers.L2(0.125),
-                          factor_regularizer=keras.regularizers.L1(0.0625))
+    layer = _random_layer(
+        filters=3,
+        kernel_size=3,
+        kernel_sizes=kernel_sizes,
+        kernel_regularizer=keras.regularizers.L2(0.125),
+        factor_regularizer=keras.regularizers.L1(0.0625),
+    )
     model = keras.Sequential([keras.Input((6, 6, 2)), layer])
     factors = [keras.ops.convert_to_numpy(f) for f in layer.factors]
     expected = sorted([0.125 * np.sum(_numpy_kernel(layer) ** 2)] + [0.0625 * np.sum(np.abs(f)) for f in factors])
@@ -322,23 +366,61 @@ def test_kernel_regularizer_is_on_the_folded_kernel_and_factor_regularizer_on_ea
 # --- Keras' layer test harness, saving ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("init_kwargs, input_shape, output_shape, trainable, losses", [
-    # channel chain, stride 2 'same', an end-to-end penalty
-    (dict(filters=4, kernel_size=3, strides=2, padding="same", depth=3, hidden_filters=5, activation="relu",
-          kernel_regularizer="l2"), (2, 8, 7, 3), (2, 4, 4, 4), 4, 1),
-    # spatial chain, rectangular kernels, dilation 2, delta initialisation, factor penalties
-    (dict(filters=4, kernel_size=(4, 3), kernel_sizes=((3, 2), (2, 2)), dilation_rate=2, use_bias=False,
-          factor_initializer="identity", factor_regularizer="l2"), (2, 9, 8, 3), (2, 3, 4, 4), 2, 2),
-])
+@pytest.mark.parametrize(
+    "init_kwargs, input_shape, output_shape, trainable, losses",
+    [
+        # channel chain, stride 2 'same', an end-to-end penalty
+        (
+            dict(
+                filters=4,
+                kernel_size=3,
+                strides=2,
+                padding="same",
+                depth=3,
+                hidden_filters=5,
+                activation="relu",
+                kernel_regularizer="l2",
+            ),
+            (2, 8, 7, 3),
+            (2, 4, 4, 4),
+            4,
+            1,
+        ),
+        # spatial chain, rectangular kernels, dilation 2, delta initialisation, factor penalties
+        (
+            dict(
+                filters=4,
+                kernel_size=(4, 3),
+                kernel_sizes=((3, 2), (2, 2)),
+                dilation_rate=2,
+                use_bias=False,
+                factor_initializer="identity",
+                factor_regularizer="l2",
+            ),
+            (2, 9, 8, 3),
+            (2, 3, 4, 4),
+            2,
+            2,
+        ),
+    ],
+)
 def test_keras_layer_harness(init_kwargs, input_shape, output_shape, trainable, losses):
     # config round trip, build, symbolic and eager call, one-step fit, mixed precision
-    run_keras_layer_test(OverparamConv2D, init_kwargs, input_shape=input_shape, expected_output_shape=output_shape,
-                         expected_num_trainable_weights=trainable, expected_num_non_trainable_weights=0,
-                         expected_num_losses=losses, supports_masking=False)
+    run_keras_layer_test(
+        OverparamConv2D,
+        init_kwargs,
+        input_shape=input_shape,
+        expected_output_shape=output_shape,
+        expected_num_trainable_weights=trainable,
+        expected_num_non_trainable_weights=0,
+        expected_num_losses=losses,
+        supports_masking=False,
+    )
 
 
-@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, depth=3, padding="same"),
-                                    dict(kernel_size=5, kernel_sizes=(3, 3), strides=2)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(kernel_size=3, depth=3, padding="same"), dict(kernel_size=5, kernel_sizes=(3, 3), strides=2)]
+)
 def test_keras_save_and_load_keeps_config_weights_and_outputs(tmp_path, kwargs):
     layer = _random_layer(filters=4, factor_regularizer="l2", **kwargs)
     model = keras.Sequential([keras.Input((9, 9, 2)), layer, keras.layers.Flatten(), keras.layers.Dense(1)])
@@ -355,22 +437,25 @@ def test_keras_save_and_load_keeps_config_weights_and_outputs(tmp_path, kwargs):
 # --- bad arguments ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(data_format="channels_first"), "data_format"),
-    (dict(groups=2), "groups"),
-    (dict(padding="causal"), "padding"),
-    (dict(strides=2, dilation_rate=2), "dilation_rate"),
-    (dict(filters=0), "filters"),
-    (dict(kernel_size=(3, 3, 3)), "kernel_size"),
-    (dict(strides=0), "strides"),
-    (dict(hidden_filters=[2, 2]), "hidden_filters"),
-    (dict(depth=0), "depth"),
-    (dict(kernel_sizes=(3, 2)), "kernel_sizes"),  # folds to 4, not kernel_size 3
-    (dict(kernel_sizes=()), "kernel_sizes"),
-    (dict(kernel_sizes=(2, 0)), "kernel_sizes"),
-    (dict(kernel_sizes=(2, 2), depth=3), "depth"),
-    (dict(kernel_sizes=(2, 2), factor_initializer="balanced"), "factor_initializer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(data_format="channels_first"), "data_format"),
+        (dict(groups=2), "groups"),
+        (dict(padding="causal"), "padding"),
+        (dict(strides=2, dilation_rate=2), "dilation_rate"),
+        (dict(filters=0), "filters"),
+        (dict(kernel_size=(3, 3, 3)), "kernel_size"),
+        (dict(strides=0), "strides"),
+        (dict(hidden_filters=[2, 2]), "hidden_filters"),
+        (dict(depth=0), "depth"),
+        (dict(kernel_sizes=(3, 2)), "kernel_sizes"),  # folds to 4, not kernel_size 3
+        (dict(kernel_sizes=()), "kernel_sizes"),
+        (dict(kernel_sizes=(2, 0)), "kernel_sizes"),
+        (dict(kernel_sizes=(2, 2), depth=3), "depth"),
+        (dict(kernel_sizes=(2, 2), factor_initializer="balanced"), "factor_initializer"),
+    ],
+)
 def test_bad_arguments_raise_value_errors_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=name):
         OverparamConv2D(**{"filters": 2, "kernel_size": 3, **kwargs})
@@ -382,21 +467,23 @@ def test_matrix_chain_statements_are_refused_for_the_spatial_chain():
     with pytest.raises(ValueError, match="matrices"):
         to.diagnostics.balancedness(layer)
     with pytest.raises(ValueError, match="built"):
-        OverparamConv2D(2, 3).kernel
+        _ = OverparamConv2D(2, 3).kernel
 
 
 # --- whole models -------------------------------------------------------------------------------
 
 
 def _small_cnn():
-    return keras.Sequential([
-        keras.Input((10, 9, 2)),
-        keras.layers.Conv2D(4, 3, padding="same", activation="relu", bias_initializer="glorot_uniform", name="c1"),
-        keras.layers.Conv2D(5, 3, strides=2, name="c2"),
-        keras.layers.DepthwiseConv2D(2, name="depthwise"),
-        keras.layers.Flatten(),
-        keras.layers.Dense(3, name="fc"),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((10, 9, 2)),
+            keras.layers.Conv2D(4, 3, padding="same", activation="relu", bias_initializer="glorot_uniform", name="c1"),
+            keras.layers.Conv2D(5, 3, strides=2, name="c2"),
+            keras.layers.DepthwiseConv2D(2, name="depthwise"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, name="fc"),
+        ]
+    )
 
 
 def test_overparameterize_preserving_function_then_collapse_keeps_outputs(float64):
@@ -404,10 +491,16 @@ def test_overparameterize_preserving_function_then_collapse_keeps_outputs(float6
     x = np.random.default_rng(10).normal(size=(4, 10, 9, 2))
     expected = keras.ops.convert_to_numpy(model(x))
     with pytest.warns(UserWarning, match="depthwise"):
-        twin = to.overparameterize(model, depth=3, preserve_function=True, seed=0,
-                                   layers=(keras.layers.Dense, keras.layers.Conv2D))
+        twin = to.overparameterize(
+            model, depth=3, preserve_function=True, seed=0, layers=(keras.layers.Dense, keras.layers.Conv2D)
+        )
     assert [type(layer).__name__ for layer in twin.layers] == [
-        "OverparamConv2D", "OverparamConv2D", "DepthwiseConv2D", "Flatten", "OverparamDense"]
+        "OverparamConv2D",
+        "OverparamConv2D",
+        "DepthwiseConv2D",
+        "Flatten",
+        "OverparamDense",
+    ]
     assert [name for name, _, _ in twin.conversion_report.converted] == ["c1", "c2", "fc"]
     assert [name for name, _, _ in twin.conversion_report.left] == ["depthwise"]
     c2 = twin.layers[1]
@@ -429,8 +522,12 @@ def test_overparameterize_into_spatial_chains_through_layer_kwargs(float64):
     with pytest.raises(ValueError, match="preserve_function"):
         to.overparameterize(model, preserve_function=True, layers=(keras.layers.Conv2D,), layer_kwargs=spatial)
     with pytest.warns(UserWarning, match="depthwise"):
-        twin = to.overparameterize(model, layers=(keras.layers.Conv2D,), layer_kwargs=spatial,
-                                   factor_initializer=keras.initializers.RandomNormal(stddev=0.3, seed=1))
+        twin = to.overparameterize(
+            model,
+            layers=(keras.layers.Conv2D,),
+            layer_kwargs=spatial,
+            factor_initializer=keras.initializers.RandomNormal(stddev=0.3, seed=1),
+        )
     c1, c2 = twin.layers[:2]
     assert c1.kernel_sizes == ((2, 2), (2, 2)) and [tuple(f.shape) for f in c2.factors] == [(2, 2, 4, 7), (2, 2, 7, 5)]
     # Not preserving: the convolutions are new chains, the rest (biases too) is copied.
@@ -461,7 +558,11 @@ def test_mnist_experiment_expands_the_convolutions_on_request():
     # conv1 (25, 32) gains 32 * 32 parameters, conv2 (800, 64) gains 64 * 64.
     assert with_conv.count_params() - dense_only.count_params() == 32 * 32 + 64 * 64
     assert [type(layer).__name__ for layer in with_conv.layers if hasattr(layer, "factors")] == [
-        "OverparamConv2D", "OverparamConv2D", "OverparamDense", "OverparamDense"]
+        "OverparamConv2D",
+        "OverparamConv2D",
+        "OverparamDense",
+        "OverparamDense",
+    ]
 
 
 def test_layer_module_has_no_tensorflow_import():
@@ -474,7 +575,7 @@ def test_both_forms_fold_exactly_and_train_on_the_jax_backend():
     script = textwrap.dedent(
         """
         import sys
-        sys.path[:0] = [".", "tests"]
+        sys.path[:0] = [".", "tests", "tests/library"]
         import numpy as np, keras
         from test_conv import _numpy_layer, _random_layer
         assert keras.backend.backend() == "jax"
@@ -494,6 +595,7 @@ def test_both_forms_fold_exactly_and_train_on_the_jax_backend():
         """
     )
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -27,11 +27,15 @@ def test_rules_match_keras_optimizers_over_several_steps(optimizer):
     rate = 0.0625  # exact in float32, the dtype of a Keras optimizer's learning-rate variable
     variable = keras.Variable(start, dtype="float64")
     reference = KERAS[optimizer](rate)
-    value, slots = keras.ops.convert_to_tensor(start), update_rules.initial_slots(optimizer, keras.ops.convert_to_tensor(start))
+    value, slots = (
+        keras.ops.convert_to_tensor(start),
+        update_rules.initial_slots(optimizer, keras.ops.convert_to_tensor(start)),
+    )
     for count, gradient in enumerate(gradients):
         reference.apply_gradients([(keras.ops.convert_to_tensor(gradient), variable)])
-        value, slots = update_rules.apply_update(optimizer, value, keras.ops.convert_to_tensor(gradient), slots,
-                                                 keras.ops.convert_to_tensor(count), rate)
+        value, slots = update_rules.apply_update(
+            optimizer, value, keras.ops.convert_to_tensor(gradient), slots, keras.ops.convert_to_tensor(count), rate
+        )
         np.testing.assert_allclose(keras.ops.convert_to_numpy(value), variable.numpy(), rtol=1e-12, atol=1e-15)
 
 
@@ -43,8 +47,9 @@ def test_unknown_optimizer_is_refused():
 def test_seeded_sets_the_seed_or_returns_unseedable_initializers_unchanged():
     init = update_rules.seeded(initializers.NearZero(0.5, seed=1), 7)
     assert init.get_config()["seed"] == 7
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(init((3,))),
-                                  keras.ops.convert_to_numpy(initializers.NearZero(0.5, seed=7)((3,))))
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(init((3,))), keras.ops.convert_to_numpy(initializers.NearZero(0.5, seed=7)((3,)))
+    )
     identity = initializers.Identity(2.0)
     assert update_rules.seeded(identity, 3) is not None
     assert update_rules.seeded(identity, 3).get_config() == {"gain": 2.0}

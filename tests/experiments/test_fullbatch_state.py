@@ -3,8 +3,8 @@ continued gives the numbers of the uninterrupted run (the gas sensor --resume re
 
 import numpy as np
 import pytest
-
 from _synthetic_data import regression
+
 from tf_overparam import initializers
 from tf_overparam.fullbatch import ChainSpec, FullBatchTrainer
 
@@ -15,8 +15,9 @@ RATES = [1e-3, 3e-2, 30.0]  # the last one diverges
 @pytest.mark.parametrize("update", ["chain", "end_to_end"])
 def test_restored_trainer_continues_exactly(optimizer, update):
     x, y = regression(rows=48, inputs=6, seed=3)
-    spec = ChainSpec(depth=3, hidden_units=2, update=update, optimizer=optimizer, p=4,
-                     initializer=initializers.NearZero(0.3))
+    spec = ChainSpec(
+        depth=3, hidden_units=2, update=update, optimizer=optimizer, p=4, initializer=initializers.NearZero(0.3)
+    )
 
     def trainer():
         return FullBatchTrainer(x, y, spec, RATES, seeds=(0, 1), blowup=50.0)
@@ -42,8 +43,17 @@ def test_state_holds_every_part_and_the_bound():
     trainer = FullBatchTrainer(x, y, ChainSpec(depth=2, optimizer="adam"), [0.1], blowup=7.0)
     state = trainer.get_state()
     assert sorted(state) == sorted(
-        ["factor_0", "factor_1", "slot_0_0", "slot_0_1", "slot_1_0", "slot_1_1", "step", "diverged_at",
-         "divergence_bound"]
+        [
+            "factor_0",
+            "factor_1",
+            "slot_0_0",
+            "slot_0_1",
+            "slot_1_0",
+            "slot_1_1",
+            "step",
+            "diverged_at",
+            "divergence_bound",
+        ]
     )
     # The bound is blowup x the initial loss, computed here by NumPy.
     kernel = state["factor_0"][0] @ state["factor_1"][0]

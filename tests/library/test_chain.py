@@ -13,7 +13,7 @@ import pytest
 
 from tf_overparam import chain
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_check_positive_int_accepts_integrals_and_refuses_bools_floats_and_small_values():
@@ -54,13 +54,25 @@ def test_apply_chain_equals_the_product_of_the_chain():
     x = rng.normal(size=(2, 3, 5))
     expected = x @ (factors[0] @ factors[1] @ factors[2])
     np.testing.assert_allclose(np.asarray(chain.apply_chain(x, factors)), expected, rtol=1e-12)
-    np.testing.assert_allclose(np.asarray(chain.chain_product(factors)), factors[0] @ factors[1] @ factors[2],
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(chain.chain_product(factors)), factors[0] @ factors[1] @ factors[2], rtol=1e-12
+    )
 
 
-@pytest.mark.parametrize("module", ["chain.py", "layers/base.py", "layers/dense.py", "layers/registry.py",
-                                    "models.py", "diagnostics.py", "losses.py", "initializers.py",
-                                    "update_rules.py"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "chain.py",
+        "layers/base.py",
+        "layers/dense.py",
+        "layers/registry.py",
+        "models.py",
+        "diagnostics.py",
+        "losses.py",
+        "initializers.py",
+        "update_rules.py",
+    ],
+)
 def test_maths_modules_do_not_import_tensorflow(module):
     source = (REPO_ROOT / "tf_overparam" / module).read_text()
     assert not re.search(r"^\s*(import tensorflow|from tensorflow)", source, re.MULTILINE)
@@ -89,6 +101,7 @@ def test_overparam_dense_trains_on_the_jax_backend():
         """
     )
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -11,14 +11,16 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-
-import tf_overparam as to
-from _backend import assert_allclose_through_keras, keras_float64_rtol, layer_gradients  # tests/ is on sys.path (rootdir-relative import)
+from _backend import (
+    assert_allclose_through_keras,
+    keras_float64_rtol,
+    layer_gradients,
+)  # tests/ is on sys.path (rootdir-relative import)
 from _reference import reference_direction
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+import tf_overparam as to
 
-
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _expected_step(model, kernels, x, y, eta, depth, weight_decay, loss_fn, sample_weight=None):
@@ -48,10 +50,17 @@ def _data(n=32, d=4, k=2, seed=0):
 
 def _functional(depth=3, weight_decay=0.0, seed=0, d=4, k=2):
     inputs = keras.Input((d,))
-    hidden = keras.layers.Dense(3, activation="tanh", kernel_initializer=keras.initializers.RandomNormal(seed=seed),
-                                bias_initializer=keras.initializers.RandomNormal(seed=seed + 1))
-    out = keras.layers.Dense(k, kernel_initializer=keras.initializers.RandomNormal(seed=seed + 2),
-                             bias_initializer=keras.initializers.RandomNormal(seed=seed + 3))
+    hidden = keras.layers.Dense(
+        3,
+        activation="tanh",
+        kernel_initializer=keras.initializers.RandomNormal(seed=seed),
+        bias_initializer=keras.initializers.RandomNormal(seed=seed + 1),
+    )
+    out = keras.layers.Dense(
+        k,
+        kernel_initializer=keras.initializers.RandomNormal(seed=seed + 2),
+        bias_initializer=keras.initializers.RandomNormal(seed=seed + 3),
+    )
     model = to.EndToEndModel(inputs, out(hidden(inputs)), depth=depth, weight_decay=weight_decay)
     return model, [hidden.kernel, out.kernel]
 
@@ -76,7 +85,9 @@ def test_one_sgd_step_of_single_dense_is_hand_applied_eq24(float64):
         grad_w, grad_b = x.T @ residual / residual.size, residual.sum(0) / residual.size
         expected_w = w0 - eta * (reference_direction(w0, grad_w, depth) + lam * depth * w0)
         # Float64: agreement to 1e-12. The bias gets its plain gradient and no decay.
-        np.testing.assert_allclose(np.asarray(dense.kernel), expected_w, rtol=1e-12, atol=1e-12, err_msg=f"{depth}, {lam}")
+        np.testing.assert_allclose(
+            np.asarray(dense.kernel), expected_w, rtol=1e-12, atol=1e-12, err_msg=f"{depth}, {lam}"
+        )
         np.testing.assert_allclose(np.asarray(dense.bias), b0 - eta * grad_b, rtol=1e-12, atol=1e-12)
         # And it is not plain gradient descent.
         assert np.abs(np.asarray(dense.kernel) - (w0 - eta * grad_w)).max() > 1e-3
@@ -111,7 +122,9 @@ def test_functional_and_subclassed_models_step_by_eq24(float64, weight_decay):
     class Sub(to.EndToEndModel):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
-            self.hidden = keras.layers.Dense(3, activation="tanh", kernel_initializer=keras.initializers.RandomNormal(seed=4))
+            self.hidden = keras.layers.Dense(
+                3, activation="tanh", kernel_initializer=keras.initializers.RandomNormal(seed=4)
+            )
             self.head = keras.layers.Dense(2, kernel_initializer=keras.initializers.RandomNormal(seed=5))
             self.other = to.OverparamDense(2, depth=2, factor_initializer=keras.initializers.RandomNormal(seed=6))
 
@@ -269,8 +282,9 @@ def test_terminate_on_nan_stops_a_diverging_run():
     inputs = keras.Input((4,))
     model = to.EndToEndModel(inputs, keras.layers.Dense(2)(inputs), depth=2)
     model.compile(keras.optimizers.SGD(10.0), loss=to.LpLoss(4))
-    history = model.fit(x, y, batch_size=16, epochs=100, verbose=0,
-                        callbacks=[keras.callbacks.TerminateOnNaN()]).history["loss"]
+    history = model.fit(
+        x, y, batch_size=16, epochs=100, verbose=0, callbacks=[keras.callbacks.TerminateOnNaN()]
+    ).history["loss"]
     assert len(history) < 100
     assert not np.isfinite(history[-1])
     assert np.all(np.isfinite(history[:-1]))
@@ -336,12 +350,17 @@ def _deep_vs_end_to_end(eta, steps, depth, units, p, weight_decay, seed=0):
     y = x @ (0.5 * rng.normal(size=(5, units))) + 0.1 * rng.normal(size=(32, units))
     data = _FullBatch(x, y, steps)
 
-    chain = to.OverparamDense(units, depth=depth, use_bias=False, factor_initializer=to.initializers.Balanced(
-        keras.initializers.RandomNormal(stddev=0.3, seed=seed), seed=seed))
+    chain = to.OverparamDense(
+        units,
+        depth=depth,
+        use_bias=False,
+        factor_initializer=to.initializers.Balanced(keras.initializers.RandomNormal(stddev=0.3, seed=seed), seed=seed),
+    )
     deep = keras.Sequential([keras.Input((5,)), chain])
     # Deep side: plain SGD, each factor decayed by (1 - eta lambda) per step (eq. 11).
-    deep.compile(keras.optimizers.SGD(eta, weight_decay=weight_decay or None), loss=to.LpLoss(p),
-                 steps_per_execution=steps)
+    deep.compile(
+        keras.optimizers.SGD(eta, weight_decay=weight_decay or None), loss=to.LpLoss(p), steps_per_execution=steps
+    )
     start = np.asarray(chain.kernel)
     assert np.abs(start).max() > 0.05  # a non-zero start (W_e = 0 is a fixed point)
 
@@ -365,8 +384,10 @@ def test_end_to_end_rule_tracks_deep_gradient_descent_with_gap_linear_in_eta(flo
     eta, steps = (0.02, 200) if p == 2 else (0.01, 200)
     gap, moved = _deep_vs_end_to_end(eta, steps, depth, units, p, weight_decay)
     gap_half, moved_half = _deep_vs_end_to_end(eta / 2, 2 * steps, depth, units, p, weight_decay)
-    print(f"l{p}, units {units}, wd {weight_decay}, depth {depth}: gap {gap:.3e} (eta), {gap_half:.3e} (eta/2), "
-          f"ratio {gap / gap_half:.3f}, kernel moved {moved:.3f}")
+    print(
+        f"l{p}, units {units}, wd {weight_decay}, depth {depth}: gap {gap:.3e} (eta), {gap_half:.3e} (eta/2), "
+        f"ratio {gap / gap_half:.3f}, kernel moved {moved:.3f}"
+    )
     # Both runs reach the same time eta * steps, over which the kernel moves by O(1) ...
     assert moved > 0.2 and moved_half == pytest.approx(moved, rel=0.01)
     # ... while the two dynamics stay within 1% of that movement ...

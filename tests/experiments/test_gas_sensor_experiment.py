@@ -12,8 +12,11 @@ from tf_overparam.fullbatch import GridResult
 def _grid(losses, rates):
     losses = np.asarray(losses, dtype=float)
     return GridResult(
-        learning_rates=np.asarray(rates, dtype=float), seeds=np.zeros(len(rates), dtype=int),
-        iterations=np.arange(len(losses)) * 10, losses=losses, diverged_at=-np.ones(len(rates), dtype=int),
+        learning_rates=np.asarray(rates, dtype=float),
+        seeds=np.zeros(len(rates), dtype=int),
+        iterations=np.arange(len(losses)) * 10,
+        losses=losses,
+        diverged_at=-np.ones(len(rates), dtype=int),
         kernels=None,
     )
 
@@ -53,7 +56,9 @@ def test_quick_run_writes_consistent_results(gas_sensor_dir, tmp_path):
         grid, screen = summary["grid"], summary["screen"]
         rates, seeds, finals = (np.array(grid[k], dtype=float) for k in ("learning_rates", "seeds", "final_losses"))
         assert set(seeds) == set(range(3 if name in gas_sensor.HEADLINE else 1))
-        assert screen["iterations"] == round(2000 * gas_sensor.Config.quick().screen_fraction) and set(screen["seeds"]) == {0}
+        assert screen["iterations"] == round(2000 * gas_sensor.Config.quick().screen_fraction) and set(
+            screen["seeds"]
+        ) == {0}
         assert len(set(rates)) in (3, 4)  # the screen's best and one rate on each side (+1 beyond an edge)
         if summary["best_learning_rate"] is None:
             continue

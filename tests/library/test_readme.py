@@ -10,7 +10,7 @@ import numpy as np
 
 import tf_overparam as to
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _python_blocks():
@@ -63,7 +63,9 @@ def test_readme_usage_example_runs_and_holds():
     convs, folded, images = namespace["convs"], namespace["folded"], namespace["images"]
     assert [type(lay) for lay in folded.layers] == [keras.layers.Conv2D, keras.layers.Conv2D]
     assert [lay.kernel.shape for lay in folded.layers] == [(3, 3, 3, 8), (5, 5, 8, 4)]
-    np.testing.assert_allclose(folded.predict(images, verbose=0), convs.predict(images, verbose=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        folded.predict(images, verbose=0), convs.predict(images, verbose=0), rtol=1e-5, atol=1e-5
+    )
 
     # The EndToEnd-compiled CNN learned the target: far below the loss of predicting zero,
     # mean(target^2) (0.32 here; measured 0.007 after the 20 epochs, from 0.64 before them).

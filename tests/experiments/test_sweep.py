@@ -52,10 +52,13 @@ def test_in_process_results_and_tensorboard(tmp_path):
         for g, (rate, seed) in enumerate(zip(result.learning_rates, result.seeds)):
             run = f"{name}/lr_{rate:.3g}_seed_{seed}"
             logged = {s: v for (r, tag, s), v in events.items() if r == run and tag == "loss"}
-            expected = {int(i): result.losses[t, g] for t, i in enumerate(result.iterations) if np.isfinite(result.losses[t, g])}
+            expected = {
+                int(i): result.losses[t, g] for t, i in enumerate(result.iterations) if np.isfinite(result.losses[t, g])
+            }
             assert logged.keys() == expected.keys()
-            np.testing.assert_allclose([logged[s] for s in sorted(logged)], [expected[s] for s in sorted(expected)],
-                                       rtol=1e-6)  # TensorBoard stores float32
+            np.testing.assert_allclose(
+                [logged[s] for s in sorted(logged)], [expected[s] for s in sorted(expected)], rtol=1e-6
+            )  # TensorBoard stores float32
 
 
 def test_bad_workers_value():
@@ -87,8 +90,9 @@ def test_ray_run_equals_in_process_run(tmp_path):
 def test_gas_sensor_in_process_stage_writes_what_a_ray_task_driver_writes(tmp_path):
     # The in-process path (run_configuration: checkpoints, TensorBoard while training) and the
     # Ray path (a task, then the driver's write_tensorboard) give the same grid and events.
-    from experiments import gas_sensor
     from tqdm import tqdm
+
+    from experiments import gas_sensor
 
     task = _tasks()[1]
     config = gas_sensor.Config.quick(log_points=20)
@@ -99,8 +103,16 @@ def test_gas_sensor_in_process_stage_writes_what_a_ray_task_driver_writes(tmp_pa
     with tqdm(disable=True) as progress:
         local = gas_sensor.run_configuration(stage, data, config, tmp_path / "local", progress)
     schedule = log_schedule(300, 20)
-    task = _sweep.GridTask(run.name, task.x, task.y, task.spec, task.learning_rates, task.seeds, schedule,
-                           gas_sensor.diagnostics_every(schedule))
+    task = _sweep.GridTask(
+        run.name,
+        task.x,
+        task.y,
+        task.spec,
+        task.learning_rates,
+        task.seeds,
+        schedule,
+        gas_sensor.diagnostics_every(schedule),
+    )
     outcome = _sweep.train_grid(task)
     _sweep.write_tensorboard(tmp_path / "task" / "tensorboard", outcome)
     np.testing.assert_array_equal(local.losses, outcome.result.losses)

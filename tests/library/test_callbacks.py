@@ -7,10 +7,12 @@ import math
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
-import tf_overparam as to
-from tf_overparam.callbacks import OverparamTensorBoard, effective_learning_rate, find_overparam_layers
+pytestmark = pytest.mark.tf_only("the TensorBoard callback writes through tf.summary, as Keras' own does")
+tf = pytest.importorskip("tensorflow")
+
+import tf_overparam as to  # noqa: E402 - after the skip of a run without TensorFlow
+from tf_overparam.callbacks import OverparamTensorBoard, effective_learning_rate, find_overparam_layers  # noqa: E402
 
 LR0, DECAY_STEPS, DECAY = 0.05, 3, 0.5
 
@@ -57,9 +59,17 @@ def make_model():
     at the top level; a plain Dense that must not be logged."""
     inputs = keras.Input((6,))
     inner = keras.Sequential(
-        [keras.Input((6,)), to.OverparamDense(5, depth=3, hidden_units=[4, 3], activation="tanh",
-                                              factor_initializer=keras.initializers.RandomNormal(0.0, 0.5, seed=1),
-                                              name="chain3")],
+        [
+            keras.Input((6,)),
+            to.OverparamDense(
+                5,
+                depth=3,
+                hidden_units=[4, 3],
+                activation="tanh",
+                factor_initializer=keras.initializers.RandomNormal(0.0, 0.5, seed=1),
+                name="chain3",
+            ),
+        ],
         name="inner",
     )
     hidden = keras.layers.Dense(5, name="plain_dense")(inner(inputs))
@@ -115,7 +125,8 @@ def test_logged_values_equal_independent_diagnostics(tmp_path, update_freq):
             np.testing.assert_allclose(events[f"{tag}/end_to_end_spectral_norm"][step], singular_values[0], rtol=1e-6)
             np.testing.assert_allclose(
                 events[f"{tag}/effective_learning_rate"][step],
-                expected_learning_rate(step) * singular_values[0] ** (2 - 2 / depth), rtol=1e-6,
+                expected_learning_rate(step) * singular_values[0] ** (2 - 2 / depth),
+                rtol=1e-6,
             )
             # Histogram buckets (left edge, right edge, count): all singular values, their range.
             buckets = events[f"{tag}/end_to_end_singular_values"][step]
@@ -133,7 +144,7 @@ def test_logged_values_equal_independent_diagnostics(tmp_path, update_freq):
 def test_effective_learning_rate_is_the_eq27_factor():
     assert effective_learning_rate(0.1, 4.0, 1) == pytest.approx(0.1)
     assert effective_learning_rate(0.1, 4.0, 2) == pytest.approx(0.4)
-    assert effective_learning_rate(0.1, 4.0, 4) == pytest.approx(0.1 * 4.0 ** 1.5)
+    assert effective_learning_rate(0.1, 4.0, 4) == pytest.approx(0.1 * 4.0**1.5)
 
 
 def test_effective_learning_rate_predicts_the_step_along_w(tmp_path):
@@ -191,8 +202,13 @@ def test_write_chain_summaries_of_a_factor_list_with_an_emulated_depth(tmp_path)
         assert to.callbacks.write_chain_summaries([kernel], 7, learning_rate=0.1, depth=3, prefix="g/")
         assert not to.callbacks.write_chain_summaries([np.array([[np.nan]])], 8, learning_rate=0.1)
     events = read_events(tmp_path)
-    assert set(events) == {"g/balancedness", "g/balancedness_relative", "g/end_to_end_spectral_norm",
-                           "g/effective_learning_rate", "g/end_to_end_singular_values"}
+    assert set(events) == {
+        "g/balancedness",
+        "g/balancedness_relative",
+        "g/end_to_end_spectral_norm",
+        "g/effective_learning_rate",
+        "g/end_to_end_singular_values",
+    }
     assert float(events["g/balancedness"][7]) == 0.0
     assert float(events["g/end_to_end_spectral_norm"][7]) == pytest.approx(5.0, rel=1e-6)
     assert float(events["g/effective_learning_rate"][7]) == pytest.approx(0.1 * 5.0 ** (4.0 / 3.0), rel=1e-6)

@@ -14,11 +14,11 @@ import time
 
 import numpy as np
 import pytest
-
 from _synthetic_data import batch_line, write_batch_files
+
 from experiments import _common, gas_sensor
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 ENV_VAR = "TF_OVERPARAM_GAS_SENSOR_DIR"
 # A short run: 3 configurations (figure "init": GD depth 1, depth 2 near-zero and identity),
 # 4 rates, 40 log points.
@@ -52,8 +52,13 @@ def run_module(module, *args, env=None, **kwargs):
     environment = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     environment.update(env or {})
     return subprocess.Popen(
-        [sys.executable, "-m", module, *args], cwd=REPO, env=environment, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=environment,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
     )
 
 
@@ -90,8 +95,13 @@ def test_interrupted_run_resumes_to_the_uninterrupted_results(data_dir, tmp_path
     # SIGINT restored to its default in the child: a shell's background job (`cmd &`) ignores
     # it, children inherit that, and Python then installs no KeyboardInterrupt handler (so a
     # CI check launched in the background saw exit 0 here instead of 130).
-    process = run_module("experiments.gas_sensor", *argv, "--out", str(interrupted),
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = run_module(
+        "experiments.gas_sensor",
+        *argv,
+        "--out",
+        str(interrupted),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 300
     while not half_done(interrupted):
         assert process.poll() is None, process.communicate()
@@ -136,8 +146,7 @@ def half_done(run, horizon=3000):
         checkpoint = gas_sensor._runstate.load_checkpoint(run)
     except (OSError, ValueError):  # replaced while read
         return False
-    return (checkpoint is not None and 0 < checkpoint[2][-1] < horizon / 2
-            and not str(checkpoint[0]).endswith(".screen"))
+    return checkpoint is not None and 0 < checkpoint[2][-1] < horizon / 2 and not str(checkpoint[0]).endswith(".screen")
 
 
 def tensorboard_steps(folder, tag):
@@ -307,10 +316,9 @@ def test_help_imports_neither_tensorflow_nor_keras(module):
 
 
 def test_help_names_the_data_set_variables():
+    from experiments import mnist_cnn
     from tf_overparam.datasets import gas_sensor as gas_data
     from tf_overparam.datasets import mnist
-
-    from experiments import mnist_cnn
 
     assert gas_sensor.DATA_ENV_VAR == gas_data.ENV_VAR
     assert mnist_cnn.MNIST_ENV_VAR == mnist.ENV_VAR and mnist_cnn.NUM_TRAIN == mnist.NUM_TRAIN

@@ -30,20 +30,23 @@ def _layers_of_type(model, cls):
 def _leaf_layers(model):
     """The layers holding weights, nested models flattened, in order."""
     return [
-        layer for layer in model._flatten_layers(include_self=False)
+        layer
+        for layer in model._flatten_layers(include_self=False)
         if not isinstance(layer, keras.Model) and layer.weights
     ]
 
 
 def _sequential_conv():
-    return keras.Sequential([
-        keras.Input((6, 6, 2)),
-        keras.layers.Conv2D(3, 3, activation="relu"),
-        keras.layers.BatchNormalization(),
-        keras.layers.Flatten(),
-        keras.layers.Dense(8, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.5)),
-        keras.layers.Dense(2),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(3, 3, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(8, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.5)),
+            keras.layers.Dense(2),
+        ]
+    )
 
 
 def _functional_conv():
@@ -64,8 +67,11 @@ def _nested():
     return keras.Model(inputs, outputs)
 
 
-MODELS = {"sequential_conv": (_sequential_conv, (5, 6, 6, 2)), "functional_conv": (_functional_conv, (5, 6, 6, 2)),
-          "nested": (_nested, (5, 4))}
+MODELS = {
+    "sequential_conv": (_sequential_conv, (5, 6, 6, 2)),
+    "functional_conv": (_functional_conv, (5, 6, 6, 2)),
+    "nested": (_nested, (5, 4)),
+}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -127,8 +133,9 @@ def test_collapse_of_a_trained_overparameterized_model_keeps_outputs(float64):
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(32, 4)), rng.normal(size=(32, 2))
     inputs = keras.Input((4,))
-    hidden = to.OverparamDense(3, depth=3, activation="relu",
-                               factor_initializer=keras.initializers.RandomNormal(stddev=0.8, seed=0))(inputs)
+    hidden = to.OverparamDense(
+        3, depth=3, activation="relu", factor_initializer=keras.initializers.RandomNormal(stddev=0.8, seed=0)
+    )(inputs)
     outputs = to.OverparamDense(2, depth=2, hidden_units=[5], bias_initializer="ones")(hidden)
     model = keras.Model(inputs, outputs)
     model.compile(keras.optimizers.SGD(0.05), loss="mse")
@@ -138,8 +145,12 @@ def test_collapse_of_a_trained_overparameterized_model_keeps_outputs(float64):
     assert flat.layers[1].get_config()["activation"] == "relu"
     # The folded kernel is the NumPy product of the trained factors.
     for layer, dense in zip(model.layers[1:], flat.layers[1:]):
-        np.testing.assert_allclose(dense.kernel.numpy(), functools.reduce(np.matmul, [f.numpy() for f in layer.factors]),
-                                   rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(
+            dense.kernel.numpy(),
+            functools.reduce(np.matmul, [f.numpy() for f in layer.factors]),
+            rtol=1e-12,
+            atol=1e-14,
+        )
     np.testing.assert_allclose(_predict(flat, x), _predict(model, x), rtol=1e-10, atol=1e-10)
     # Parameter count drops to the plain architecture's.
     assert flat.count_params() == (4 * 3 + 3) + (3 * 2 + 2)
@@ -161,7 +172,8 @@ def test_overparameterize_without_preserving_draws_new_chains_and_copies_the_res
         np.testing.assert_array_equal(new.bias.numpy(), old.bias.numpy())
         assert new.get_config()["activation"] == old.get_config()["activation"]
     assert keras.regularizers.serialize(deep.layers[3].kernel_regularizer) == keras.regularizers.serialize(
-        model.layers[3].kernel_regularizer)
+        model.layers[3].kernel_regularizer
+    )
 
 
 def test_overparameterized_copy_trains():
@@ -258,12 +270,20 @@ def test_overparameterize_of_a_pure_dense_model_is_silent_and_reports_all(recwar
 
 
 def test_layer_kwargs_override_per_layer_and_none_leaves_a_layer():
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6, name="a"), keras.layers.Dense(3, name="b"),
-                              keras.layers.Dense(2, name="c")])
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(6, name="a"),
+            keras.layers.Dense(3, name="b"),
+            keras.layers.Dense(2, name="c"),
+        ]
+    )
     _randomize(model, seed=3)
     per_layer = {"a": {"depth": 3, "hidden_units": [7, 5]}, "b": None, "c": {}}
     with pytest.warns(UserWarning, match="b \\(Dense\\): `layer_kwargs` returned None"):
-        deep = to.overparameterize(model, depth=2, preserve_function=True, layer_kwargs=lambda l: per_layer[l.name])
+        deep = to.overparameterize(
+            model, depth=2, preserve_function=True, layer_kwargs=lambda layer: per_layer[layer.name]
+        )
     a, b, c = deep.layers
     assert (type(a).__name__, a.depth, a.hidden_units) == ("OverparamDense", 3, [7, 5])
     assert type(b) is keras.layers.Dense

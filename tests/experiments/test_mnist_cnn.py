@@ -21,7 +21,7 @@ from tf_overparam.datasets import mnist
 from tf_overparam.layers import OverparamDense
 from tf_overparam.models import collapse
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 # The per-label counts of the original files (the data folder's SOURCE.md).
 TRAIN_LABEL_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -40,9 +40,12 @@ def no_network():
         attempts.append(args)
         raise OSError("network disabled by the test")
 
-    with mock.patch.object(socket.socket, "connect", refuse), mock.patch.object(
-        socket.socket, "connect_ex", refuse
-    ), mock.patch.object(socket, "create_connection", refuse), mock.patch.object(socket, "getaddrinfo", refuse):
+    with (
+        mock.patch.object(socket.socket, "connect", refuse),
+        mock.patch.object(socket.socket, "connect_ex", refuse),
+        mock.patch.object(socket, "create_connection", refuse),
+        mock.patch.object(socket, "getaddrinfo", refuse),
+    ):
         yield attempts
 
 
@@ -65,7 +68,7 @@ def read_idx(path):
     with gzip.open(path, "rb") as file:
         data = file.read()
     magic = int.from_bytes(data[:4], "big")
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(magic & 0xFF)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(magic & 0xFF)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
 
 
@@ -184,7 +187,8 @@ def test_models_parameters_shared_weights_and_penalties():
     end_to_end_2 = [np.asarray(f, np.float64) for f in fc2.factors]
     np.testing.assert_allclose(
         float(sum(twin.losses)),
-        tutorial_l2(end_to_end[0] @ end_to_end[1], fc1.bias, end_to_end_2[0] @ end_to_end_2[1], fc2.bias), rtol=1e-5,
+        tutorial_l2(end_to_end[0] @ end_to_end[1], fc1.bias, end_to_end_2[0] @ end_to_end_2[1], fc2.bias),
+        rtol=1e-5,
     )
     per_factor = mnist_cnn.build_twin(plain, config, regularize="factors")
     layer = per_factor.get_layer("fc1")
@@ -269,12 +273,22 @@ def test_batch_recorder_gives_each_batch_loss_before_its_step(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 5)).astype("float32")
     y = rng.integers(0, 3, size=32)
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(
-        3, kernel_regularizer=keras.regularizers.L2(0.01), kernel_initializer=keras.initializers.RandomNormal(seed=0))])
+    model = keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(
+                3,
+                kernel_regularizer=keras.regularizers.L2(0.01),
+                kernel_initializer=keras.initializers.RandomNormal(seed=0),
+            ),
+        ]
+    )
     schedule = keras.optimizers.schedules.ExponentialDecay(0.5, 4, 0.95, staircase=True)
-    model.compile(keras.optimizers.SGD(schedule, momentum=0.9),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=[mnist_cnn.BatchCrossEntropy()])
+    model.compile(
+        keras.optimizers.SGD(schedule, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[mnist_cnn.BatchCrossEntropy()],
+    )
     recorder, before = mnist_cnn.BatchRecorder(tmp_path), WeightsBeforeStep()
     model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0, callbacks=[before, recorder])
     expected_ce, expected_loss = [], []
@@ -284,7 +298,7 @@ def test_batch_recorder_gives_each_batch_loss_before_its_step(tmp_path):
         logits -= logits.max(axis=1, keepdims=True)
         ce = np.mean(np.log(np.exp(logits).sum(axis=1)) - logits[np.arange(8), y[batch]])
         expected_ce.append(ce)
-        expected_loss.append(ce + 0.01 * np.sum(kernel ** 2))
+        expected_loss.append(ce + 0.01 * np.sum(kernel**2))
     assert len(recorder.loss) == 12
     np.testing.assert_allclose(recorder.cross_entropy, expected_ce, rtol=1e-5)
     np.testing.assert_allclose(recorder.loss, expected_loss, rtol=1e-5)
@@ -310,8 +324,10 @@ def read_scalars(log_dir, tag):
 
 
 def records_of(run_dir):
-    return {(r["arm"], r["seed"]): r for r in map(lambda p: json.loads(p.read_text()),
-                                                   sorted(pathlib.Path(run_dir).glob("arms/*/seed_*.json")))}
+    return {
+        (r["arm"], r["seed"]): r
+        for r in map(lambda p: json.loads(p.read_text()), sorted(pathlib.Path(run_dir).glob("arms/*/seed_*.json")))
+    }
 
 
 def test_quick_run_on_real_mnist(mnist_dir, tfds_dir, tmp_path, capsys):
@@ -324,8 +340,15 @@ def test_quick_run_on_real_mnist(mnist_dir, tfds_dir, tmp_path, capsys):
     assert "7 models (arm/seed), 0 finished" in printed
     results = json.loads((out / "results.json").read_text())
     # --quick: plain and twin at 2 seeds first, then the three other arms at the first seed.
-    plan = [("plain", 66478), ("twin", 66478), ("plain", 66479), ("twin", 66479), ("balanced", 66478),
-            ("factors", 66478), ("end_to_end", 66478)]
+    plan = [
+        ("plain", 66478),
+        ("twin", 66478),
+        ("plain", 66479),
+        ("twin", 66479),
+        ("balanced", 66478),
+        ("factors", 66478),
+        ("end_to_end", 66478),
+    ]
     assert results["finished"] == [f"{arm}/{seed}" for arm, seed in plan]
     assert results["steps_per_epoch"] == 10
     records = records_of(out)
@@ -374,9 +397,28 @@ def test_quick_run_on_real_mnist(mnist_dir, tfds_dir, tmp_path, capsys):
 
 def test_quick_run_under_mirrored_strategy_in_a_subprocess(mnist_dir, tfds_dir, tmp_path):
     out = tmp_path / "mirrored"
-    command = [sys.executable, "-m", "experiments.mnist_cnn", "--quick", "--epochs", "1", "--steps", "3",
-               "--arms", "plain,twin", "--seeds", "7", "--strategy", "mirrored", "--manual-dir", str(mnist_dir),
-               "--tfds-data-dir", str(tfds_dir[0]), "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.mnist_cnn",
+        "--quick",
+        "--epochs",
+        "1",
+        "--steps",
+        "3",
+        "--arms",
+        "plain,twin",
+        "--seeds",
+        "7",
+        "--strategy",
+        "mirrored",
+        "--manual-dir",
+        str(mnist_dir),
+        "--tfds-data-dir",
+        str(tfds_dir[0]),
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -396,9 +438,17 @@ def test_quick_run_under_mirrored_strategy_in_a_subprocess(mnist_dir, tfds_dir, 
 
 
 def hand_record(arm, seed, cross_entropy, accuracy):
-    return {"arm": arm, "seed": seed, "parameters": 1, "batch_cross_entropy": cross_entropy,
-            "test_accuracy": accuracy, "final_running_mean_cross_entropy": cross_entropy[-1],
-            "initial_penalty": 1.0, "final_running_mean_penalty": 0.5, "median_batch_seconds": 0.1}
+    return {
+        "arm": arm,
+        "seed": seed,
+        "parameters": 1,
+        "batch_cross_entropy": cross_entropy,
+        "test_accuracy": accuracy,
+        "final_running_mean_cross_entropy": cross_entropy[-1],
+        "initial_penalty": 1.0,
+        "final_running_mean_penalty": 0.5,
+        "median_batch_seconds": 0.1,
+    }
 
 
 def crossing_at(step, length=12, spike_at=None):
@@ -467,11 +517,11 @@ def test_seeds_draw_independent_weights():
     first, second = mnist_cnn.build_arm("twin", config.for_seed(1)), mnist_cnn.build_arm("twin", config.for_seed(2))
     conv1 = np.ravel(second.get_layer("conv1").get_weights()[0])
     conv2 = np.ravel(first.get_layer("conv2").get_weights()[0])
-    assert np.sum(conv1 == conv2[:conv1.size]) == 0  # not even one value in the same place
+    assert np.sum(conv1 == conv2[: conv1.size]) == 0  # not even one value in the same place
     fc1, fc2 = first.get_layer("fc1").factors, first.get_layer("fc2").factors
     values = [np.ravel(np.asarray(f)) for f in (*fc1, *fc2, first.get_layer("conv1").get_weights()[0])]
     for i, a in enumerate(values):
-        for b in values[i + 1:]:
+        for b in values[i + 1 :]:
             size = min(a.size, b.size)
             assert np.sum(a[:size] == b[:size]) == 0
 
@@ -493,8 +543,10 @@ def test_end_to_end_arm_moves_the_dense_kernels_by_eq_24():
         logits = model(x, training=True)
         loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
         loss = tf.reduce_mean(loss) + tf.add_n(model.losses)
-    grads = {v.path: np.asarray(g, np.float64) for v, g in zip(model.trainable_variables,
-                                                               tape.gradient(loss, model.trainable_variables))}
+    grads = {
+        v.path: np.asarray(g, np.float64)
+        for v, g in zip(model.trainable_variables, tape.gradient(loss, model.trainable_variables))
+    }
     model.train_on_batch(x, y)
     preconditioned = set()
     for variable in model.trainable_variables:
@@ -541,7 +593,9 @@ def test_cli_corrupt_mnist_is_one_line_exit_2(tmp_path, capsys):
     folder = _fake_manual_dir(tmp_path / "manual")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        mnist_cnn.main(["--quick", "--manual-dir", str(folder), "--tfds-data-dir", str(tmp_path / "t"), "--out", str(out)])
+        mnist_cnn.main(
+            ["--quick", "--manual-dir", str(folder), "--tfds-data-dir", str(tmp_path / "t"), "--out", str(out)]
+        )
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1
     assert lines[0].startswith("error: MNIST file") and "is corrupt" in lines[0] and mnist.MIRROR_URL in lines[0]
@@ -558,8 +612,21 @@ def test_cli_out_at_a_run_folder_refuses(tmp_path, capsys):
 
 
 def test_interrupted_run_resumes_per_arm_and_seed_and_adds_arms(mnist_dir, tfds_dir, tmp_path, capsys, monkeypatch):
-    argv = ["--quick", "--epochs", "1", "--steps", "3", "--arms", "plain,twin", "--seeds", "1,2",
-            "--manual-dir", str(mnist_dir), "--tfds-data-dir", str(tfds_dir[0])]
+    argv = [
+        "--quick",
+        "--epochs",
+        "1",
+        "--steps",
+        "3",
+        "--arms",
+        "plain,twin",
+        "--seeds",
+        "1,2",
+        "--manual-dir",
+        str(mnist_dir),
+        "--tfds-data-dir",
+        str(tfds_dir[0]),
+    ]
     reference = records_of(mnist_cnn.main([*argv, "--out", str(tmp_path / "ref")]))
     train_one = mnist_cnn.train_one
 
@@ -575,8 +642,10 @@ def test_interrupted_run_resumes_per_arm_and_seed_and_adds_arms(mnist_dir, tfds_
         mnist_cnn.main([*argv, "--out", str(run)])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 130 and len(lines) == 1
-    assert lines[0] == (f"interrupted: kept plain/1, twin/1, plain/2 (3 of 4 arm/seed models) in {run}; "
-                        f"continue with: python -m experiments.mnist_cnn --resume {run} {' '.join(argv)}")
+    assert lines[0] == (
+        f"interrupted: kept plain/1, twin/1, plain/2 (3 of 4 arm/seed models) in {run}; "
+        f"continue with: python -m experiments.mnist_cnn --resume {run} {' '.join(argv)}"
+    )
     kept = records_of(run)
     assert sorted(kept) == [("plain", 1), ("plain", 2), ("twin", 1)]
     assert json.loads((run / "results.json").read_text())["finished"] == ["plain/1", "twin/1", "plain/2"]
@@ -598,11 +667,18 @@ def test_interrupted_run_resumes_per_arm_and_seed_and_adds_arms(mnist_dir, tfds_
     assert "twin/1: test accuracy" not in printed
     sittings = json.loads((run / "config.json").read_text())["sittings"]
     assert [sitting["plan"] for sitting in sittings] == [
-        ["plain/1", "twin/1", "plain/2", "twin/2"], ["twin/2"], ["end_to_end/1"]]
+        ["plain/1", "twin/1", "plain/2", "twin/2"],
+        ["twin/2"],
+        ["end_to_end/1"],
+    ]
     assert sorted(records_of(run)) == sorted([*reference, ("end_to_end", 1)])
     assert json.loads((run / "config.json").read_text())["arms"] == ["plain", "twin", "end_to_end"]
     results = json.loads((run / "results.json").read_text())
-    assert results["arms"]["twin"]["collapse_passed"] is True and set(results["arms"]) == {"plain", "twin", "end_to_end"}
+    assert results["arms"]["twin"]["collapse_passed"] is True and set(results["arms"]) == {
+        "plain",
+        "twin",
+        "end_to_end",
+    }
     # Other options than the arms and seeds must match.
     with pytest.raises(SystemExit) as exit_info:
         mnist_cnn.main(["--resume", str(run), *argv, "--optimizer", "adam"])
@@ -610,8 +686,11 @@ def test_interrupted_run_resumes_per_arm_and_seed_and_adds_arms(mnist_dir, tfds_
 
 
 def test_cli_rejects_unknown_arms_and_bad_seeds(capsys):
-    for argv, expected in ((["--arms", "plain,twins"], "--arms must be"), (["--seeds", "1,x"], "--seeds must be"),
-                           (["--other-seeds", "-1"], "--other-seeds must be")):
+    for argv, expected in (
+        (["--arms", "plain,twins"], "--arms must be"),
+        (["--seeds", "1,x"], "--seeds must be"),
+        (["--other-seeds", "-1"], "--other-seeds must be"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             mnist_cnn.parse_args(argv)
         assert exit_info.value.code == 2 and expected in capsys.readouterr().err
@@ -619,6 +698,16 @@ def test_cli_rejects_unknown_arms_and_bad_seeds(capsys):
     assert config.arms == ("twin", "plain") and config.seeds == (3, 4) and config.other_seeds == (9,)
     assert config.plan() == [("twin", 3), ("plain", 3), ("twin", 4), ("plain", 4)]
     # The seeded arms (plain, twin) over every seed first, then the others, seed by seed.
-    config, _ = mnist_cnn.parse_args(["--arms", "end_to_end,twin,plain,factors", "--seeds", "3,4", "--other-seeds", "4,9"])
-    assert config.plan() == [("twin", 3), ("plain", 3), ("twin", 4), ("plain", 4),
-                             ("end_to_end", 4), ("factors", 4), ("end_to_end", 9), ("factors", 9)]
+    config, _ = mnist_cnn.parse_args(
+        ["--arms", "end_to_end,twin,plain,factors", "--seeds", "3,4", "--other-seeds", "4,9"]
+    )
+    assert config.plan() == [
+        ("twin", 3),
+        ("plain", 3),
+        ("twin", 4),
+        ("plain", 4),
+        ("end_to_end", 4),
+        ("factors", 4),
+        ("end_to_end", 9),
+        ("factors", 9),
+    ]

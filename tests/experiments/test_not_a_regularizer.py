@@ -41,7 +41,8 @@ def test_library_field_matches_eq_27(depth):
     np.testing.assert_allclose(
         nar.field(points, depth, HESSIAN, MINIMIZER).numpy(),
         closed_form_field(points, depth, HESSIAN, MINIMIZER),
-        rtol=1e-12, atol=1e-12,
+        rtol=1e-12,
+        atol=1e-12,
     )
 
 

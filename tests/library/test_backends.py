@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 README = REPO_ROOT / "README.md"
 
 # Tests that start fresh processes with the backends they need run once, in the JAX run.
@@ -73,8 +73,11 @@ def _jax_example():
 
 @in_the_jax_run
 def test_readme_jax_example_runs_without_tensorflow(tmp_path):
-    script = BLOCK_TENSORFLOW + _jax_example() + textwrap.dedent(
-        """
+    script = (
+        BLOCK_TENSORFLOW
+        + _jax_example()
+        + textwrap.dedent(
+            """
         import json, sys
         import numpy as np
         import tf_overparam
@@ -94,6 +97,7 @@ def test_readme_jax_example_runs_without_tensorflow(tmp_path):
             "shallow_optimizer": type(shallow.optimizer).__name__,
         }))
         """
+        )
     )
     result = json.loads(_run(script, "jax", tmp_path).splitlines()[-1])
     assert result["backend"] == "jax"
@@ -230,17 +234,28 @@ def test_backend_benchmark_quick_run(tmp_path, backend):
         for timing in (twin, plain):
             assert timing["seconds_per_step"] * timing["steps"] == pytest.approx(sorted(timing["seconds"])[1])
         assert cnn["ratios"][f"{kind}_time_vs_plain"] == pytest.approx(
-            twin["seconds_per_step"] / plain["seconds_per_step"])
+            twin["seconds_per_step"] / plain["seconds_per_step"]
+        )
     direction = results["direction"]
     assert set(direction["kernels"]) == {"64x32", "128x64"}
     for cases in direction["kernels"].values():
         assert cases["direction_vs_matmul"] == pytest.approx(
-            cases["end_to_end"]["seconds_per_step"] / cases["matmul"]["seconds_per_step"])
+            cases["end_to_end"]["seconds_per_step"] / cases["matmul"]["seconds_per_step"]
+        )
     # A second run into the same folder refuses to overwrite the first.
-    env = {**os.environ, "KERAS_BACKEND": backend,
-           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    again = subprocess.run([sys.executable, "-m", "benchmarks.run", "--backend", backend, "--quick", "--out", "out"],
-                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    again = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--backend", backend, "--quick", "--out", "out"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
 
 
@@ -251,12 +266,15 @@ def test_converted_models_own_their_arrays_and_train_apart():
     x, y = rng.normal(size=(32, 6)).astype("float32"), rng.normal(size=(32, 3)).astype("float32")
     import tf_overparam as to
 
-    plain = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="relu", bias_initializer="ones"),
-                              keras.layers.Dense(3)])
+    plain = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(5, activation="relu", bias_initializer="ones"), keras.layers.Dense(3)]
+    )
     deep = to.overparameterize(plain, depth=2, preserve_function=True)
     folded = to.collapse(deep)
-    before = {name: keras.ops.convert_to_numpy(model.predict(x, verbose=0))
-              for name, model in (("deep", deep), ("folded", folded))}
+    before = {
+        name: keras.ops.convert_to_numpy(model.predict(x, verbose=0))
+        for name, model in (("deep", deep), ("folded", folded))
+    }
     for model in (plain, deep, folded):  # each trains; the others keep their own weights
         model.compile(keras.optimizers.SGD(0.1), loss="mse")
         model.fit(x, y, epochs=1, batch_size=8, verbose=0)

@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 import pytest
+from _synthetic_data import regression
 
 import tf_overparam as to
-from _synthetic_data import regression
 from tf_overparam import initializers
 from tf_overparam.datasets import gas_sensor
 from tf_overparam.fullbatch import ChainSpec, FullBatchTrainer, log_schedule
