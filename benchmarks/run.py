@@ -51,8 +51,8 @@ from benchmarks.timing import Case, compiled_loop, load_sentence, measure, model
 from experiments import gas_sensor as gas_experiment
 from experiments import mnist_cnn
 from experiments._common import make_run_dir, write_json_atomic
-from tf_overparam.datasets import gas_sensor
-from tf_overparam.fullbatch import UNROLL, ChainSpec, FullBatchTrainer
+from experiments.data import gas_sensor
+from experiments.engine.fullbatch import UNROLL, ChainSpec, FullBatchTrainer
 from tf_overparam.initializers import NearZero
 from tf_overparam.losses import LpLoss
 from tf_overparam.models import collapse, overparameterize

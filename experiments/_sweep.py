@@ -3,7 +3,7 @@ in-process (the default, no Ray needed) or as a Ray task (`--workers N` starts a
 with N CPUs, `--address` joins a running cluster; `pip install -e ".[ray]"`).
 
 A task (`GridTask`) trains one configuration over its grid of learning rates and seeds with
-`tf_overparam.fullbatch.FullBatchTrainer` and RETURNS everything the run folder needs: the
+`experiments.engine.fullbatch.FullBatchTrainer` and RETURNS everything the run folder needs: the
 `GridResult` and the diagnostics at the logged iterations. The driver alone writes the run
 folder (results, figures, TensorBoard through `write_tensorboard`), so they are the same
 whichever way the tasks ran. Results come back as tasks finish (`Executor.map`), so the
@@ -35,7 +35,7 @@ class GridTask:
 
 @dataclasses.dataclass
 class GridOutcome:
-    """What a task returns: its `tf_overparam.fullbatch.GridResult`, the chain at the
+    """What a task returns: its `experiments.engine.fullbatch.GridResult`, the chain at the
     diagnostic logs (iteration -> `chain_state`) and its wall time."""
 
     name: str
@@ -62,7 +62,7 @@ def write_chain_state(factors, step, learning_rate, depth):
 
 def train_grid(task):
     """Runs one `GridTask` (in this process or in a Ray worker); returns a `GridOutcome`."""
-    from tf_overparam.fullbatch import FullBatchTrainer  # TensorFlow loads here, not at import (--help)
+    from experiments.engine.fullbatch import FullBatchTrainer  # TensorFlow loads here, not at import (--help)
 
     start = time.perf_counter()
     trainer = FullBatchTrainer(task.x, task.y, task.spec, task.learning_rates, seeds=task.seeds)

@@ -10,10 +10,10 @@ Figures (Arora, Cohen & Hazan 2018, Section 8 and the authors' blog):
 - optimizers: l4: GD depth 1/2/3, AdaGrad, AdaDelta, Adam depth 1 and 2, each at its best rate;
 - init:       l4: near-zero versus identity (linear residual) initialisation of deep chains;
 - preprocessing (not in "all"): l4 GD depth 1 against depth 2 under each scaling of
-              `tf_overparam.datasets.gas_sensor.PREPROCESSINGS`, without and with a bias feature.
+              `experiments.data.gas_sensor.PREPROCESSINGS`, without and with a bias feature.
 
 All runs are full-batch, no bias (features and target are z-scored), and train every point
-of the learning-rate grid together (`tf_overparam.fullbatch`). A run folder holds
+of the learning-rate grid together (`experiments.engine.fullbatch`). A run folder holds
 config.json (with the data folder read and each file's sha256 and rows), results.json
 (rewritten atomically after every configuration), one PNG per figure, TensorBoard logs
 (`tensorboard --logdir <run folder>/tensorboard`), every finished configuration's grid
@@ -68,10 +68,10 @@ from experiments._common import (
 # TensorFlow, Keras and matplotlib load at first use: --help and argument errors return at once.
 keras, _, plt = lazy_keras_tensorflow_pyplot()
 initializers = lazy_import("tf_overparam.initializers")
-gas_sensor = lazy_import("tf_overparam.datasets.gas_sensor")
-fullbatch = lazy_import("tf_overparam.fullbatch")
+gas_sensor = lazy_import("experiments.data.gas_sensor")
+fullbatch = lazy_import("experiments.engine.fullbatch")
 
-DATA_ENV_VAR = "TF_OVERPARAM_GAS_SENSOR_DIR"  # tf_overparam.datasets.gas_sensor.ENV_VAR (tested)
+DATA_ENV_VAR = "TF_OVERPARAM_GAS_SENSOR_DIR"  # experiments.data.gas_sensor.ENV_VAR (tested)
 FIGURES = ("depth", "lr-grid", "optimizers", "init")
 EXTRA_FIGURES = ("preprocessing",)  # run only when asked for
 HEADLINE = ("l4/gd-d1", "l4/gd-d2-w1", "l4/e2e-d2")  # configurations run with `headline_seeds`

@@ -24,7 +24,7 @@ Delta_2' = -(eta/2) Delta_2^{p-1}: from Delta_2 = -y_2 the ODE approximation rea
 
 Overparameterized runs start from the small end-to-end kernel w_0 = init_scale (1, 1)/sqrt 2
 (w = 0 is a fixed point of depth >= 2). Every method runs on the shared full-batch engine
-(`tf_overparam.fullbatch.FullBatchTrainer`, x = I_2, the l_p loss of `LpLoss`), a log grid of
+(`experiments.engine.fullbatch.FullBatchTrainer`, x = I_2, the l_p loss of `LpLoss`), a log grid of
 rates at once:
 - gd: depth 1 from w = 0;
 - depth2: GD on the factors of x -> x^T F_1 F_2 (F_1: 2 x h, F_2: h x 1), balanced at w_0
@@ -62,8 +62,8 @@ import numpy as np  # noqa: E402
 
 from experiments import _curves, _rates  # noqa: E402
 from experiments._common import cli, record_run  # noqa: E402
+from experiments.engine.fullbatch import ChainSpec, FullBatchTrainer, log_schedule  # noqa: E402
 from tf_overparam import initializers  # noqa: E402
-from tf_overparam.fullbatch import ChainSpec, FullBatchTrainer, log_schedule  # noqa: E402
 
 NAME = "lp_toy"
 METHODS = ("gd", "depth2", "end_to_end")

@@ -106,13 +106,13 @@ from experiments._common import (
 keras, tf, plt = lazy_keras_tensorflow_pyplot()
 diagnostics = lazy_import("tf_overparam.diagnostics")
 overparam_callbacks = lazy_import("tf_overparam.callbacks")
-mnist = lazy_import("tf_overparam.datasets.mnist")
+mnist = lazy_import("experiments.data.mnist")
 layers = lazy_import("tf_overparam.layers")
 models_module = lazy_import("tf_overparam.models")
 optimizers_module = lazy_import("tf_overparam.optimizers")
 _keras_classes = lazy_import("experiments._mnist_keras")
-MNIST_ENV_VAR = "TF_OVERPARAM_MNIST_DIR"  # tf_overparam.datasets.mnist.ENV_VAR (tested)
-NUM_TRAIN = 60000  # tf_overparam.datasets.mnist.NUM_TRAIN
+MNIST_ENV_VAR = "TF_OVERPARAM_MNIST_DIR"  # experiments.data.mnist.ENV_VAR (tested)
+NUM_TRAIN = 60000  # experiments.data.mnist.NUM_TRAIN
 
 
 def __getattr__(name):

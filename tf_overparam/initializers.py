@@ -153,6 +153,20 @@ def get(identifier):
     return initializer
 
 
+def seeded(initializer, seed):
+    """A fresh copy of an initializer (instance, name or config) with `seed`, if it takes one.
+
+    The one seeding rule of the library: `seed=None` gives a fresh unseeded copy (Keras fixes
+    an unseeded initializer's random seed when it is made, so a copy draws new values);
+    an initializer without a `seed` argument is returned unchanged.
+    """
+    initializer = get(initializer)
+    config = initializer.get_config()
+    if "seed" in config:
+        return initializer.__class__.from_config({**config, "seed": seed})
+    return initializer
+
+
 def initialize_chain(initializer, shapes, dtype=None):
     """Initial values for a chain of factor shapes, input side first.
 
@@ -161,8 +175,6 @@ def initialize_chain(initializer, shapes, dtype=None):
     An unseeded Keras initializer fixes a random seed when it is made (every call gives the same
     values), so each factor gets a fresh instance.
     """
-    from tf_overparam.update_rules import seeded
-
     initializer = get(initializer)
     if isinstance(initializer, ChainInitializer):
         return initializer.chain(shapes, dtype=dtype)

@@ -2,7 +2,7 @@
 
 For a residual r = y_hat - y the loss is (1/p) |r|^p (docs/equations.md, "l_p loss") and its
 derivative with respect to y_hat is sign(r) |r|^{p-1}. `LpLoss` (for `model.fit`) and the
-full-batch engine (`tf_overparam.fullbatch`, which writes its gradient by hand) both use the
+full-batch engine (`experiments.engine.fullbatch`, which writes its gradient by hand) both use the
 functions below.
 """
 

@@ -265,7 +265,7 @@ def test_unwritable_output_is_one_line(capsys, data_dir):
 
 def test_download_without_network_is_one_line(capsys, tmp_path, no_env, monkeypatch):
     # Port 9 (discard) on the loopback: nothing listens, the connection is refused at once.
-    from tf_overparam.datasets import gas_sensor as gas_data
+    from experiments.data import gas_sensor as gas_data
 
     monkeypatch.setattr(gas_data, "UCI_URL", "http://127.0.0.1:9/gas.zip")
     argv = [*SHORT, "--download", "--out", str(tmp_path / "out")]
@@ -317,8 +317,8 @@ def test_help_imports_neither_tensorflow_nor_keras(module):
 
 def test_help_names_the_data_set_variables():
     from experiments import mnist_cnn
-    from tf_overparam.datasets import gas_sensor as gas_data
-    from tf_overparam.datasets import mnist
+    from experiments.data import gas_sensor as gas_data
+    from experiments.data import mnist
 
     assert gas_sensor.DATA_ENV_VAR == gas_data.ENV_VAR
     assert mnist_cnn.MNIST_ENV_VAR == mnist.ENV_VAR and mnist_cnn.NUM_TRAIN == mnist.NUM_TRAIN

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from experiments import _curves, _rates
-from tf_overparam.fullbatch import ChainSpec, FullBatchTrainer, log_schedule
+from experiments.engine.fullbatch import ChainSpec, FullBatchTrainer, log_schedule
 
 ITERATIONS = np.arange(0, 110, 10)  # 0, 10, ..., 100
 

@@ -6,9 +6,9 @@ import pytest
 from _synthetic_data import regression
 
 import tf_overparam as to
+from experiments.data import gas_sensor
+from experiments.engine.fullbatch import ChainSpec, FullBatchTrainer, log_schedule
 from tf_overparam import initializers
-from tf_overparam.datasets import gas_sensor
-from tf_overparam.fullbatch import ChainSpec, FullBatchTrainer, log_schedule
 
 STEPS = 30
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from _synthetic_data import regression
 
+from experiments.engine.fullbatch import ChainSpec, FullBatchTrainer
 from tf_overparam import initializers
-from tf_overparam.fullbatch import ChainSpec, FullBatchTrainer
 
 RATES = [1e-3, 3e-2, 30.0]  # the last one diverges
 

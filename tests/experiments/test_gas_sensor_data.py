@@ -1,4 +1,4 @@
-"""Tests for tf_overparam.datasets.gas_sensor (UCI 270 loader)."""
+"""Tests for experiments.data.gas_sensor (UCI 270 loader)."""
 
 import functools
 import zipfile
@@ -6,7 +6,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from tf_overparam.datasets import gas_sensor, load_ethanol, parse_batch_file
+from experiments.data import gas_sensor
+from experiments.data.gas_sensor import load_ethanol, parse_batch_file
 
 ENV_VAR = "TF_OVERPARAM_GAS_SENSOR_DIR"
 

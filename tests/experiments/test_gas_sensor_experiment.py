@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import gas_sensor
-from tf_overparam.fullbatch import GridResult
+from experiments.engine.fullbatch import GridResult
 
 
 def _grid(losses, rates):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import lp_toy
-from tf_overparam.fullbatch import log_schedule
+from experiments.engine.fullbatch import log_schedule
 
 
 def scalar_gd(p, eta, y, iterations):

@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 from experiments import mnist_cnn
-from tf_overparam.datasets import mnist
+from experiments.data import mnist
 from tf_overparam.layers import OverparamDense
 from tf_overparam.models import collapse
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tf_overparam.datasets import gas_sensor
+from experiments.data import gas_sensor
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorflow import make_ndarray
 
 from experiments import _sweep
-from tf_overparam.fullbatch import ChainSpec, log_schedule
+from experiments.engine.fullbatch import ChainSpec, log_schedule
 
 
 def _tasks():

@@ -1,11 +1,12 @@
-"""`tf_overparam.update_rules`: the full-batch engine's optimizer rules reproduce Keras' own
+"""`experiments.engine.update_rules`: the full-batch engine's optimizer rules reproduce Keras' own
 optimizers step for step, and the seeding rule."""
 
 import keras
 import numpy as np
 import pytest
 
-from tf_overparam import initializers, update_rules
+from experiments.engine import update_rules
+from tf_overparam import initializers
 
 KERAS = {
     "gd": lambda rate: keras.optimizers.SGD(rate),
@@ -45,11 +46,11 @@ def test_unknown_optimizer_is_refused():
 
 
 def test_seeded_sets_the_seed_or_returns_unseedable_initializers_unchanged():
-    init = update_rules.seeded(initializers.NearZero(0.5, seed=1), 7)
+    init = initializers.seeded(initializers.NearZero(0.5, seed=1), 7)
     assert init.get_config()["seed"] == 7
     np.testing.assert_array_equal(
         keras.ops.convert_to_numpy(init((3,))), keras.ops.convert_to_numpy(initializers.NearZero(0.5, seed=7)((3,)))
     )
     identity = initializers.Identity(2.0)
-    assert update_rules.seeded(identity, 3) is not None
-    assert update_rules.seeded(identity, 3).get_config() == {"gain": 2.0}
+    assert initializers.seeded(identity, 3) is not None
+    assert initializers.seeded(identity, 3).get_config() == {"gain": 2.0}

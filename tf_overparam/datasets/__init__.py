@@ -1,7 +1,11 @@
-"""Data sets used by the experiments."""
+"""Moved out of the library: `experiments.data` in the repository's experiments.
 
-from tf_overparam.datasets.gas_sensor import UCI_URL, GasSensorData, load_ethanol, parse_batch_file
-from tf_overparam.datasets.mnist import load_mnist
+The data loaders (the UCI gas sensor set, MNIST through TensorFlow Datasets) serve the
+experiments only, so they no longer ship in the `tf_overparam` wheel.
+"""
 
-__all__ = ["UCI_URL", "GasSensorData", "load_ethanol", "parse_batch_file"]
-__all__ += ["load_mnist"]
+raise ImportError(
+    "tf_overparam.datasets moved to experiments.data (experiments.data.gas_sensor, "
+    "experiments.data.mnist): run from a checkout of the repository with "
+    "`pip install -e .[experiments]` and import from experiments.data."
+)

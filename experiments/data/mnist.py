@@ -26,7 +26,7 @@ import pathlib
 
 import tensorflow as tf
 
-from tf_overparam.datasets._checksums import file_sha256
+from experiments.data._checksums import file_sha256
 
 ENV_VAR = "TF_OVERPARAM_MNIST_DIR"
 FILES = (

@@ -42,7 +42,7 @@ import zipfile
 
 import numpy as np
 
-from tf_overparam.datasets._checksums import file_sha256
+from experiments.data._checksums import file_sha256
 
 UCI_URL = "https://archive.ics.uci.edu/static/public/270/gas+sensor+array+drift+dataset+at+different+concentrations.zip"
 UCI_PAGE = "https://archive.ics.uci.edu/dataset/270"
