@@ -181,7 +181,8 @@ def sharpness(model, x, y, loss=None, iterations=20, seed=0, return_details=Fals
         iterations: positive int, the most Hessian-vector products (Lanczos steps).
         seed: int >= 0, the seed of the Gaussian start vector.
         return_details: bool; if True, return the `tf_overparam.hessian.SharpnessEstimate`
-            (value, Ritz vector, residual bound, iterations taken) instead of the float.
+            (value, Ritz vector, measured residual ||H v - value v||, Lanczos steps) instead of
+            the float; the residual costs one more Hessian-vector product.
 
     Returns:
         The largest eigenvalue as a float (NaN where the Hessian is not finite, e.g. after a
@@ -199,7 +200,8 @@ def sharpness(model, x, y, loss=None, iterations=20, seed=0, return_details=Fals
 
     loss, iterations, seed = sharpness_arguments(model, x, y, loss, iterations, seed)
     product = hessian.hessian_vector_product(model, x, y, loss)
-    estimate = hessian.top_eigenpair(product, [tuple(v.shape) for v in model.trainable_variables], iterations, seed)
+    shapes = [tuple(v.shape) for v in model.trainable_variables]
+    estimate = hessian.top_eigenpair(product, shapes, iterations, seed, measure_residual=return_details)
     return estimate if return_details else estimate.value
 
 

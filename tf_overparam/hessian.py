@@ -29,10 +29,11 @@ class SharpnessEstimate:
         value: the largest Ritz value, a float (NaN where the Hessian is not finite).
         vector: its Ritz vector, unit norm over all variables, as float64 NumPy arrays shaped
             like `model.trainable_variables`.
-        residual: ||H v - value v|| for that vector (the Lanczos estimate, |beta_m s_m|): the
-            distance to the nearest eigenvalue of H is at most this.
-        iterations: the Hessian-vector products taken (fewer than asked for when the Krylov
-            space is exhausted: the value is then exact up to rounding).
+        residual: ||H v - value v|| for that vector, measured by one more product (or, where
+            not asked for, the Lanczos recurrence's |beta_m s_m|, exact only without rounding):
+            some eigenvalue of H lies within it of `value`.
+        iterations: the Lanczos steps taken (fewer than asked for when the Krylov space is
+            exhausted: the value is then exact up to rounding).
     """
 
     value: float
@@ -135,12 +136,13 @@ def hessian_vector_product(model, x, y, loss=None):
     return apply
 
 
-def top_eigenpair(matvec, shapes, iterations, seed=0):
+def top_eigenpair(matvec, shapes, iterations, seed=0, measure_residual=False):
     """The largest eigenvalue of a symmetric operator on arrays of `shapes`, by Lanczos with
     full reorthogonalisation from a Gaussian start drawn with `seed`.
 
     `matvec(list of arrays) -> list of arrays`. At most `iterations` products, and no more than
-    the dimension (the Krylov space is then the whole space). Returns a `SharpnessEstimate`.
+    the dimension (the Krylov space is then the whole space); one more with `measure_residual`.
+    Returns a `SharpnessEstimate`.
     """
     sizes = [int(np.prod(s)) for s in shapes]
     dimension = sum(sizes)
@@ -171,5 +173,8 @@ def top_eigenpair(matvec, shapes, iterations, seed=0):
     tridiagonal = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
     values, vectors = np.linalg.eigh(tridiagonal)
     ritz = np.array(basis[: len(alphas)]).T @ vectors[:, -1]
+    residual = abs(beta * float(vectors[-1, -1]))
+    if measure_residual:
+        residual = float(np.linalg.norm(apply(ritz) - values[-1] * ritz))
     parts = [p.reshape(s) for p, s in zip(np.split(ritz, splits), shapes)]
-    return SharpnessEstimate(float(values[-1]), parts, abs(beta * float(vectors[-1, -1])), len(alphas))
+    return SharpnessEstimate(float(values[-1]), parts, residual, len(alphas))

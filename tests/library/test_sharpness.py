@@ -95,6 +95,10 @@ def test_l4_loss_of_a_linear_model(float64):
     np.testing.assert_allclose(estimate.value, top, rtol=RTOL)
     vector = flat(estimate.vector)
     assert np.linalg.norm(expected @ vector - top * vector) <= RTOL * top
+    # The residual reported is measured: that of the hand-derived Hessian, to rounding.
+    np.testing.assert_allclose(
+        estimate.residual, np.linalg.norm(expected @ vector - estimate.value * vector), atol=1e-9 * top
+    )
     # Another start, the same answer: the value does not depend on the draw once exact.
     np.testing.assert_allclose(diagnostics.sharpness(model, x, y, loss=to.LpLoss(4), seed=5), top, rtol=RTOL)
 
