@@ -16,6 +16,7 @@ the gap between the two largest. Lanczos with full reorthogonalisation gives the
 
 import dataclasses
 import inspect
+import weakref
 
 import keras
 import numpy as np
@@ -56,14 +57,21 @@ def _mean(value):
     return keras.ops.sum(value) / keras.ops.cast(keras.ops.size(value), value.dtype)
 
 
-def _tensorflow_product(model, loss):
+# The compiled products, per model (weakly: a product refers to its model only weakly, so
+# that the cache keeps no model alive) and per loss, variables and compiled loss: a callback or
+# a loop of `sharpness` calls then traces once, where each trace costs many products.
+_PRODUCTS = weakref.WeakKeyDictionary()
+
+
+def _tensorflow_product(model_ref, loss):
     import tensorflow as tf
 
-    variables = model.trainable_variables
-    kwargs = _call_kwargs(model)
+    variables = model_ref().trainable_variables
+    kwargs = _call_kwargs(model_ref())
     zero = tf.UnconnectedGradients.ZERO
 
     def objective(x, y):
+        model = model_ref()
         y_pred = model(x, **kwargs)
         return model.compute_loss(x=x, y=y, y_pred=y_pred) if loss is None else _mean(loss(y, y_pred))
 
@@ -79,12 +87,13 @@ def _tensorflow_product(model, loss):
     return product
 
 
-def _jax_product(model, loss):
+def _jax_product(model_ref, loss):
     import jax
 
-    kwargs = _call_kwargs(model)
+    kwargs = _call_kwargs(model_ref())
 
     def objective(trainable, non_trainable, metrics, x, y):
+        model = model_ref()
         if loss is None:
             value, _ = model.compute_loss_and_updates(trainable, non_trainable, metrics, x, y, None, training=False)
             return value
@@ -97,11 +106,37 @@ def _jax_product(model, loss):
         return jax.jvp(gradient, (trainable,), (vector,))[1]
 
     def product(x, y, vector):
+        model = model_ref()
         values = [[v.value for v in group] for group in (model.trainable_variables, model.non_trainable_variables)]
         metrics = [v.value for v in model.metrics_variables]
         return jitted(values[0], values[1], metrics, x, y, list(vector))
 
     return product
+
+
+def _loss_key(loss):
+    """Equal for losses that compute the same function: a Keras `Loss` by its class and config
+    (a new `LpLoss(4)` per call still finds the product), any other callable by identity."""
+    if isinstance(loss, keras.losses.Loss):
+        return type(loss), repr(loss.get_config())
+    return loss
+
+
+def _compiled_product(model, loss):
+    builders = {"tensorflow": _tensorflow_product, "jax": _jax_product}
+    backend = keras.backend.backend()
+    if backend not in builders:
+        raise NotImplementedError(f"Hessian-vector products are implemented for TensorFlow and JAX, not {backend!r}.")
+    # The compiled loss by identity: recompiling with another loss needs another trace.
+    key = (_loss_key(loss), id(getattr(model, "loss", None)), tuple(id(v) for v in model.trainable_variables))
+    try:
+        cache = _PRODUCTS.setdefault(model, {})
+        return cache[key]
+    except TypeError:  # an unhashable loss: no cache
+        return builders[backend](weakref.ref(model), loss)
+    except KeyError:
+        cache[key] = builders[backend](weakref.ref(model), loss)
+        return cache[key]
 
 
 def hessian_vector_product(model, x, y, loss=None):
@@ -118,13 +153,7 @@ def hessian_vector_product(model, x, y, loss=None):
         A function of a list of arrays shaped like `model.trainable_variables` returning H v as
         float64 NumPy arrays in the same layout.
     """
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        product = _tensorflow_product(model, loss)
-    elif backend == "jax":
-        product = _jax_product(model, loss)
-    else:
-        raise NotImplementedError(f"Hessian-vector products are implemented for TensorFlow and JAX, not {backend!r}.")
+    product = _compiled_product(model, loss)
     x = keras.tree.map_structure(keras.ops.convert_to_tensor, x)
     y = keras.tree.map_structure(keras.ops.convert_to_tensor, y)
     dtypes = [keras.backend.standardize_dtype(v.dtype) for v in model.trainable_variables]

@@ -113,6 +113,23 @@ def test_the_compiled_objective_includes_the_regularisation(float64):
     np.testing.assert_allclose(diagnostics.sharpness(model, x, y), np.linalg.eigvalsh(expected)[-1], rtol=RTOL)
 
 
+def test_repeated_calls_follow_the_weights_and_the_compiled_loss(float64):
+    # The compiled product is reused between calls: it must read the current weights, and a
+    # recompiled loss must not be served by the old trace.
+    n, d, m = 7, 3, 1
+    x, y = data(n, d, m, seed=20)
+    model = dense_model(d, m, seed=21)
+    model.compile(loss=to.LpLoss(4))
+    for seed in (22, 23):
+        model.set_weights([np.random.default_rng(seed).normal(size=w.shape) for w in model.get_weights()])
+        kernel, bias = weights(model)
+        expected = np.linalg.eigvalsh(linear_hessian(x, 3.0 * (x @ kernel + bias - y) ** 2 / (n * m)))[-1]
+        np.testing.assert_allclose(diagnostics.sharpness(model, x, y), expected, rtol=RTOL)
+    model.compile(loss=to.LpLoss(2))
+    expected = np.linalg.eigvalsh(linear_hessian(x, np.full((n, m), 1.0 / (n * m))))[-1]
+    np.testing.assert_allclose(diagnostics.sharpness(model, x, y), expected, rtol=RTOL)
+
+
 def test_the_largest_eigenvalue_not_the_largest_in_magnitude(float64):
     # l(y, y_hat) = y * y_hat^2 per sample: the Hessian (2/n) X~^T diag(y) X~ is indefinite, and
     # one strongly negative y makes its most negative eigenvalue the largest in magnitude, the
