@@ -186,13 +186,15 @@ class StabilityCriterion:
     Args:
         diverges_early: `diverges_early(rate, seed) -> bool` over the first few hundred
             iterations (with `batched`, over a list of seeds at once).
-        diverges_late: `diverges_late(rate, seed) -> bool` over the whole horizon, or None where
-            only early blow-ups count. It runs only where the early screen passed, on the first
-            `late_seeds` seeds that did not blow up early.
+        diverges_late: `diverges_late(rate, seed) -> bool` over the whole horizon (with
+            `batched`, over a list of seeds at once), or None where only early blow-ups count.
+            It runs only where the early screen passed, on the first `late_seeds` seeds that
+            did not blow up early.
         seeds: the screen's seeds (a count or a sequence), the same for every rate.
         late_seeds: positive int, K.
         threshold: the blow-up probability at and above which a rate is unstable.
         confidence: of the reported intervals.
+        batched: whether both functions take a list of seeds (one vectorised run per rate).
     """
 
     def __init__(

@@ -227,7 +227,10 @@ class SharpnessLogger(keras.callbacks.Callback):
             except ValueError:
                 raise ValueError(f'`every` must be "epoch" or a positive int, got {every!r}.') from None
         self.x, self.y, self.every = x, y, every
-        self.loss, self.iterations, self.seed = loss, iterations, seed
+        # The rest is checked against the model when training begins (`sharpness_arguments`).
+        self.iterations = check_positive_int(iterations, "iterations")
+        self.seed = check_positive_int(seed, "seed", minimum=0)
+        self.loss = loss
         self._product = None
         self.history = {"step": [], "learning_rate": [], "sharpness": [], "lr_x_sharpness": []}
 

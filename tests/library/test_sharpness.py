@@ -282,8 +282,20 @@ def test_callback_in_epoch_mode_reaches_the_history(float64):
     np.testing.assert_allclose(history.history["lr_x_sharpness"], expected, rtol=RTOL)
 
 
-def test_callback_bad_every():
+def test_callback_bad_arguments():
     from tf_overparam.callbacks import SharpnessLogger
 
     with pytest.raises(ValueError, match="`every`"):
         SharpnessLogger(np.zeros((2, 1)), np.zeros((2, 1)), every=0)
+    with pytest.raises(ValueError, match="`iterations`"):
+        SharpnessLogger(np.zeros((2, 1)), np.zeros((2, 1)), iterations=0)
+    # The batch is checked when training begins: x and y of different sizes fail there.
+    model = dense_model(1, 1, seed=24)
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match="`y`|`x`"):
+        model.fit(
+            np.zeros((2, 1)),
+            np.zeros((2, 1)),
+            verbose=0,
+            callbacks=[SharpnessLogger(np.zeros((2, 1)), np.zeros((3, 1)))],
+        )
