@@ -183,3 +183,92 @@ class OverparamTensorBoard(keras.callbacks.Callback):
                     layer, step, learning_rate, prefix=f"{self.tag(layer)}/", histograms=self.histograms
                 )
         self._writer.flush()
+
+
+class SharpnessLogger(keras.callbacks.Callback):
+    """Logs the sharpness of the loss on a fixed batch (`diagnostics.sharpness`, the largest
+    eigenvalue of its Hessian) and the learning rate times it, into the logs of `model.fit`.
+
+    With full-batch gradient descent, `lr_x_sharpness` crossing 2 marks the edge of stability:
+    on a quadratic GD diverges exactly there, and on a deep model the sharpness rises during
+    training until it meets 2 / lr (Cohen et al., ICLR 2021). Other optimizers have other
+    thresholds (heavy-ball momentum beta: 2 + 2 beta); the value is logged all the same.
+
+    Keys added to the logs dict: `sharpness` and `lr_x_sharpness`; the learning rate is the one
+    the next step uses (a schedule evaluated at the current step). Every callback after this
+    one in `callbacks=[...]` sees them: Keras' `TensorBoard` (as `batch_sharpness`, ... with an
+    int `update_freq`; `epoch_...` in "epoch" mode) and `History` (in "epoch" mode). Put this
+    callback before `keras.callbacks.TensorBoard`. The values are also kept in `history`.
+    No `tf.summary` is needed: it runs on any backend `diagnostics.sharpness` supports.
+
+    Args:
+        x, y: the batch the Hessian is taken on, fixed through training: the whole training
+            set for full-batch gradient descent, a probe batch otherwise.
+        every: "epoch" (at the end of every epoch) or a positive int N (after every step whose
+            count is a multiple of N). Each value costs `iterations` Hessian-vector products,
+            about two gradients each, on the batch.
+        loss, iterations, seed: as for `diagnostics.sharpness` (None: the compiled objective).
+
+    Attributes:
+        history: dict of lists `step`, `learning_rate`, `sharpness`, `lr_x_sharpness`, one entry
+            per value logged; `step` is the optimizer's step count.
+
+    Example:
+
+    >>> model.fit(x, y, batch_size=len(x), callbacks=[SharpnessLogger(x, y, every=10),
+    ...                                               keras.callbacks.TensorBoard("logs", update_freq=10)])  # doctest: +SKIP
+    """
+
+    def __init__(self, x, y, every="epoch", loss=None, iterations=20, seed=0):
+        super().__init__()
+        if every != "epoch":
+            try:
+                every = check_positive_int(every, "every")
+            except ValueError:
+                raise ValueError(f'`every` must be "epoch" or a positive int, got {every!r}.') from None
+        self.x, self.y, self.every = x, y, every
+        # The rest is checked against the model when training begins (`sharpness_arguments`).
+        self.iterations = check_positive_int(iterations, "iterations")
+        self.seed = check_positive_int(seed, "seed", minimum=0)
+        self.loss = loss
+        self._product = None
+        self.history = {"step": [], "learning_rate": [], "sharpness": [], "lr_x_sharpness": []}
+
+    def on_train_begin(self, logs=None):
+        from tf_overparam import hessian
+
+        model = self.model
+        loss, self._iterations, self._seed = diagnostics.sharpness_arguments(
+            model, self.x, self.y, self.loss, self.iterations, self.seed
+        )
+        # Built once: the product reads the variables' current values at every call.
+        self._product = hessian.hessian_vector_product(model, self.x, self.y, loss)
+        self._shapes = [tuple(v.shape) for v in model.trainable_variables]
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.every != "epoch":
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            if step % self.every == 0:
+                self._log(step, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.every == "epoch":
+            self._log(int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)), logs)
+
+    def _log(self, step, logs):
+        from tf_overparam import hessian
+
+        # First `self.model`: on JAX, reading it brings the variables up to date mid-epoch.
+        learning_rate = current_learning_rate(self.model.optimizer)
+        value = hessian.top_eigenpair(self._product, self._shapes, self._iterations, self._seed).value
+        entry = {
+            "step": step,
+            "learning_rate": learning_rate,
+            "sharpness": value,
+            "lr_x_sharpness": learning_rate * value,
+        }
+        for key, item in entry.items():
+            self.history[key].append(item)
+        if logs is not None:
+            logs["sharpness"] = value
+            logs["lr_x_sharpness"] = learning_rate * value

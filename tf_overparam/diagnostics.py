@@ -134,3 +134,93 @@ def effective_learning_rate(learning_rate, spectral_norm, depth):
         2.0 - 2.0 / depth
     )
     return float(value) if value.ndim == 0 else value
+
+
+def _sharpness_loss(model, loss):
+    """The loss `sharpness` differentiates: None (the compiled objective) or a callable."""
+    if loss is None:
+        if getattr(model, "loss", None) is None:
+            raise ValueError(
+                "`loss` is None, which means the model's compiled loss, but the model was not compiled "
+                "with one: compile it with a loss or pass `loss`."
+            )
+        return None
+    if isinstance(loss, str):
+        try:
+            return keras.losses.get(loss)
+        except ValueError:
+            raise ValueError(f"`loss` must be a Keras loss name or a callable, got unknown name {loss!r}.") from None
+    if not callable(loss):
+        raise ValueError(f"`loss` must be None, a Keras loss name or a callable, got {type(loss).__name__}.")
+    return loss
+
+
+def sharpness(model, x, y, loss=None, iterations=20, seed=0, return_details=False):
+    """The largest eigenvalue of the Hessian of the loss on the batch (x, y) with respect to
+    the model's trainable variables (all of them, as one vector).
+
+    For full-batch gradient descent with rate eta, `eta * sharpness` is the quantity that
+    crosses 2 where the iteration leaves the region it can stay in: on a quadratic GD diverges
+    exactly when it exceeds 2, and on a deep model it rises while training until it meets 2
+    ("edge of stability", Cohen et al., ICLR 2021). Momentum and adaptive optimizers move that
+    threshold (heavy ball: 2 + 2 beta).
+
+    Found by Lanczos on Hessian-vector products (`tf_overparam.hessian`; on TensorFlow and
+    JAX): the largest algebraic eigenvalue, not the largest in magnitude (a negative curvature
+    near a saddle is not reported). Each iteration costs about two gradient evaluations; once
+    `iterations` reaches the number of parameters the value is exact up to rounding. The
+    model is called with `training=False` (no dropout noise, no batch-statistic updates).
+
+    Args:
+        model: a built `keras.Model`.
+        x, y: the batch, as `model.fit` takes it.
+        loss: None for the compiled objective (the compiled loss plus the regularisation
+            losses, the function `model.fit` minimises); else a Keras loss name or a callable
+            `loss(y_true, y_pred)` returning a scalar or per-sample values (averaged); no
+            regularisation losses are added then.
+        iterations: positive int, the most Hessian-vector products (Lanczos steps).
+        seed: int >= 0, the seed of the Gaussian start vector.
+        return_details: bool; if True, return the `tf_overparam.hessian.SharpnessEstimate`
+            (value, Ritz vector, measured residual ||H v - value v||, Lanczos steps) instead of
+            the float; the residual costs one more Hessian-vector product.
+
+    Returns:
+        The largest eigenvalue as a float (NaN where the Hessian is not finite, e.g. after a
+        divergence), or a `SharpnessEstimate` if `return_details`.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, use_bias=False)])
+    >>> model.compile(loss="mse")
+    >>> x = np.eye(3) * [[1.0], [2.0], [3.0]]  # the Hessian is (2/3) diag(1, 4, 9)
+    >>> round(sharpness(model, x, np.zeros((3, 1))), 4)
+    6.0
+    """
+    from tf_overparam import hessian
+
+    loss, iterations, seed = sharpness_arguments(model, x, y, loss, iterations, seed)
+    product = hessian.hessian_vector_product(model, x, y, loss)
+    shapes = [tuple(v.shape) for v in model.trainable_variables]
+    estimate = hessian.top_eigenpair(product, shapes, iterations, seed, measure_residual=return_details)
+    return estimate if return_details else estimate.value
+
+
+def sharpness_arguments(model, x, y, loss, iterations, seed):
+    """The checks of `sharpness`'s arguments (also `callbacks.SharpnessLogger`'s): returns
+    (loss callable or None, iterations, seed), or raises a `ValueError` naming the argument."""
+    from tf_overparam.chain import check_positive_int
+
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"`model` must be a keras.Model, got {type(model).__name__}.")
+    if not model.trainable_variables:
+        raise ValueError(f"`model` {model.name!r} has no trainable variables (build it, e.g. call it on `x`, first).")
+    loss = _sharpness_loss(model, loss)
+    iterations = check_positive_int(iterations, "iterations")
+    seed = check_positive_int(seed, "seed", minimum=0)
+    for name, value in (("x", x), ("y", y)):
+        if value is None or any(len(np.shape(leaf)) == 0 for leaf in keras.tree.flatten(value)):
+            raise ValueError(f"`{name}` must be a batch of arrays with a leading batch axis, got {value!r}.")
+    batch_sizes = {int(np.shape(leaf)[0]) for leaf in keras.tree.flatten(x) + keras.tree.flatten(y)}
+    if len(batch_sizes) != 1:
+        raise ValueError(f"`x` and `y` must hold the same number of samples, got sizes {sorted(batch_sizes)}.")
+    return loss, iterations, seed
