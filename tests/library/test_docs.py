@@ -128,8 +128,11 @@ def test_python_blocks_of_a_page_run(page, tmp_path, monkeypatch):
         pytest.skip(f"every block of {_relative(page)} needs another backend")
     monkeypatch.chdir(tmp_path)
     keras.utils.set_random_seed(0)
-    with contextlib.redirect_stdout(io.StringIO()):
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
         exec(compile("\n".join(code), str(page), "exec"), {"__name__": "__docs__"})  # noqa: S102 - our own docs
+    # An example that trains prints its losses: a diverged one would print nan or inf.
+    assert not re.search(r"\b(nan|inf)\b", printed.getvalue()), printed.getvalue()
 
 
 # --- no lab notebook ------------------------------------------------------------------------------
