@@ -44,7 +44,7 @@ def site(tmp_path_factory):
     it runs on the TensorFlow run of the suite only."""
     if keras.backend.backend() != "tensorflow":
         pytest.skip("the build does not depend on the backend; it runs with the TensorFlow run")
-    if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings_handlers") is None:
+    if any(importlib.util.find_spec(name) is None for name in ("mkdocs", "material", "mkdocstrings")):
         if os.environ.get("CI") == "true":
             pytest.fail('mkdocs and mkdocstrings are missing on CI: pip install -e ".[docs]"')
         pytest.skip('mkdocs and mkdocstrings are not installed (pip install -e ".[docs]")')

@@ -107,3 +107,17 @@ def test_readme_jax_example_prints_what_it_claims(tmp_path, monkeypatch):
     assert lines[2] == "reloaded, equal outputs: True"
     first, last = losses(lines[3])
     assert lines[3].startswith("EndToEnd:") and last < 1e-3 * first, lines[3]
+
+
+def test_readme_is_a_front_door():
+    """At most 250 lines; it shows the Ray options, points to the preprocessing study, and every
+    link to a file of the repository (docs pages, images) resolves."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250
+    assert "--workers" in text and "--address" in text
+    assert "docs/results/gas-sensor.md#preprocessing-study" in text
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [target for target in targets if "://" not in target]
+    assert local, "the README links to the docs"
+    missing = [target for target in local if not (README.parent / target).exists()]
+    assert not missing, missing
