@@ -16,8 +16,30 @@ def psd_power(matrix, exponent):
 
 
 def reference_direction(w, g, depth):
-    """sum_j [W W^T]^{(j-1)/N} G [W^T W]^{(N-j)/N} (eq. 24) by eigendecompositions (0^0 = 1)."""
+    """sum_j [W W^T]^{(j-1)/N} G [W^T W]^{(N-j)/N} (eq. 10 of the paper, the write-up's eq. 24)
+    by eigendecompositions (0^0 = 1)."""
     left, right = w @ w.T, w.T @ w
     return sum(
         psd_power(left, (j - 1) / depth) @ g @ psd_power(right, (depth - j) / depth) for j in range(1, depth + 1)
     )
+
+
+def reference_eigenvalues(w, depth):
+    """The eigenvalues of eq. 11's preconditioner, lambda[r, r'] = sum_j s_r^{2(j-1)/N}
+    s'_{r'}^{2(N-j)/N}, s and s' the singular values padded with zeros to W's two sides."""
+    a, b = w.shape
+    s = np.linalg.svd(w, compute_uv=False)
+    s = np.where(s > 1e-10 * max(s.max(), 0.0), s, 0.0)
+    left, right = np.zeros(a), np.zeros(b)
+    left[: len(s)], right[: len(s)] = s, s
+    # NumPy's 0.0 ** 0 is 1.
+    return sum(
+        left[:, None] ** (2 * (j - 1) / depth) * right[None, :] ** (2 * (depth - j) / depth)
+        for j in range(1, depth + 1)
+    )
+
+
+def reference_square_roots(matrix):
+    """(A^{1/2}, A^{-1/2}) of a symmetric positive definite matrix, by NumPy's eigh."""
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors * np.sqrt(values)) @ vectors.T, (vectors / np.sqrt(values)) @ vectors.T
