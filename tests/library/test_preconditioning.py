@@ -17,8 +17,8 @@ from keras import ops
 from tf_overparam import preconditioning
 from tf_overparam.preconditioning import (
     METHODS,
-    PolarPreconditioner,
     Preconditioner,
+    RootPreconditioner,
     apply_preconditioner,
     compute_preconditioner,
     end_to_end_direction,
@@ -443,19 +443,24 @@ def test_depth_two_direction_falls_back_to_the_eigh_where_newton_schulz_declines
 # --- the preconditioner, reused (amortised mode) -------------------------------------------------
 
 
-@pytest.mark.parametrize("depth", [2, 3])  # depth 2 takes the rank-one form (B diag(m) B^T G)
+@pytest.mark.parametrize("depth", [2, 3])  # depth 2 keeps the roots of W^T W, depth 3 its eigenbasis
 @pytest.mark.parametrize(
     "name", ["tall", "wide", "very_tall", "very_wide", "square_rank2", "column", "row", "zero_multi"]
 )
 def test_a_kept_preconditioner_applies_the_old_kernels_eq26_to_new_gradients(name, depth):
-    # P(W_r) G_t for a later gradient: the explicit eq. 26 matrix of W_r times vec(G_t), and the
-    # reference direction at W_r (linear in G).
+    # P(W_r) G_t for a later gradient: the explicit matrix of eq. 11 of the paper (eq. 26) of W_r
+    # times vec(G_t), and the reference direction at W_r (linear in G).
     w_r = KERNELS[name]
     preconditioner = compute_preconditioner(ops.convert_to_tensor(w_r), depth)
-    assert isinstance(preconditioner, PolarPreconditioner if depth == 2 else Preconditioner)
+    assert isinstance(preconditioner, RootPreconditioner if depth == 2 else Preconditioner)
     shapes = preconditioner_shapes(w_r.shape, depth)
     assert type(shapes) is type(preconditioner)
     assert [tuple(x.shape) for x in preconditioner] == list(shapes)
+    if depth == 2 and min(w_r.shape) > 1:  # computed and applied once: the exact direction's products
+        g = ops.convert_to_tensor(_grad(w_r.shape, 6))
+        np.testing.assert_array_equal(
+            np.asarray(apply_preconditioner(preconditioner, g)), np.asarray(end_to_end_direction(w_r, g, 2))
+        )
     for seed in [7, 8]:
         g = _grad(w_r.shape, seed)
         applied = np.asarray(apply_preconditioner(preconditioner, ops.convert_to_tensor(g)))

@@ -62,7 +62,7 @@ __all__ = [
     "NEWTON_SCHULZ_MIN_COLUMNS",
     "NEWTON_SCHULZ_SPARE_STEPS",
     "RAN_METHODS",
-    "PolarPreconditioner",
+    "RootPreconditioner",
     "Preconditioner",
     "PreconditioningInfo",
     "SquareRoots",
@@ -103,18 +103,20 @@ class PreconditioningInfo(NamedTuple):
         return RAN_METHODS[int(ops.convert_to_numpy(self.method))]
 
 
-class PolarPreconditioner(NamedTuple):
-    """P(W) at depth 2 from the polar decomposition W = L R, for W oriented tall (a >= b; W^T
-    when wider than tall): `root` R = (W^T W)^{1/2} (b, b) and `polar_factor` L = W (W^T W)^{+1/2}
-    (a, b), the pseudo-inverse root being 0 on the null space. Leading batch axes allowed.
+class RootPreconditioner(NamedTuple):
+    """P(W) at depth 2, for W oriented tall (a >= b; W^T when wider than tall): `kernel` W
+    (a, b), `root` R = A^{1/2} and `inverse_root` Z = A^{+1/2} (b, b), A = W^T W, the
+    pseudo-inverse root being 0 on A's null space. Leading batch axes allowed.
 
-    P(W) G = G R + L R L^T G, since [W W^T]^{1/2} = L R L^T: three products of G's size and one
-    b x b. Both fields come from the eigh or from Newton-Schulz roots. R is NaN where the kernel
-    held inf or NaN, so the direction is NaN there.
+    P(W) G = G R + W (Z (W^T G)), since [W W^T]^{1/2} = W Z W^T: three products of G's size and
+    one b x b, the same products as `end_to_end_direction` at depth 2, so computing it and
+    applying it once costs what one direction costs. The roots come from the eigh or from
+    Newton-Schulz. R is NaN where the kernel held inf or NaN, so the direction is NaN there.
     """
 
-    polar_factor: object
+    kernel: object
     root: object
+    inverse_root: object
 
 
 def _code(value):
@@ -187,9 +189,8 @@ def end_to_end_direction(kernel, grad, depth, method="auto", return_info=False):
     w, _ = oriented(kernel, dtype)
     g, wide = oriented(grad, dtype)
     if depth == 2:
-        gram = ops.matmul(transpose(w), w)
-        root, inverse_root, code = _depth_two_roots(w, gram, method)
-        direction = ops.matmul(g, root) + ops.matmul(w, ops.matmul(inverse_root, ops.matmul(transpose(w), g)))
+        root, inverse_root, code = _depth_two_roots(w, ops.matmul(transpose(w), w), method)
+        direction = _apply_roots(RootPreconditioner(w, root, inverse_root), g)
     else:
         direction, code = eigh.direction(w, g, depth), _code(_EIGH)
     direction = ops.cast(transpose(direction) if wide else direction, grad.dtype)
@@ -207,7 +208,7 @@ def compute_preconditioner(kernel, depth, method="auto", return_info=False):
         return_info: also return a `PreconditioningInfo` saying which method ran.
 
     Returns:
-        At depth 2 a `PolarPreconditioner`, at any other depth a `Preconditioner`, both for W
+        At depth 2 a `RootPreconditioner`, at any other depth a `Preconditioner`, both for W
         oriented tall and in the compute dtype (float64 for a float64 kernel, else float32);
         with `return_info`, the pair (preconditioner, info). `preconditioner_shapes` gives the
         fields' shapes without computing them.
@@ -224,49 +225,49 @@ def compute_preconditioner(kernel, depth, method="auto", return_info=False):
         code = _code(_CLOSED_FORM)
     else:
         root, inverse_root, code = _depth_two_roots(w, ops.matmul(transpose(w), w), method)
-    return _with_info(PolarPreconditioner(ops.matmul(w, inverse_root), root), code, return_info)
+    return _with_info(RootPreconditioner(w, root, inverse_root), code, return_info)
 
 
 def apply_preconditioner(preconditioner, grad):
     """P(W) G: the direction of eq. 10 of the paper for the gradient `grad` of the kernel that
     `preconditioner` was computed from (or, amortised, of a later kernel of the same shape).
 
-    A `PolarPreconditioner` (depth 2) costs three products of G's size and one b x b; a
+    A `RootPreconditioner` (depth 2) costs three products of G's size and one b x b; a
     `Preconditioner` four of G's size, or three and three b x b ones for a kernel more than
     `DIRECT_FORM_ASPECT` times taller than wide.
 
     Args:
-        preconditioner: a `PolarPreconditioner` or `Preconditioner` from `compute_preconditioner`.
+        preconditioner: a `RootPreconditioner` or `Preconditioner` from `compute_preconditioner`.
         grad: tensor (..., a, b) or (..., b, a), shaped like the kernel it was computed from.
 
     Returns:
         The direction, shaped like `grad`, in `grad`'s dtype.
     """
-    if not isinstance(preconditioner, (PolarPreconditioner, Preconditioner)):
+    if not isinstance(preconditioner, (RootPreconditioner, Preconditioner)):
         raise ValueError(
-            "`preconditioner` must be a `PolarPreconditioner` or `Preconditioner` (from `compute_preconditioner`), "
+            "`preconditioner` must be a `RootPreconditioner` or `Preconditioner` (from `compute_preconditioner`), "
             f"got {type(preconditioner).__name__}."
         )
-    factor = ops.convert_to_tensor(preconditioner[0])
+    tall_kernel = ops.convert_to_tensor(preconditioner[0])  # W or B = W V: (..., a, b) either way
     grad = ops.convert_to_tensor(grad)
-    tall = tuple(factor.shape)
+    tall = tuple(tall_kernel.shape)
     if not (_same_shape(tall, tuple(grad.shape)) or _same_shape(tall[:-2] + tall[:-3:-1], tuple(grad.shape))):
         raise ValueError(
             f"`grad` (the gradient) must have the shape of the kernel that `preconditioner` was computed from: "
             f"{tall} or its transpose, got {tuple(grad.shape)}."
         )
-    g, wide = oriented(grad, factor.dtype)
-    if isinstance(preconditioner, PolarPreconditioner):
-        root = ops.convert_to_tensor(preconditioner.root)
-        direction = ops.matmul(g, root) + ops.matmul(factor, ops.matmul(root, ops.matmul(transpose(factor), g)))
+    g, wide = oriented(grad, tall_kernel.dtype)
+    fields = [ops.convert_to_tensor(x) for x in preconditioner]
+    if isinstance(preconditioner, RootPreconditioner):
+        direction = _apply_roots(RootPreconditioner(*fields), g)
     else:
-        direction = eigh.apply_eigen(Preconditioner(*(ops.convert_to_tensor(x) for x in preconditioner)), g)
+        direction = eigh.apply_eigen(Preconditioner(*fields), g)
     return ops.cast(transpose(direction) if wide else direction, grad.dtype)
 
 
 def preconditioner_shapes(shape, depth):
     """The shapes of the fields of `compute_preconditioner`'s result for a kernel of `shape`
-    (..., rows, cols), as a `PolarPreconditioner` (depth 2) or `Preconditioner` of tuples: for
+    (..., rows, cols), as a `RootPreconditioner` (depth 2) or `Preconditioner` of tuples: for
     slots that keep a preconditioner between refreshes."""
     depth = check_depth(depth)
     shape = tuple(shape)
@@ -274,8 +275,14 @@ def preconditioner_shapes(shape, depth):
         raise ValueError(f"`shape` must have at least 2 dimensions (..., rows, cols), got {shape}.")
     batch, (a, b) = shape[:-2], sorted(shape[-2:], reverse=True)
     if depth == 2:
-        return PolarPreconditioner(batch + (a, b), batch + (b, b))
+        return RootPreconditioner(batch + (a, b), batch + (b, b), batch + (b, b))
     return Preconditioner(batch + (a, b), batch + (b, b), batch + (1, b), batch + (depth - 1, 2, b))
+
+
+def _apply_roots(preconditioner, g):
+    """G R + W (Z (W^T G)) for `g` oriented tall in the preconditioner's dtype."""
+    w, root, inverse_root = preconditioner
+    return ops.matmul(g, root) + ops.matmul(w, ops.matmul(inverse_root, ops.matmul(transpose(w), g)))
 
 
 def _depth_two_roots(w, gram, method):

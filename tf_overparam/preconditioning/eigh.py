@@ -46,7 +46,7 @@ DIRECT_FORM_ASPECT = 2.5
 class Preconditioner(NamedTuple):
     """P(W) of eq. 11 of the paper (the write-up's eq. 26) in its eigenbasis form, for W oriented
     tall (a >= b; W^T when wider than tall). Any depth; `compute_preconditioner` returns it at
-    every depth but 2 (where it returns a `PolarPreconditioner`), and `apply_preconditioner`
+    every depth but 2 (where it returns a `RootPreconditioner`), and `apply_preconditioner`
     applies it at any depth.
 
     Fields (leading batch axes allowed): `projected_kernel` B = W V (a, b); `basis` V (b, b),
