@@ -615,3 +615,17 @@ def test_bad_methods_and_shapes_raise():
         apply_preconditioner(tuple(kept), kernel)
     with pytest.raises(ValueError, match="shape"):
         preconditioner_shapes((3,), 2)
+    gram = ops.eye(3)
+    for kwargs, name in [
+        ({"max_steps": 0}, "max_steps"),
+        ({"spare_steps": -1}, "spare_steps"),
+        ({"lanczos_steps": 2.5}, "lanczos_steps"),
+        ({"tolerance": 2.0}, "tolerance"),
+        ({"decline_below": -0.1}, "decline_below"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            newton_schulz_square_roots(gram, **kwargs)
+    with pytest.raises(ValueError, match="matrix"):
+        newton_schulz_square_roots(ops.ones((3, 4)))
+    with pytest.raises(ValueError, match="steps"):
+        lanczos_extremes(gram, 0)

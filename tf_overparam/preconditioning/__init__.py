@@ -39,7 +39,7 @@ from typing import NamedTuple
 from keras import ops
 
 from tf_overparam.chain import check_depth
-from tf_overparam.preconditioning import eigh
+from tf_overparam.preconditioning import eigh, newton_schulz
 from tf_overparam.preconditioning._matrices import compute_dtype, oriented, transpose
 from tf_overparam.preconditioning.eigh import DIRECT_FORM_ASPECT, FLOAT64_EIGH_FROM_DEPTH, Preconditioner
 from tf_overparam.preconditioning.newton_schulz import (
@@ -289,7 +289,7 @@ def _depth_two_roots(w, gram, method):
     """(A^{1/2}, A^{+1/2}, method code) of A = W^T W for `w` oriented tall with b >= 2."""
     if method == "eigh" or (method == "auto" and w.shape[-1] < NEWTON_SCHULZ_MIN_COLUMNS):
         return (*eigh.square_roots(w, gram), _code(_EIGH))
-    roots = newton_schulz_square_roots(gram)
+    roots = newton_schulz.square_roots(gram)
     root, inverse_root = ops.cond(
         roots.converged, lambda: (roots.root, roots.inverse_root), lambda: eigh.square_roots(w, gram)
     )

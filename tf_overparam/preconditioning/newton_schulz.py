@@ -19,11 +19,14 @@ References:
     arguments. Both shaped this module's interface.
 """
 
+import numbers
 from typing import NamedTuple
 
 import keras
 import numpy as np
 from keras import ops
+
+from tf_overparam.chain import check_positive_int
 
 LANCZOS_STEPS = 16  # Lanczos steps for the extreme eigenvalue estimate
 # At most this many predicted steps, else the iteration declines: beyond it the eigh is cheaper
@@ -70,6 +73,13 @@ def slowest_converging_ratio(steps, tolerance):
     return high
 
 
+def _check_square(matrix):
+    matrix = ops.convert_to_tensor(matrix)
+    if len(matrix.shape) < 2 or matrix.shape[-1] != matrix.shape[-2]:
+        raise ValueError(f"`matrix` must be square, shaped (..., b, b), got {tuple(matrix.shape)}.")
+    return matrix
+
+
 def lanczos_extremes(matrix, steps=LANCZOS_STEPS):
     """(smallest, largest) Ritz values of the symmetric `matrix` (..., b, b) after `steps`
     Lanczos steps from the vector of ones, each shaped (..., 1, 1).
@@ -84,6 +94,10 @@ def lanczos_extremes(matrix, steps=LANCZOS_STEPS):
         matrix: tensor (..., b, b), symmetric.
         steps: int >= 1, the Lanczos steps (the size of the tridiagonal matrix).
     """
+    return _lanczos_extremes(_check_square(matrix), check_positive_int(steps, "steps"))
+
+
+def _lanczos_extremes(matrix, steps):
     dtype = matrix.dtype
     tiny = float(np.finfo(keras.backend.standardize_dtype(dtype)).tiny)
     vector = ops.ones(ops.shape(matrix)[:-1] + (1,), dtype) / float(np.sqrt(matrix.shape[-1]))
@@ -150,6 +164,28 @@ def newton_schulz_square_roots(
     Returns:
         A `SquareRoots` (root, inverse_root, converged, steps, residual).
     """
+    for name, value in [("tolerance", tolerance), ("decline_below", decline_below)]:
+        if value is not None and (not isinstance(value, numbers.Real) or not 0 <= value < 1):
+            raise ValueError(f"`{name}` must be None or a float in [0, 1), got {value!r}.")
+    return square_roots(
+        _check_square(matrix),
+        check_positive_int(max_steps, "max_steps"),
+        check_positive_int(spare_steps, "spare_steps", minimum=0),
+        tolerance,
+        check_positive_int(lanczos_steps, "lanczos_steps"),
+        decline_below,
+    )
+
+
+def square_roots(
+    matrix,
+    max_steps=MAX_STEPS,
+    spare_steps=SPARE_STEPS,
+    tolerance=None,
+    lanczos_steps=LANCZOS_STEPS,
+    decline_below=None,
+):
+    """`newton_schulz_square_roots` without the argument checks, for callers that pass checked values."""
     dtype = keras.backend.standardize_dtype(matrix.dtype)
     eye = ops.eye(matrix.shape[-1], dtype=dtype)
     tolerance = float(np.sqrt(np.finfo(dtype).eps)) if tolerance is None else float(tolerance)
@@ -158,7 +194,7 @@ def newton_schulz_square_roots(
     # A non-finite A (or one whose Ritz values overflow) is zeroed first: Ritz values 0, a decline.
     finite = ops.all(ops.isfinite(matrix), axis=(-2, -1), keepdims=True)
     matrix = ops.where(finite, matrix, ops.zeros_like(matrix))
-    smallest, scale = lanczos_extremes(matrix, lanczos_steps)
+    smallest, scale = _lanczos_extremes(matrix, lanczos_steps)
     hopeful = ops.all(ops.logical_and(finite, smallest >= decline_below * scale))
     safe_scale = ops.where(scale > 0, scale, ops.ones_like(scale))
 
