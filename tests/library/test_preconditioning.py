@@ -21,6 +21,7 @@ from tf_overparam.preconditioning import (
     RootPreconditioner,
     apply_preconditioner,
     compute_preconditioner,
+    eigh,
     end_to_end_direction,
     lanczos_extremes,
     newton_schulz_square_roots,
@@ -629,3 +630,14 @@ def test_bad_methods_and_shapes_raise():
         newton_schulz_square_roots(ops.ones((3, 4)))
     with pytest.raises(ValueError, match="steps"):
         lanczos_extremes(gram, 0)
+
+
+def test_the_eigenbasis_form_applies_at_depth_two_too():
+    # `apply_preconditioner` takes a `Preconditioner` at any depth, 2 included, where
+    # `compute_preconditioner` returns the root form.
+    for name in ["tall", "wide", "very_tall", "square_rank2"]:
+        w, g = KERNELS[name], _grad(KERNELS[name].shape, seed=9)
+        tall = ops.convert_to_tensor(w if w.shape[0] >= w.shape[1] else w.T)
+        expected = reference_direction(w, g, 2)
+        applied = np.asarray(apply_preconditioner(eigh.eigen_preconditioner(tall, 2), ops.convert_to_tensor(g)))
+        np.testing.assert_allclose(applied, expected, rtol=0, atol=1e-12 * np.abs(expected).max(), err_msg=name)
