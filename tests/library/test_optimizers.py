@@ -407,3 +407,42 @@ def test_inner_gradient_accumulation_gives_one_step_of_the_mean_gradient(float64
     model.fit(x, y, batch_size=len(x) // 2, epochs=1, shuffle=False, verbose=0)
     for w, e in zip(model.get_weights(), expected, strict=True):
         assert_allclose_through_keras(w, e, rtol=1e-11, atol=1e-13)
+
+
+def test_the_documented_sequential_pattern_selects_the_dense_kernels():
+    # The docstring's example: paths of a Sequential model begin with the model's name.
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+    optimizer = EndToEnd(keras.optimizers.SGD(0.1), variables=["dense*/kernel"])
+    optimizer.build(model.trainable_variables)
+    selected = [v.path for v, s in zip(model.trainable_variables, optimizer._selected) if s]
+    assert selected == [layer.kernel.path for layer in model.layers]
+    assert all(path.startswith(model.name + "/") for path in selected)
+
+
+def test_an_optimizer_class_or_a_bad_method_raises():
+    with pytest.raises(ValueError, match="instance.*SGD"):
+        EndToEnd(keras.optimizers.SGD)
+    for kwargs in [
+        {"method": "svd"},
+        {"method": "newton_schulz", "depth": 3},
+        {"method": "newton_schulz", "refresh_every": 5},
+    ]:
+        with pytest.raises(ValueError, match="method"):
+            EndToEnd("sgd", **kwargs)
+
+
+@pytest.mark.parametrize("method", ["auto", "eigh", "newton_schulz"])
+def test_each_method_is_passed_through_and_steps_by_eq24(float64, method, monkeypatch):
+    from tf_overparam import kernel_groups
+
+    seen = []
+    direction = kernel_groups._direction
+    monkeypatch.setattr(kernel_groups, "_direction", lambda *args: seen.append(args[-1]) or direction(*args))
+    x, y = _data()
+    expected = _numpy_run(_weights(), x, y, 0.1, 2, 0.0, 2)
+    model = _model(_weights())
+    model.compile(EndToEnd(keras.optimizers.SGD(0.1), depth=2, method=method), loss=to.LpLoss(2))
+    model.fit(x, y, batch_size=len(x), epochs=2, shuffle=False, verbose=0)
+    assert seen and set(seen) == {method}
+    for a, c in zip(model.get_weights(), expected, strict=True):
+        assert_allclose_through_keras(a, c, rtol=1e-10, atol=1e-12)
