@@ -8,6 +8,7 @@ cores, where one call per kernel runs them one after the other. Each kernel is r
 direction(W, G)^T), so (64, 256) and (256, 64) maps share a group.
 """
 
+import functools
 import inspect
 
 import keras
@@ -58,34 +59,50 @@ def _unstack(tensor, sizes):
     return parts
 
 
-# The dimensions of a single matrix's `Preconditioner` fields: B = W V, V, t, the (m_j, c_j) pairs.
-_FIELD_DIMS = (2, 2, 2, 3)
-
-
 def _dtype(x):
     return keras.backend.standardize_dtype(x.dtype)
 
 
-_DIRECTION_TAKES_METHOD = "method" in inspect.signature(preconditioning.end_to_end_direction).parameters
+def _takes_method(function):
+    return "method" in inspect.signature(function).parameters
 
 
 def _direction(kernel, grad, depth, method):
     """`end_to_end_direction` with the `method` chosen (validated by the caller)."""
     if method == "auto":
         return preconditioning.end_to_end_direction(kernel, grad, depth)
-    if _DIRECTION_TAKES_METHOD:
+    if _takes_method(preconditioning.end_to_end_direction):
         return preconditioning.end_to_end_direction(kernel, grad, depth, method=method)
-    if method == "eigh":  # the same eigendecomposition the default takes below its Newton-Schulz size
+    if method == "eigh":  # the eigendecomposition, as the default takes it below its Newton-Schulz size
         return apply_preconditioner(compute_preconditioner(kernel, depth), grad)
     return preconditioning._depth_two_direction(kernel, grad)
+
+
+def slot_shapes(linear_map, depth):
+    """The fields' shapes of the preconditioner of `linear_map`'s matrices (oriented tall), as
+    the type `compute_preconditioner` returns at `depth`, with a leading axis of the batch size
+    for a map with a batch and none for a single matrix: what `grouped_preconditioners` returns
+    and `grouped_directions` takes."""
+    batch, rows, cols = oriented_shape(linear_map)
+    if hasattr(preconditioning, "preconditioner_shapes"):
+        shapes = preconditioning.preconditioner_shapes((rows, cols), depth)
+    else:
+        shapes = Preconditioner((rows, cols), (cols, cols), (1, cols), (depth - 1, 2, cols))
+    lead = () if batch == 1 else (batch,)
+    return type(shapes)(*(lead + tuple(shape) for shape in shapes))
+
+
+def _from_slot(field, batch):
+    field = ops.convert_to_tensor(field)
+    return field[None] if batch == 1 else field
 
 
 def grouped_directions(kernels, grads, maps, depth, method="auto", preconditioners=None):
     """The eq. 24 directions of `kernels` for `grads`, each read as its `LinearMap` in `maps`,
     one batched call per group of equal oriented shape and dtypes; in the kernels' shapes.
 
-    With `preconditioners` (one `Preconditioner` per kernel, of its oriented matrices, without a
-    leading axis for a single matrix), they are applied instead of computing P(W).
+    With `preconditioners` (one per kernel, shaped as `slot_shapes` says), they are applied
+    instead of computing P(W).
     """
     kernels = [ops.convert_to_tensor(k) for k in kernels]
     grads = [ops.convert_to_tensor(g) for g in grads]
@@ -98,32 +115,30 @@ def grouped_directions(kernels, grads, maps, depth, method="auto", preconditione
             w = _stack([_to_oriented(kernels[i], maps[i]) for i in group])
             stacked = _direction(w, g, depth, method)
         else:
-            fields = zip(*(preconditioners[i] for i in group), _FIELD_DIMS)
+            kind = type(preconditioners[group[0]])
+            fields = zip(*(preconditioners[i] for i in group))
             stacked = apply_preconditioner(
-                Preconditioner(
-                    *(
-                        _stack([ops.reshape(f, (n,) + tuple(f.shape[-dims:])) for f, n in zip(parts, sizes)])
-                        for *parts, dims in fields
-                    )
-                ),
-                g,
+                kind(*(_stack([_from_slot(f, n) for f, n in zip(parts, sizes)]) for parts in fields)), g
             )
         for i, part in zip(group, _unstack(stacked, sizes)):
             directions[i] = _from_oriented(part, maps[i])
     return directions
 
 
-def grouped_preconditioners(kernels, maps, depth):
-    """`compute_preconditioner` of each kernel's oriented matrices (batch, rows, cols), one
-    batched call per group of equal oriented shape and dtype; one `Preconditioner` per kernel,
-    each field with a leading axis of the kernel's batch size."""
+def grouped_preconditioners(kernels, maps, depth, method="auto"):
+    """`compute_preconditioner` of each kernel's oriented matrices, one batched call per group
+    of equal oriented shape and dtype; one preconditioner per kernel, shaped as `slot_shapes`
+    says."""
     kernels = [ops.convert_to_tensor(k) for k in kernels]
     keys = [(oriented_shape(m)[1:], _dtype(k)) for k, m in zip(kernels, maps)]
+    compute = compute_preconditioner
+    if method != "auto" and _takes_method(compute_preconditioner):
+        compute = functools.partial(compute_preconditioner, method=method)
     result = [None] * len(kernels)
     for group in _groups(keys):
         sizes = [maps[i].matrix_shape[0] for i in group]
-        stacked = compute_preconditioner(_stack([_to_oriented(kernels[i], maps[i]) for i in group]), depth)
+        stacked = compute(_stack([_to_oriented(kernels[i], maps[i]) for i in group]), depth)
         parts = [_unstack(field, sizes) for field in stacked]
-        for position, i in enumerate(group):
-            result[i] = Preconditioner(*(field[position] for field in parts))
+        for position, (i, n) in enumerate(zip(group, sizes)):
+            result[i] = type(stacked)(*(field[position][0] if n == 1 else field[position] for field in parts))
     return result

@@ -11,7 +11,7 @@ from keras import ops
 
 from tf_overparam import backend
 from tf_overparam.chain import check_depth
-from tf_overparam.kernel_groups import grouped_directions, grouped_preconditioners, oriented_shape
+from tf_overparam.kernel_groups import grouped_directions, grouped_preconditioners, slot_shapes
 from tf_overparam.linear_maps import (
     LinearMap,
     is_preconditioned_by_default,
@@ -19,7 +19,7 @@ from tf_overparam.linear_maps import (
     select_by_patterns,
     shape_map,
 )
-from tf_overparam.preconditioning import Preconditioner, apply_preconditioner
+from tf_overparam.preconditioning import apply_preconditioner
 
 __all__ = ["EndToEnd", "is_preconditioned_by_default", "precondition_kernel_gradient"]
 
@@ -50,14 +50,11 @@ def _check_weight_decay(weight_decay):
     return float(weight_decay)
 
 
-def _check_method(method, depth, refresh_every):
+def _check_method(method, depth):
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-    if method == "newton_schulz" and (depth != 2 or refresh_every is not None):
-        raise ValueError(
-            f"`method='newton_schulz'` computes depth-2 exact steps only, got depth={depth}, "
-            f"refresh_every={refresh_every} (a refresh keeps the eigendecomposition)."
-        )
+    if method == "newton_schulz" and depth > 2:
+        raise ValueError(f"`method='newton_schulz'` needs depth 1 or 2 (it computes square roots), got depth {depth}.")
     return method
 
 
@@ -133,9 +130,8 @@ class EndToEnd(keras.optimizers.Optimizer):
             kept, so a step in between applies P(W_r) of the kernel's last refresh r to the new
             gradient G_t: matmuls with G, no eigendecomposition. k = 1 is the exact rule.
         variables: None (the default rule) or a list of `fnmatch` patterns on variable paths.
-        method: "auto", "eigh" or "newton_schulz": how exact steps compute the direction
-            (`tf_overparam.preconditioning.end_to_end_direction`); "newton_schulz" at depth 2
-            only and without `refresh_every`. A refresh always takes the eigendecomposition.
+        method: "auto", "eigh" or "newton_schulz" (depth <= 2): how a step computes the direction
+            and a refresh the preconditioner (`tf_overparam.preconditioning`).
         model: the model whose kernels are preconditioned, read through its layers (see above).
             Not saved; the maps read from it are.
         linear_maps: {variable path: `LinearMap` config}, the maps read from a model, as
@@ -181,7 +177,7 @@ class EndToEnd(keras.optimizers.Optimizer):
         ):
             raise ValueError(f"`refresh_every` must be None or an int >= 1, got {refresh_every!r}.")
         self.refresh_every = None if refresh_every is None else int(refresh_every)
-        self.method = _check_method(method, self.depth, self.refresh_every)
+        self.method = _check_method(method, self.depth)
         if isinstance(variables, str):
             variables = [variables]
         if variables is not None and (not variables or not all(isinstance(p, str) for p in variables)):
@@ -257,20 +253,18 @@ class EndToEnd(keras.optimizers.Optimizer):
                 self._preconditioners[index] = self._preconditioner_slots(var_list[index], maps[index])
 
     def _preconditioner_slots(self, variable, linear_map):
-        batch, rows, cols = oriented_shape(linear_map)
-        lead = () if batch == 1 else (batch,)
+        shapes = slot_shapes(linear_map, self.depth)
         dtype = "float64" if keras.backend.standardize_dtype(variable.dtype) == "float64" else "float32"
-        shapes = Preconditioner((rows, cols), (cols, cols), (1, cols), (self.depth - 1, 2, cols))
-        return Preconditioner(
+        return type(shapes)(
             *(
                 self.add_variable(
-                    lead + shape,
+                    shape,
                     dtype=dtype,
                     initializer="zeros",
                     aggregation="only_first_replica",
                     name=f"{variable.path.replace('/', '_')}_{field}",
                 )
-                for shape, field in zip(shapes, Preconditioner._fields)
+                for shape, field in zip(shapes, shapes._fields)
             )
         )
 
@@ -313,10 +307,9 @@ class EndToEnd(keras.optimizers.Optimizer):
 
     def _computed(self, members, slots):
         """The preconditioners of `members` [(index, kernel)], shaped as their `slots`."""
-        values = grouped_preconditioners(
-            [kernel for _, kernel in members], [self._maps[index] for index, _ in members], self.depth
-        )
-        return [ops.reshape(v, slot.shape) for v, slot in zip([v for value in values for v in value], slots)]
+        kernels, maps = [kernel for _, kernel in members], [self._maps[index] for index, _ in members]
+        values = grouped_preconditioners(kernels, maps, self.depth, self.method)
+        return [ops.cast(v, slot.dtype) for v, slot in zip([v for value in values for v in value], slots)]
 
     def apply(self, grads, trainable_variables=None):
         grads = list(grads)
@@ -344,8 +337,8 @@ class EndToEnd(keras.optimizers.Optimizer):
             if self.refresh_every is not None:
                 self._refresh([(index, kernel) for _, index, kernel, _ in work])
                 preconditioners = [
-                    Preconditioner(*(ops.convert_to_tensor(s) for s in self._preconditioners[index]))
-                    for _, index, _, _ in work
+                    type(slots)(*(ops.convert_to_tensor(s) for s in slots))
+                    for slots in (self._preconditioners[index] for _, index, _, _ in work)
                 ]
                 directions = grouped_directions(kernels, work_grads, maps, self.depth, preconditioners=preconditioners)
             else:

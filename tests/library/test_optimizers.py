@@ -114,10 +114,10 @@ def test_sgd_on_a_kernel_wide_enough_for_newton_schulz_is_eq24(float64):
 REFRESH_STEPS = {1: (set(range(7)), set(range(7))), 3: ({0, 3, 6}, {0, 1, 4}), 10: ({0}, {0, 1})}
 
 
-@pytest.mark.parametrize("refresh_every", [1, 3, 10])
-def test_amortised_rule_refreshes_a_staggered_share_of_the_kernels(float64, refresh_every):
+@pytest.mark.parametrize("depth, refresh_every", [(3, 1), (3, 3), (3, 10), (2, 3)])
+def test_amortised_rule_refreshes_a_staggered_share_of_the_kernels(float64, depth, refresh_every):
     x, y = _data()
-    eta, depth, steps = 0.2, 3, 7
+    eta, steps = 0.2, 7
     expected = _numpy_run(_weights(), x, y, eta, depth, 0.05, steps, refresh_steps=REFRESH_STEPS[refresh_every])
     model = _model(_weights())
     model.compile(
@@ -422,11 +422,7 @@ def test_the_documented_sequential_pattern_selects_the_dense_kernels():
 def test_an_optimizer_class_or_a_bad_method_raises():
     with pytest.raises(ValueError, match="instance.*SGD"):
         EndToEnd(keras.optimizers.SGD)
-    for kwargs in [
-        {"method": "svd"},
-        {"method": "newton_schulz", "depth": 3},
-        {"method": "newton_schulz", "refresh_every": 5},
-    ]:
+    for kwargs in [{"method": "svd"}, {"method": "newton_schulz", "depth": 3}]:
         with pytest.raises(ValueError, match="method"):
             EndToEnd("sgd", **kwargs)
 
