@@ -111,8 +111,8 @@ class EndToEnd(keras.optimizers.Optimizer):
 
     Distribution. Under `keras.distribution.DataParallel` (JAX) the variables are replicated
     and the gradients reduced before `apply`, so the step is one device's step (tested on two
-    host devices). Under `ModelParallel`, a kernel sharded across devices is gathered by the
-    compiler where the Gram matrix and the eigendecomposition need it. Under a `tf.distribute`
+    host devices). `ModelParallel` is not tested: the step is plain `keras.ops`, so
+    the compiler gathers a sharded kernel where its Gram matrix and eigendecomposition need it. Under a `tf.distribute`
     strategy each replica preconditions its own gradient (linear, so the sum is right) and adds
     its share, 1/replicas, of the decay term: every replica computes P(W) of the same W, so
     the preconditioner work is done once per replica, not once per step. With
