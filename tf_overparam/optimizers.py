@@ -1,10 +1,9 @@
 """`EndToEnd`: the end-to-end update rule (eq. 24 of docs/equations.md) as a wrapper around any
 Keras optimizer, for any model."""
 
-import fnmatch
-import math
 import numbers
 import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -12,68 +11,51 @@ from keras import ops
 
 from tf_overparam import backend
 from tf_overparam.chain import check_depth
-from tf_overparam.layers import registry
-from tf_overparam.preconditioning import (
-    Preconditioner,
-    apply_preconditioner,
-    compute_preconditioner,
-    end_to_end_direction,
+from tf_overparam.kernel_groups import grouped_directions, grouped_preconditioners, slot_shapes
+from tf_overparam.linear_maps import (
+    LinearMap,
+    is_preconditioned_by_default,
+    linear_maps,
+    select_by_patterns,
+    shape_map,
 )
+from tf_overparam.preconditioning import apply_preconditioner
 
-# Variables whose name is one of these are never preconditioned by the default rule, whatever
-# their shape: they are factors of a chain trained as such (LoRA's B A) or not a single
-# linear map of the inputs (a recurrent kernel acts at every time step).
-_DEFAULT_NAME = "kernel"
+__all__ = ["EndToEnd", "is_preconditioned_by_default", "precondition_kernel_gradient"]
 
-
-def is_preconditioned_by_default(variable):
-    """The default selection rule of `EndToEnd` and `EndToEndModel`.
-
-    A trainable variable is preconditioned when it has at least 2 dimensions and its name (the
-    last component of its path) is exactly "kernel": the kernels of `Dense` and its subclasses,
-    2-D `EinsumDense` kernels, and convolution kernels (`Conv1D/2D/3D`, treated as the matrix
-    (prod(shape[:-1]), shape[-1]): a `Conv2D` kernel (kh, kw, cin, cout) is the
-    (kh kw cin, cout) matrix that maps an input patch to the output channels), and the input
-    kernels of recurrent cells (their stacked gates). Not selected: `recurrent_kernel`s (applied
-    at every time step, not one linear map), `depthwise_kernel`s, LoRA's `lora_kernel_a/b` (a
-    depth-2 chain of their own; LoRA freezes the `kernel` itself, so a LoRA `Dense` is trained
-    as LoRA), biases, and the `factor_j` variables of `OverparamDense` (the chain itself).
-    For any other choice pass `variables=` patterns.
-    """
-    name = getattr(variable, "path", variable.name).split("/")[-1]
-    return len(variable.shape) >= 2 and name == _DEFAULT_NAME
+METHODS = ("auto", "eigh", "newton_schulz")
 
 
-def precondition_kernel_gradient(kernel, grad, depth, weight_decay=0.0, preconditioner=None):
+def precondition_kernel_gradient(kernel, grad, depth, weight_decay=0.0, preconditioner=None, linear_map=None):
     """The eq. 24 direction of one kernel plus the paper's decay, `weight_decay * depth * W`.
 
-    The one function that turns a kernel's gradient into the end-to-end update; `EndToEnd`
-    (and through it `EndToEndModel`) calls it. A kernel of more than 2 dimensions is taken as
-    the matrix (prod(shape[:-1]), shape[-1]). With `preconditioner` (a `Preconditioner` of
-    that matrix, possibly of an earlier kernel), it is applied instead of computing P(W).
+    The kernel is read as `linear_map` (a `tf_overparam.linear_maps.LinearMap`; by default
+    (prod(shape[:-1]), shape[-1])). With `preconditioner` (a `Preconditioner` of that matrix,
+    oriented tall, possibly of an earlier kernel), it is applied instead of computing P(W).
     """
     kernel = ops.convert_to_tensor(kernel)
-    shape = tuple(kernel.shape)
-    grad_matrix = registry.kernel_matrix(ops.convert_to_tensor(grad))
+    linear_map = shape_map(tuple(kernel.shape)) if linear_map is None else linear_map
     if preconditioner is not None:
-        direction = apply_preconditioner(preconditioner, grad_matrix)
+        direction = linear_map.from_matrix(apply_preconditioner(preconditioner, linear_map.to_matrix(grad)))
     else:
-        direction = end_to_end_direction(registry.kernel_matrix(kernel), grad_matrix, depth)
-    direction = ops.reshape(direction, shape)
+        direction = grouped_directions([kernel], [grad], [linear_map], depth)[0]
     if weight_decay:
         direction = direction + (weight_decay * depth) * ops.cast(kernel, direction.dtype)
     return direction
-
-
-def _matrix_shape(shape):
-    rows, cols = math.prod(shape[:-1]), shape[-1]
-    return (rows, cols) if rows >= cols else (cols, rows)
 
 
 def _check_weight_decay(weight_decay):
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) or not weight_decay >= 0:
         raise ValueError(f"`weight_decay` must be a float >= 0, got {weight_decay!r}.")
     return float(weight_decay)
+
+
+def _check_method(method, depth):
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+    if method == "newton_schulz" and depth > 2:
+        raise ValueError(f"`method='newton_schulz'` needs depth 1 or 2 (it computes square roots), got depth {depth}.")
+    return method
 
 
 @keras.saving.register_keras_serializable(package="tf_overparam")
@@ -95,48 +77,92 @@ class EndToEnd(keras.optimizers.Optimizer):
     plain gradient. An adaptive inner optimizer (Adam, ...) treats the preconditioned gradient
     as the gradient; that is not the same as running it on the deep chain.
 
-    Which variables: by default `is_preconditioned_by_default` (trainable variables with >= 2
-    dimensions named "kernel": Dense, EinsumDense, Conv and recurrent input kernels; never
-    recurrent kernels, LoRA factors or `OverparamDense` factors). `variables=` takes
-    `fnmatch` patterns matched against variable paths instead (e.g. `["dense*/kernel"]`);
-    they are saved in the config, so the selection survives `.keras` save and load. The
-    selection is resolved when the optimizer is built; a pattern matching nothing, or a model
-    with nothing to precondition, raises a `ValueError`. A selected kernel that is exactly zero
-    when the optimizer is built is a fixed point of eq. 24: a warning names it.
+    Which variables, and as which matrices. Pass `model=` (or call `select(model)`): each kernel
+    is then read as its layer's linear map (`tf_overparam.linear_maps`): `Dense` and convolution
+    kernels as (inputs, outputs) matrices, a grouped convolution as its blocks, an
+    `EinsumDense` kernel (`MultiHeadAttention`'s) from its equation, and depthwise kernels left
+    out. The resolved maps are saved in the config, so they survive `.keras` save and load.
+    Without a model the optimizer sees variables only: it selects by name
+    (`is_preconditioned_by_default`) and reads each kernel as (prod(shape[:-1]), shape[-1]),
+    right for `Dense` and `Conv` kernels but not for depthwise kernels (Keras names them
+    "kernel" too) or multi-axis `EinsumDense` kernels; it warns once when it reads a kernel of
+    more than 2 dimensions that way. `EndToEndModel` passes itself.
+
+    `variables=` takes `fnmatch` patterns instead of the default rule. A pattern matches a
+    variable's path or any tail of it after a "/", so paths can be written relative to the
+    model: `EndToEnd(SGD(0.1), variables=["dense*/kernel"])` selects the `Dense` kernels of
+    `keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(1)])`,
+    whose paths are "sequential/dense/kernel" and "sequential/dense_1/kernel". A pattern
+    matching nothing, or a model with nothing to precondition, raises a `ValueError` when the
+    optimizer is built. A selected kernel that is exactly zero then is a fixed point of eq. 24:
+    a warning names it.
+
+    Cost. Kernels whose matrices (oriented tall) share a shape are computed in one batched call
+    per step (`tf_overparam.kernel_groups`). With `refresh_every=k` each kernel refreshes its
+    preconditioner once every k steps, staggered: the i-th selected kernel (in the order of the
+    model's trainable variables) at the steps t with t mod k = i mod k, and every kernel at
+    step 0, so that after the first step no step refreshes them all.
 
     Inner optimizer options: `clipnorm`, `clipvalue`, `global_clipnorm`, `use_ema`, Keras'
     `weight_decay` and `gradient_accumulation_steps` act as usual, on the preconditioned
     gradients (the direction is linear in G, so accumulating directions is the direction of
     the accumulated gradient). Under mixed precision Keras wraps this optimizer in a
-    `LossScaleOptimizer`, which unscales the gradients before they reach it. Under a
-    `tf.distribute` strategy each replica preconditions its own gradient (linear, so the sum
-    is right) and adds its share, 1/replicas, of the decay term. With
+    `LossScaleOptimizer`, which unscales the gradients before they reach it.
+
+    Distribution. Under `keras.distribution.DataParallel` (JAX) the variables are replicated
+    and the gradients reduced before `apply`, so the step is one device's step (tested on two
+    host devices). `ModelParallel` is not tested: the step is plain `keras.ops`, so
+    the compiler gathers a sharded kernel where its Gram matrix and eigendecomposition need it. Under a `tf.distribute`
+    strategy each replica preconditions its own gradient (linear, so the sum is right) and adds
+    its share, 1/replicas, of the decay term: every replica computes P(W) of the same W, so
+    the preconditioner work is done once per replica, not once per step. With
     `MultiWorkerMirroredStrategy`, Keras 3's own `fit` fails before the first step
     (keras-team/keras#20585; the same error with a plain SGD, Keras 3.15): use a custom training
     loop (`strategy.run` of a step calling `optimizer.apply`), which matches a single worker.
 
     Args:
-        optimizer: the `keras.optimizers.Optimizer` to wrap (or its name / config).
+        optimizer: the `keras.optimizers.Optimizer` instance to wrap (or its name / config).
         depth: int >= 1, the emulated chain depth N; 1 is the inner optimizer unchanged.
         weight_decay: float >= 0, the per-factor weight decay lambda of the paper.
-        refresh_every: None (exact: P(W) of the current kernel at every step; at depth 2 a
-            kernel with at least 256 columns gets it from a Newton-Schulz iteration where that
-            converges, see `tf_overparam.preconditioning`), or an int
-            k >= 1: amortised, Shampoo-style. P(W) is computed at steps 0, k, 2k, ... (counting
-            calls of `apply`) and kept, eigenbasis and eigenvalues, for the next k steps, so a
-            step in between applies P(W_r) of the last refresh r to the new gradient G_t:
-            four matmuls with G, no eigendecomposition. k = 1 is the exact rule.
+        refresh_every: None (exact: P(W) of the current kernel at every step), or an int k >= 1:
+            amortised, Shampoo-style. Each kernel's P(W) (eigenbasis and eigenvalues) is
+            computed once every k steps (staggered, see above; counting calls of `apply`) and
+            kept, so a step in between applies P(W_r) of the kernel's last refresh r to the new
+            gradient G_t: matmuls with G, no eigendecomposition. k = 1 is the exact rule.
         variables: None (the default rule) or a list of `fnmatch` patterns on variable paths.
+        method: "auto", "eigh" or "newton_schulz" (depth <= 2): how a step computes the direction
+            and a refresh the preconditioner (`tf_overparam.preconditioning`).
+        model: the model whose kernels are preconditioned, read through its layers (see above).
+            Not saved; the maps read from it are.
+        linear_maps: {variable path: `LinearMap` config}, the maps read from a model, as
+            `get_config` saves them (set through `model=` otherwise).
         name: the optimizer's name.
     """
 
-    def __init__(self, optimizer, depth=2, weight_decay=0.0, refresh_every=None, variables=None, name=None, **kwargs):
+    def __init__(
+        self,
+        optimizer,
+        depth=2,
+        weight_decay=0.0,
+        refresh_every=None,
+        variables=None,
+        method="auto",
+        model=None,
+        name=None,
+        linear_maps=None,
+        **kwargs,
+    ):
         if kwargs:
             raise ValueError(
                 f"`EndToEnd` takes no optimizer options of its own ({', '.join(sorted(kwargs))}): set them on the "
                 "inner `optimizer`, where they act on the preconditioned gradients."
             )
         super().__init__(learning_rate=0.0, name=name)
+        if isinstance(optimizer, type):
+            raise ValueError(
+                f"`optimizer` must be an optimizer instance, got the class {optimizer.__name__}: pass "
+                f"`{optimizer.__name__}(...)`, e.g. `EndToEnd(keras.optimizers.SGD(0.01))`."
+            )
         optimizer = keras.optimizers.get(optimizer)
         if isinstance(optimizer, (EndToEnd, keras.optimizers.LossScaleOptimizer)):
             raise ValueError(
@@ -151,30 +177,61 @@ class EndToEnd(keras.optimizers.Optimizer):
         ):
             raise ValueError(f"`refresh_every` must be None or an int >= 1, got {refresh_every!r}.")
         self.refresh_every = None if refresh_every is None else int(refresh_every)
+        self.method = _check_method(method, self.depth)
         if isinstance(variables, str):
             variables = [variables]
         if variables is not None and (not variables or not all(isinstance(p, str) for p in variables)):
             raise ValueError(f"`variables` must be None or a non-empty list of path patterns (str), got {variables!r}.")
         self.variable_patterns = None if variables is None else list(variables)
+        # {path: LinearMap} read from a model (given here by a saved config), else None.
+        self.linear_maps = (
+            None if linear_maps is None else {p: LinearMap.from_config(c) for p, c in linear_maps.items()}
+        )
+        self._model = None
+        if model is not None:
+            self.select(model)
 
     # --- selection --------------------------------------------------------------------------
 
-    def _selects(self, variable):
-        if self.variable_patterns is None:
-            return is_preconditioned_by_default(variable)
-        return len(variable.shape) >= 2 and any(fnmatch.fnmatchcase(variable.path, p) for p in self.variable_patterns)
+    def select(self, model):
+        """Reads the selected kernels and their linear maps from `model`'s layers (when the
+        optimizer is built, so the model may still be unbuilt now). Returns the optimizer."""
+        if not isinstance(model, keras.layers.Layer):
+            raise ValueError(f"`model` must be a Keras model or layer, got {type(model).__name__}.")
+        if self.built:
+            raise ValueError("`EndToEnd.select(model)` must come before the optimizer is built.")
+        self._model = weakref.ref(model)  # a weak reference: not tracked, saved, or kept alive
+        return self
+
+    def _resolve(self, var_list):
+        """(selected, maps) for `var_list`: the maps read from the model where there is one."""
+        model = None if self._model is None else self._model()
+        if model is not None:
+            self.linear_maps = linear_maps(model, self.variable_patterns)
+        if self.linear_maps is not None:
+            paths = {v.path for v in var_list}
+            missing = [p for p in self.linear_maps if p not in paths]
+            if missing:
+                raise ValueError(f"`EndToEnd` was given kernels {missing} that are not among the variables {paths}.")
+            return [v.path in self.linear_maps for v in var_list], [self.linear_maps.get(v.path) for v in var_list]
+        if self.variable_patterns is not None:
+            selected = select_by_patterns(var_list, self.variable_patterns)
+        else:
+            selected = [is_preconditioned_by_default(v) for v in var_list]
+        read_by_shape = [v.path for v, s in zip(var_list, selected) if s and len(v.shape) > 2]
+        if read_by_shape:
+            warnings.warn(
+                f"EndToEnd reads the kernels {read_by_shape} by their shape alone, as (prod(shape[:-1]), "
+                "shape[-1]) matrices: right for Conv kernels, not for depthwise or multi-axis EinsumDense ones. "
+                "Pass `model=` to read each as its layer's linear map.",
+                stacklevel=4,
+            )
+        return selected, [shape_map(tuple(v.shape)) if s else None for v, s in zip(var_list, selected)]
 
     def build(self, var_list):
         var_list = list(var_list)
-        selected = [self._selects(v) for v in var_list]
-        if self.variable_patterns is not None:
-            for pattern in self.variable_patterns:
-                if not any(fnmatch.fnmatchcase(v.path, pattern) for v in var_list):
-                    raise ValueError(
-                        f"`variables` pattern {pattern!r} of `EndToEnd` matches no trainable variable; paths are "
-                        f"{[v.path for v in var_list]}."
-                    )
-        elif not any(selected):
+        selected, maps = self._resolve(var_list)
+        if not any(selected):
             raise ValueError(
                 "`EndToEnd` found no variable to precondition: the default rule takes kernels (>= 2-D variables "
                 "named 'kernel', as in Dense and Conv layers; OverparamDense factors are trained as deep chains). "
@@ -183,21 +240,22 @@ class EndToEnd(keras.optimizers.Optimizer):
         self._warn_about_zero_kernels([v for v, s in zip(var_list, selected) if s])
         self.inner_optimizer.build(var_list)
         super().build(var_list)
-        self._selected = selected
+        self._selected, self._maps = selected, maps
         self._preconditioners = [None] * len(var_list)
+        self._refresh_phase = {}
         if self.refresh_every is not None and self.depth > 1:
             self._refresh_counter = self.add_variable(
                 (), dtype="int", initializer="zeros", aggregation="only_first_replica", name="refresh_counter"
             )
-            for index, (variable, chosen) in enumerate(zip(var_list, selected)):
-                if chosen:
-                    self._preconditioners[index] = self._preconditioner_slots(variable)
+            chosen = [i for i, s in enumerate(selected) if s]
+            self._refresh_phase = {index: rank % self.refresh_every for rank, index in enumerate(chosen)}
+            for index in chosen:
+                self._preconditioners[index] = self._preconditioner_slots(var_list[index], maps[index])
 
-    def _preconditioner_slots(self, variable):
-        rows, cols = _matrix_shape(tuple(variable.shape))
+    def _preconditioner_slots(self, variable, linear_map):
+        shapes = slot_shapes(linear_map, self.depth)
         dtype = "float64" if keras.backend.standardize_dtype(variable.dtype) == "float64" else "float32"
-        shapes = Preconditioner((rows, cols), (cols, cols), (1, cols), (self.depth - 1, 2, cols))
-        return Preconditioner(
+        return type(shapes)(
             *(
                 self.add_variable(
                     shape,
@@ -206,7 +264,7 @@ class EndToEnd(keras.optimizers.Optimizer):
                     aggregation="only_first_replica",
                     name=f"{variable.path.replace('/', '_')}_{field}",
                 )
-                for shape, field in zip(shapes, Preconditioner._fields)
+                for shape, field in zip(shapes, shapes._fields)
             )
         )
 
@@ -228,21 +286,30 @@ class EndToEnd(keras.optimizers.Optimizer):
     # --- the step ---------------------------------------------------------------------------
 
     def _refresh(self, kernels):
-        """Assigns P(W) of the current kernels to their slots at steps 0, k, 2k, ...; in between
-        the slots keep their values. The branch only selects values: assigning inside it would
-        be a cross-replica synchronisation inside control flow, which tf.distribute refuses."""
-        slots = [slot for index, _ in kernels for slot in self._preconditioners[index]]
-
-        def computed():
-            values = []
-            for _, kernel in kernels:
-                values.extend(compute_preconditioner(registry.kernel_matrix(ops.convert_to_tensor(kernel)), self.depth))
-            return values
-
-        refresh = ops.equal(self._refresh_counter % self.refresh_every, 0)
-        for slot, value in zip(slots, ops.cond(refresh, computed, lambda: [ops.convert_to_tensor(s) for s in slots])):
-            slot.assign(value)
+        """Assigns P(W) of the current kernels due for a refresh (step 0, and the steps of their
+        phase) to their slots; the others keep their values. Each phase's branch only selects
+        values: assigning inside it would be a cross-replica synchronisation inside control
+        flow, which tf.distribute refuses."""
+        step = self._refresh_counter
+        phases = {}
+        for index, kernel in kernels:
+            phases.setdefault(self._refresh_phase[index], []).append((index, kernel))
+        for phase, members in sorted(phases.items()):
+            slots = [slot for index, _ in members for slot in self._preconditioners[index]]
+            due = ops.logical_or(ops.equal(step, 0), ops.equal(step % self.refresh_every, phase))
+            kept = [ops.convert_to_tensor(s) for s in slots]
+            values = ops.cond(
+                due, lambda members=members, slots=slots: self._computed(members, slots), lambda kept=kept: kept
+            )
+            for slot, value in zip(slots, values):
+                slot.assign(value)
         self._refresh_counter.assign_add(1)
+
+    def _computed(self, members, slots):
+        """The preconditioners of `members` [(index, kernel)], shaped as their `slots`."""
+        kernels, maps = [kernel for _, kernel in members], [self._maps[index] for index, _ in members]
+        values = grouped_preconditioners(kernels, maps, self.depth, self.method)
+        return [ops.cast(v, slot.dtype) for v, slot in zip([v for value in values for v in value], slots)]
 
     def apply(self, grads, trainable_variables=None):
         grads = list(grads)
@@ -257,19 +324,31 @@ class EndToEnd(keras.optimizers.Optimizer):
                     self.build(trainable_variables)
                 self.built = True
         indices = [self._get_variable_index(v) for v in trainable_variables]
-        if self.refresh_every is not None and self.depth > 1:
-            self._refresh(
-                [(i, k) for i, k, g in zip(indices, trainable_variables, grads) if self._selected[i] and g is not None]
-            )
+        work = [
+            (position, index, kernel, grad)
+            for position, (index, kernel, grad) in enumerate(zip(indices, trainable_variables, grads))
+            if grad is not None and self._selected[index]
+        ]
         decay = self.weight_decay / backend.replicas_in_sync()
-        for position, (index, kernel, grad) in enumerate(zip(indices, trainable_variables, grads)):
-            if grad is None or not self._selected[index] or (self.depth == 1 and not decay):
-                continue
-            slots = self._preconditioners[index]
-            preconditioner = None if slots is None else Preconditioner(*(ops.convert_to_tensor(s) for s in slots))
-            grads[position] = ops.cast(
-                precondition_kernel_gradient(kernel, grad, self.depth, decay, preconditioner), grad.dtype
-            )
+        if self.depth > 1 and work:
+            kernels = [kernel for _, _, kernel, _ in work]
+            maps = [self._maps[index] for _, index, _, _ in work]
+            work_grads = [grad for _, _, _, grad in work]
+            if self.refresh_every is not None:
+                self._refresh([(index, kernel) for _, index, kernel, _ in work])
+                preconditioners = [
+                    type(slots)(*(ops.convert_to_tensor(s) for s in slots))
+                    for slots in (self._preconditioners[index] for _, index, _, _ in work)
+                ]
+                directions = grouped_directions(kernels, work_grads, maps, self.depth, preconditioners=preconditioners)
+            else:
+                directions = grouped_directions(kernels, work_grads, maps, self.depth, method=self.method)
+        else:
+            directions = [grad for _, _, _, grad in work]
+        for (position, _, kernel, grad), direction in zip(work, directions):
+            if decay:
+                direction = direction + (decay * self.depth) * ops.cast(kernel, direction.dtype)
+            grads[position] = ops.cast(direction, grad.dtype)
         self.inner_optimizer.apply(grads, trainable_variables)
 
     # --- delegation -------------------------------------------------------------------------
@@ -291,6 +370,9 @@ class EndToEnd(keras.optimizers.Optimizer):
         self.inner_optimizer.finalize_variable_values(var_list)
 
     def get_config(self):
+        model = None if self._model is None else self._model()
+        if self.linear_maps is None and model is not None and model.built:
+            self.linear_maps = linear_maps(model, self.variable_patterns)
         return {
             "name": self.name,
             "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
@@ -298,6 +380,10 @@ class EndToEnd(keras.optimizers.Optimizer):
             "weight_decay": self.weight_decay,
             "refresh_every": self.refresh_every,
             "variables": self.variable_patterns,
+            "method": self.method,
+            "linear_maps": None
+            if self.linear_maps is None
+            else {path: m.get_config() for path, m in self.linear_maps.items()},
         }
 
     @classmethod

@@ -38,20 +38,22 @@ def _weights(seed=1):
     ]
 
 
-def _numpy_run(weights, x, y, eta, depth, weight_decay, steps, refresh_every=None):
+def _numpy_run(weights, x, y, eta, depth, weight_decay, steps, refresh_steps=None):
     """`steps` full-batch steps on tanh(x W1 + b1) W2 + b2 with loss (1/2) mean (out - y)^2,
-    gradients by hand; kernels step by eq. 24 (with the kernel W_r of the last refresh in the
-    preconditioner when amortised: D_t = P(W_r) G_t), biases by plain SGD."""
+    gradients by hand; kernels step by eq. 24 (amortised, with `refresh_steps` = (steps at which
+    W1 refreshes, steps at which W2 does): with the kernel W_r of its last refresh in the
+    preconditioner, D_t = P(W_r) G_t), biases by plain SGD."""
     w1, b1, w2, b2 = (w.copy() for w in weights)
-    refs = None
+    refs = [None, None]
     for step in range(steps):
         hidden = np.tanh(x @ w1 + b1)
         residual = (hidden @ w2 + b2 - y) / y.size
         g2, gb2 = hidden.T @ residual, residual.sum(0)
         back = residual @ w2.T * (1 - hidden**2)
         g1, gb1 = x.T @ back, back.sum(0)
-        if refresh_every is None or step % refresh_every == 0:
-            refs = (w1.copy(), w2.copy())
+        for i, w in enumerate([w1, w2]):
+            if refresh_steps is None or step in refresh_steps[i]:
+                refs[i] = w.copy()
         w1 = w1 - eta * (reference_direction(refs[0], g1, depth) + weight_decay * depth * w1)
         w2 = w2 - eta * (reference_direction(refs[1], g2, depth) + weight_decay * depth * w2)
         b1, b2 = b1 - eta * gb1, b2 - eta * gb2
@@ -107,11 +109,16 @@ def test_sgd_on_a_kernel_wide_enough_for_newton_schulz_is_eq24(float64):
     assert_allclose_through_keras(model.get_weights()[0], expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("refresh_every", [1, 3])
-def test_amortised_rule_keeps_the_preconditioner_of_the_last_refresh(float64, refresh_every):
+# Which kernel refreshes at which of 7 steps: every kernel at step 0, then the i-th selected
+# kernel at the steps t with t mod k = i mod k (W1 is kernel 0, W2 kernel 1).
+REFRESH_STEPS = {1: (set(range(7)), set(range(7))), 3: ({0, 3, 6}, {0, 1, 4}), 10: ({0}, {0, 1})}
+
+
+@pytest.mark.parametrize("depth, refresh_every", [(3, 1), (3, 3), (3, 10), (2, 3)])
+def test_amortised_rule_refreshes_a_staggered_share_of_the_kernels(float64, depth, refresh_every):
     x, y = _data()
-    eta, depth, steps = 0.2, 3, 7
-    expected = _numpy_run(_weights(), x, y, eta, depth, 0.05, steps, refresh_every=refresh_every)
+    eta, steps = 0.2, 7
+    expected = _numpy_run(_weights(), x, y, eta, depth, 0.05, steps, refresh_steps=REFRESH_STEPS[refresh_every])
     model = _model(_weights())
     model.compile(
         EndToEnd(keras.optimizers.SGD(eta), depth=depth, weight_decay=0.05, refresh_every=refresh_every),
@@ -400,3 +407,38 @@ def test_inner_gradient_accumulation_gives_one_step_of_the_mean_gradient(float64
     model.fit(x, y, batch_size=len(x) // 2, epochs=1, shuffle=False, verbose=0)
     for w, e in zip(model.get_weights(), expected, strict=True):
         assert_allclose_through_keras(w, e, rtol=1e-11, atol=1e-13)
+
+
+def test_the_documented_sequential_pattern_selects_the_dense_kernels():
+    # The docstring's example: paths of a Sequential model begin with the model's name.
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+    optimizer = EndToEnd(keras.optimizers.SGD(0.1), variables=["dense*/kernel"])
+    optimizer.build(model.trainable_variables)
+    selected = [v.path for v, s in zip(model.trainable_variables, optimizer._selected) if s]
+    assert selected == [layer.kernel.path for layer in model.layers]
+    assert all(path.startswith(model.name + "/") for path in selected)
+
+
+def test_an_optimizer_class_or_a_bad_method_raises():
+    with pytest.raises(ValueError, match="instance.*SGD"):
+        EndToEnd(keras.optimizers.SGD)
+    for kwargs in [{"method": "svd"}, {"method": "newton_schulz", "depth": 3}]:
+        with pytest.raises(ValueError, match="method"):
+            EndToEnd("sgd", **kwargs)
+
+
+@pytest.mark.parametrize("method", ["auto", "eigh", "newton_schulz"])
+def test_each_method_is_passed_through_and_steps_by_eq24(float64, method, monkeypatch):
+    from tf_overparam import kernel_groups
+
+    seen = []
+    direction = kernel_groups._direction
+    monkeypatch.setattr(kernel_groups, "_direction", lambda *args: seen.append(args[-1]) or direction(*args))
+    x, y = _data()
+    expected = _numpy_run(_weights(), x, y, 0.1, 2, 0.0, 2)
+    model = _model(_weights())
+    model.compile(EndToEnd(keras.optimizers.SGD(0.1), depth=2, method=method), loss=to.LpLoss(2))
+    model.fit(x, y, batch_size=len(x), epochs=2, shuffle=False, verbose=0)
+    assert seen and set(seen) == {method}
+    for a, c in zip(model.get_weights(), expected, strict=True):
+        assert_allclose_through_keras(a, c, rtol=1e-10, atol=1e-12)
