@@ -1,5 +1,6 @@
-"""The models the benchmarks time: the tutorial CNN's variants (`cnn_models`), built on the
-current Keras backend, and the benchmarks' kernels (`benchmark_kernel`)."""
+"""The models the benchmarks time: the tutorial CNN's variants (`cnn_models`), the kernels
+of the update-rule section (`benchmark_kernel`) and the models of
+the side-by-side comparison (`side_by_side_model`), built on the current Keras backend."""
 
 import warnings
 
@@ -100,3 +101,45 @@ def benchmark_kernel(rng, shape, condition):
     right, _ = np.linalg.qr(rng.normal(size=(shape[1], rank)))
     values = 0.1 * (np.sqrt(shape[0]) + np.sqrt(shape[1])) * np.logspace(0, -np.log10(condition), rank)
     return (left * values) @ right.T
+
+
+# ----------------------------------------------------------------------------- side by side
+
+
+def tiny_cnn():
+    """A small CNN (conv 3x3x8, pool, dense 16, dense 10) for the quick side-by-side run."""
+    return keras.Sequential(
+        [
+            keras.Input((12, 12, 1)),
+            keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
+            keras.layers.MaxPooling2D(2, name="pool"),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(16, activation="relu", name="fc1"),
+            keras.layers.Dense(10, name="fc2"),
+        ],
+        name="tiny_cnn",
+    )
+
+
+def _application(name, image_size, classes):
+    def build():
+        return getattr(keras.applications, name)(
+            weights=None, input_shape=(image_size, image_size, 3), classes=classes, classifier_activation=None
+        )
+
+    return build
+
+
+def side_by_side_model(name, image_size, classes):
+    """(a function building the model, its input shape) for a side-by-side model name: "tutorial
+    CNN", "tiny CNN", or a `keras.applications` model ("ResNet50", "MobileNetV2", ...) with
+    `weights=None`, `image_size` square RGB inputs, `classes` logits."""
+    if name == "tutorial CNN":
+        return cnn, (28, 28, 1), 10
+    if name == "tiny CNN":
+        return tiny_cnn, (12, 12, 1), 10
+    if not hasattr(keras.applications, name):
+        raise ValueError(
+            f"unknown side-by-side model {name!r}: 'tutorial CNN', 'tiny CNN' or a keras.applications name"
+        )
+    return _application(name, image_size, classes), (image_size, image_size, 3), classes

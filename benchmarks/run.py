@@ -1,4 +1,5 @@
-"""Benchmarks of tf_overparam: the full-batch engine, the layer and the update rule.
+"""Benchmarks of tf_overparam: the full-batch engine, the layer, the update rule, and optimizers
+side by side on real models.
 
     python -m benchmarks.run [--data-dir DIR] [--quick] [--sections NAME ...] [--out DIR]
 
@@ -11,6 +12,11 @@
    trained by `EndToEnd`; train step and inference on a random batch of 64 (`benchmarks.layer`).
 3. update_rule: one eq. 24 step against one SGD step and in `W^T G` matmuls of the same kernel,
    exact and amortised, next to its floor (`benchmarks.update_rule`).
+4. side_by_side: the tutorial CNN (batch 64), ResNet50 and MobileNetV2 (`weights=None`, 32x32,
+   batch 8) under SGD, Adam, Muon and `EndToEnd(SGD)` exact and with refresh_every=10 and 100, as
+   ratios to SGD next to the floor of the end-to-end products; the batch at which the amortised
+   step costs at most 1.2x SGD; `overparameterize(preserve_function=True)` of ResNet50 against
+   `clone_model` (`benchmarks.side_by_side`).
 
 Every number is a median over interleaved repeats (`benchmarks.timing.measure`); the first
 call (tracing) is reported apart. Ratios are taken within one run, so that a shared machine's
@@ -29,7 +35,7 @@ import datetime
 import os
 import sys
 
-from benchmarks.config import DATA_SECTIONS, SECTIONS, Config
+from benchmarks.config import DATA_SECTIONS, SECTIONS, Config, SideBySide  # noqa: F401 - re-exported
 from experiments._common import UserError, cli, make_run_dir, quiet_tensorflow, write_json_atomic
 from experiments.data import gas_sensor
 
@@ -126,9 +132,13 @@ def run_section(name, config, write):
         from benchmarks.layer import layer_section
 
         return layer_section(config)
-    from benchmarks.update_rule import update_rule_section
+    if name == "update_rule":
+        from benchmarks.update_rule import update_rule_section
 
-    return update_rule_section(config)
+        return update_rule_section(config)
+    from benchmarks.side_by_side import side_by_side_section
+
+    return side_by_side_section(config.side_by_side, write)
 
 
 main = cli(_main)

@@ -100,6 +100,53 @@ def _update_rule(update_rule):
     return lines
 
 
+def _ratio(value, suffix="x"):
+    return "-" if value is None else f"{value:.2f}{suffix}"
+
+
+def _side_by_side(section):
+    lines = [
+        f"Optimizers side by side, depth {section['depth']} (`train_on_batch`, random data; x SGD: median step over "
+        "SGD's in the same run; floor: SGD's step plus the end-to-end products alone, over SGD's; extra / floor: "
+        "(step - SGD) over the products alone; p95 / median of single steps):",
+        "",
+        "| model, input, batch | optimizer | step (ms) | x SGD | floor, x SGD | extra / floor | p95 / median | "
+        "max / median |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, model in section["models"].items():
+        shape = "x".join(map(str, model["input_shape"][:2]))
+        for optimizer, row in model["optimizers"].items():
+            lines.append(
+                f"| {name}, {shape}, {model['batch']} | {optimizer}{'' if row['finite'] else ' (diverged)'} | "
+                f"{1e3 * row['seconds_per_step']:.1f} | {row['vs_sgd']:.2f}x | {_ratio(row.get('floor_vs_sgd'))} | "
+                f"{_ratio(row.get('extra_over_floor'))} | {row['p95_over_median']:.2f} | {row['max_over_median']:.2f} |"
+            )
+    lines += [
+        "",
+        "| model | selected kernels | apply products (G multiply-adds) | crossover: batch where "
+        "amortised costs at most the target x SGD | batches tried (x SGD) |",
+        "| --- | ---: | ---: | --- | --- |",
+    ]
+    for name, model in section["models"].items():
+        search = model["crossover"]
+        found = f"{search['batch']}" if search["batch"] is not None else f"> {search['tried'][-1]['batch']}"
+        tried = ", ".join(f"{t['batch']}: {t['vs_sgd']:.2f}x" for t in search["tried"])
+        lines.append(
+            f"| {name} | {model['selected_kernels']} | {model['apply_multiply_adds'] / 1e9:.3g} | "
+            f"{found} ({search['optimizer']}, {search['target_ratio']}x) | {tried} |"
+        )
+    conversion = section.get("conversion")
+    if conversion is not None:
+        lines += [
+            "",
+            f"Conversion of {conversion['model']}: `overparameterize(preserve_function=True)` "
+            f"{conversion['overparameterize']['median_s']:.2f} s, `keras.models.clone_model` "
+            f"{conversion['clone_model']['median_s']:.2f} s: {conversion['overparameterize_vs_clone_model']:.1f}x.",
+        ]
+    return lines
+
+
 def _direction(direction):
     lines = [
         f"End-to-end direction, depth {direction['depth']}, float32, one step in a compiled loop (us):",
@@ -119,6 +166,7 @@ SECTION_TABLES = {
     "fullbatch": _fullbatch,
     "layer": lambda layer: _cnn(layer, "MNIST tutorial CNN"),
     "update_rule": _update_rule,
+    "side_by_side": _side_by_side,
     "cnn": lambda layer: _cnn(layer, "CNN"),
     "direction": _direction,
 }

@@ -126,7 +126,8 @@ def _check_update_rule(update_rule):
 
 
 def test_quick_run_writes_every_section(gas_sensor_dir, tmp_path, capsys):
-    path = run.main(["--quick", "--out", str(tmp_path), "--data-dir", str(gas_sensor_dir)])
+    sections = ["fullbatch", "layer", "update_rule"]  # side_by_side: its own test below
+    path = run.main(["--quick", "--out", str(tmp_path), "--data-dir", str(gas_sensor_dir), "--sections", *sections])
     assert path == tmp_path / "results.json"
     results = json.loads(path.read_text())
     for section in ("fullbatch", "layer", "update_rule"):
@@ -222,6 +223,49 @@ def test_step_clock_keeps_the_steps_after_the_first_call_and_takes_percentiles()
     clock.seconds[:] = [5.0, 1.0, 3.0, 2.0, 4.0]
     for q in (0, 50, 95, 100):
         assert clock.percentile(q) == pytest.approx(np.percentile([1, 2, 3, 4, 5], q))
+
+
+# ----------------------------------------------------------------------------- side by side
+
+
+def test_quick_side_by_side_gives_every_ratio_next_to_its_floor(tmp_path, capsys):
+    path = run.main(["--quick", "--out", str(tmp_path), "--sections", "side_by_side"])
+    section = json.loads(path.read_text())["side_by_side"]
+    quick = run.SideBySide.quick()
+    assert list(section["models"]) == [name for name, _ in quick.models]
+    amortised = [f"EndToEnd(SGD, refresh_every={k})" for k in quick.refresh_every]
+    for model in section["models"].values():
+        rows = model["optimizers"]
+        assert list(rows) == ["SGD", "Adam", "Muon", "EndToEnd(SGD)", *amortised]
+        # The tiny CNN's kernels: conv 3x3x1x8 (9 x 8), fc1 200 x 16, fc2 16 x 10.
+        assert model["selected_kernels"] == 3
+        assert sorted(map(tuple, model["kernel_groups"])) == [(1, 9, 8), (1, 16, 10), (1, 200, 16)]
+        sgd = rows["SGD"]["seconds_per_step"]
+        floors = {kind: model["floor"][kind]["seconds_per_step"] for kind in ("exact", "apply", "refresh")}
+        for optimizer, row in rows.items():
+            assert row["finite"], optimizer
+            assert row["vs_sgd"] == pytest.approx(row["seconds_per_step"] / sgd)
+            assert row["p95_over_median"] == pytest.approx(row["p95_step_s"] / row["median_step_s"])
+            for key in ("vs_sgd", "p95_over_median", "max_over_median", "median_step_s"):
+                assert math.isfinite(row[key]) and row[key] > 0, (optimizer, key)
+            assert row["max_over_median"] >= row["p95_over_median"] >= 0
+            assert ("floor_s" in row) == optimizer.startswith("EndToEnd")
+        assert rows["EndToEnd(SGD)"]["floor_s"] == floors["exact"]
+        for optimizer, k in zip(amortised, quick.refresh_every):
+            row = rows[optimizer]
+            assert row["refresh_every"] == k and row["steps"] % k == 0  # whole k-step windows per call
+            assert row["floor_s"] == pytest.approx(floors["apply"] + floors["refresh"] / k)
+            assert row["floor_vs_sgd"] == pytest.approx((sgd + row["floor_s"]) / sgd) and row["floor_vs_sgd"] > 1
+            assert row["extra_over_floor"] == pytest.approx((row["seconds_per_step"] - sgd) / row["floor_s"])
+        search = model["crossover"]  # the quick target (0x) is never met: the search runs to the end
+        assert [t["batch"] for t in search["tried"]] == [4, 8] and search["batch"] is None
+        assert all(math.isfinite(t["vs_sgd"]) and t["vs_sgd"] > 0 for t in search["tried"])
+    conversion = section["conversion"]
+    assert conversion["overparameterize_vs_clone_model"] == pytest.approx(
+        conversion["overparameterize"]["median_s"] / conversion["clone_model"]["median_s"]
+    )
+    out = capsys.readouterr().out
+    assert "| tiny CNN, 12x12, 4 | EndToEnd(SGD, refresh_every=2) |" in out and "Conversion of tiny CNN" in out
 
 
 # ----------------------------------------------------------------------------- the command line
