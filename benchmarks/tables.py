@@ -162,6 +162,32 @@ def _direction(direction):
     return lines
 
 
+def _precision(precision):
+    lines = [
+        f"Accuracy of the float32 direction against a float64 SVD evaluation (relative Frobenius error), by matmul "
+        f"precision; condition number {precision['condition']:g}:",
+        "",
+        "| kernel | depth | " + " | ".join(precision["precisions"]) + " |",
+        "| --- | ---: |" + " ---: |" * len(precision["precisions"]),
+    ]
+    for row in precision["rows"]:
+        errors = " | ".join(f"{row['errors'][p]:.2e}" for p in precision["precisions"])
+        lines.append(f"| {row['kernel']} | {row['depth']} | {errors} |")
+    lines += [
+        "",
+        "The eq. 24 step in `W^T G` matmuls (each timed under the same precision), by matmul precision:",
+        "",
+        "| kernel | " + " | ".join(precision["precisions"]) + " |",
+        "| --- |" + " ---: |" * len(precision["precisions"]),
+    ]
+    for kernel in precision["cost"][precision["precisions"][0]]["kernels"]:
+        cells = " | ".join(
+            f"{precision['cost'][p]['kernels'][kernel]['direction_vs_matmul']:.1f}" for p in precision["precisions"]
+        )
+        lines.append(f"| {kernel} | {cells} |")
+    return lines
+
+
 SECTION_TABLES = {
     "fullbatch": _fullbatch,
     "layer": lambda layer: _cnn(layer, "MNIST tutorial CNN"),
@@ -169,6 +195,7 @@ SECTION_TABLES = {
     "side_by_side": _side_by_side,
     "cnn": lambda layer: _cnn(layer, "CNN"),
     "direction": _direction,
+    "precision": _precision,
 }
 
 
