@@ -51,7 +51,7 @@ def parse_args(argv):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="CI scale: short calls, small kernels, a tiny side-by-side (about a minute)",
+        help="CI scale: short calls, small kernels, a tiny side-by-side (a few minutes)",
     )
     parser.add_argument(
         "--sections", nargs="+", choices=SECTIONS, default=SECTIONS, metavar="NAME", help=f"of {', '.join(SECTIONS)}"

@@ -286,13 +286,13 @@ BLOCKER = textwrap.dedent(
 )
 
 
-def _command(args, tmp_path, env=None, timeout=120):
-    """`python -m benchmarks.run ARGS` with no gas sensor data and no TF_CPP_MIN_LOG_LEVEL given."""
+def _command(args, tmp_path, env=None, timeout=120, module="benchmarks.run"):
+    """`python -m MODULE ARGS` with no gas sensor data and no TF_CPP_MIN_LOG_LEVEL given."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]), **(env or {})}
     for name in ("TF_OVERPARAM_GAS_SENSOR_DIR", "TF_CPP_MIN_LOG_LEVEL"):
         env.pop(name, None)
     return subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", *args],
+        [sys.executable, "-m", module, *args],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -301,14 +301,21 @@ def _command(args, tmp_path, env=None, timeout=120):
     )
 
 
-@pytest.mark.parametrize("args", [["--help"], ["--backend", "jax", "--help"]])
-def test_help_answers_without_tensorflow_or_keras(tmp_path, args):
+@pytest.mark.parametrize(
+    "module, args",
+    [
+        ("benchmarks.run", ["--help"]),
+        ("benchmarks.run", ["--backend", "jax", "--help"]),
+        ("benchmarks.amortised_drift", ["--help"]),
+    ],
+)
+def test_help_answers_without_tensorflow_or_keras(tmp_path, module, args):
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(BLOCKER)
-    done = _command(args, tmp_path, env={"PYTHONPATH": os.pathsep.join([str(site), REPO_ROOT])})
+    done = _command(args, tmp_path, env={"PYTHONPATH": os.pathsep.join([str(site), REPO_ROOT])}, module=module)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("usage: python -m benchmarks.run") and done.stderr == ""
+    assert done.stdout.startswith(f"usage: python -m {module}") and done.stderr == ""
 
 
 def test_without_data_the_data_section_is_skipped_in_one_line_and_nothing_is_logged(tmp_path):
