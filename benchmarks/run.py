@@ -22,8 +22,8 @@ Every number is a median over interleaved repeats (`benchmarks.timing.measure`);
 call (tracing) is reported apart. Ratios are taken within one run, so that a shared machine's
 load, which moves the absolute numbers, moves them less. The results, with what they were
 measured on (`machine`: versions, devices, git commit), are written atomically to
-`<out>/results.json` (default runs/benchmarks/<UTC time>/) after every section, and printed as
-Markdown tables at the end.
+`<out>/results.json` (default runs/benchmarks/<UTC time>/) after every section; at the end the
+Markdown tables are printed and written to `<out>/tables.md`.
 
 With `--backend NAME` (tensorflow, jax, torch) it runs instead the CNN and the end-to-end
 direction on that Keras backend, without TensorFlow off it (`benchmarks/backend_bench.py`).
@@ -36,7 +36,7 @@ import os
 import sys
 
 from benchmarks.config import DATA_SECTIONS, SECTIONS, Config, SideBySide  # noqa: F401 - re-exported
-from experiments._common import UserError, cli, make_run_dir, quiet_tensorflow, write_json_atomic
+from experiments._common import UserError, cli, make_run_dir, quiet_tensorflow, replace_atomic, write_json_atomic
 from experiments.data import gas_sensor
 
 
@@ -116,8 +116,10 @@ def _main(argv):
     for section in config.sections:
         if section not in skipped:
             write(section, run_section(section, config, lambda partial, section=section: write(section, partial)))
-    print(format_tables(results))
-    print(f"\nresults: {path}")
+    tables = format_tables(results)
+    replace_atomic(run_dir / "tables.md", lambda file: file.write(tables + "\n"))
+    print(tables)
+    print(f"\nresults: {path} (tables: {run_dir / 'tables.md'})")
     return path
 
 

@@ -266,6 +266,7 @@ def test_quick_side_by_side_gives_every_ratio_next_to_its_floor(tmp_path, capsys
     )
     out = capsys.readouterr().out
     assert "| tiny CNN, 12x12, 4 | EndToEnd(SGD, refresh_every=2) |" in out and "Conversion of tiny CNN" in out
+    assert (tmp_path / "tables.md").read_text() in out  # the printed tables, also on disk
 
 
 # ----------------------------------------------------------------------------- the command line
