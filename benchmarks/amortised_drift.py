@@ -21,12 +21,9 @@ import pathlib
 import sys
 import time
 
-import keras
 import numpy as np
 
-from experiments._common import make_run_dir, write_json_atomic
-from experiments.mnist_cnn import Config, build_cnn
-from tf_overparam.optimizers import EndToEnd
+from experiments._common import cli, make_run_dir, quiet_tensorflow, write_json_atomic
 
 DEFAULT_DATA = pathlib.Path(os.environ.get("TF_OVERPARAM_MNIST_DIR", "/work/shared/data/mnist"))
 HELD_OUT = 5000
@@ -47,6 +44,11 @@ def load_idx(data_dir, count):
 
 def train(refresh_every, x, y, steps, every, eval_x, eval_y):
     """Loss of (eval_x, eval_y) at steps 0, every, 2 every, ..., steps."""
+    import keras
+
+    from experiments.mnist_cnn import Config, build_cnn
+    from tf_overparam.optimizers import EndToEnd
+
     keras.utils.set_random_seed(0)
     model = build_cnn(Config())
     optimizer = EndToEnd(
@@ -65,13 +67,19 @@ def train(refresh_every, x, y, steps, every, eval_x, eval_y):
     return losses, time.perf_counter() - started
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _main(argv):
+    """Trains the three runs (TensorFlow and Keras load only after the arguments are read)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.amortised_drift",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--eval-examples", type=int, default=2000)
     parser.add_argument("--data-dir", type=pathlib.Path, default=DEFAULT_DATA)
     parser.add_argument("--out")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.every < 1 or args.steps % args.every or args.eval_examples < 1:
         parser.error("--steps, --every and --eval-examples must be positive, --steps a multiple of --every")
@@ -81,6 +89,7 @@ def main(argv=None):
     x, y = load_idx(args.data_dir, args.steps * BATCH)
     eval_x, eval_y = x[: args.eval_examples], y[: args.eval_examples]
     run_dir = make_run_dir(args.out, "amortised_drift")
+    quiet_tensorflow()
     steps = list(range(0, args.steps + 1, args.every))
     results = {"steps": steps, "config": vars(args) | {"data_dir": str(args.data_dir)}, "runs": {}}
     for name, refresh_every in RUNS.items():
@@ -110,6 +119,8 @@ def main(argv=None):
     print(f"results: {run_dir / 'results.json'}")
     return 0
 
+
+main = cli(_main)
 
 if __name__ == "__main__":
     sys.exit(main())

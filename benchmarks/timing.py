@@ -1,4 +1,5 @@
-"""The one timing helper of the benchmarks: warm-up apart, calibrated calls, interleaved repeats.
+"""The one timing module of the benchmarks: cases, calibrated calls, interleaved repeats, compiled
+loops on any Keras backend, and what the numbers were measured on.
 
 A case is a callable `run(units)` doing `units` units of work (epochs, executions, loop
 iterations, batches), each worth `steps_per_unit` steps. `measure` times the first call (one
@@ -6,10 +7,14 @@ unit, tracing included) on its own, sizes every case so that one call lasts abou
 then times `repeats` rounds in which every case runs once (each round starting one case
 later), so that a change of the machine's load hits all cases alike; a case's time is the
 median over the rounds.
+
+Nothing here imports TensorFlow or Keras at module level: `benchmarks.run --help` stays fast.
 """
 
 import dataclasses
 import math
+import os
+import platform
 import statistics
 import time
 
@@ -32,6 +37,34 @@ def repeated(call):
     return Case(run)
 
 
+class StepClock:
+    """A case calling `step()` `steps_per_unit` times per unit that keeps every step's wall
+    time after its first call (the first call traces). `percentile(q)` of those times shows the
+    steps that cost more than the rest (an amortised refresh)."""
+
+    def __init__(self, step, steps_per_unit=1):
+        self.step, self.seconds, self._calls = step, [], 0
+        self.case = Case(self._run, steps_per_unit)
+
+    def _run(self, units):
+        times = []
+        for _ in range(units * self.case.steps_per_unit):
+            started = time.perf_counter()
+            self.step()
+            times.append(time.perf_counter() - started)
+        if self._calls:
+            self.seconds.extend(times)
+        self._calls += 1
+
+    def percentile(self, q):
+        """The q-th percentile (0..100, linear interpolation) of the kept step times."""
+        ordered = sorted(self.seconds)
+        position = (len(ordered) - 1) * q / 100
+        low = math.floor(position)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
 def model_cases(models, x, y):
     """Per model, "<name>/train" (`train_on_batch`) and "<name>/predict" (`predict_on_batch`)."""
     cases = {}
@@ -39,16 +72,6 @@ def model_cases(models, x, y):
         cases[f"{name}/train"] = repeated(lambda model=model: model.train_on_batch(x, y))
         cases[f"{name}/predict"] = repeated(lambda model=model: model.predict_on_batch(x))
     return cases
-
-
-def load_sentence(results, cpus):
-    """The machine's load during a run (`loadavg_start`, `loadavg_end` of `results`), for the tables."""
-    start, end = results["loadavg_start"][0], results["loadavg_end"][0]
-    return (
-        f"load average {start:.2f} at the start, {end:.2f} at the end"
-        f"{' (--quick)' if results['config']['scale'] == 'quick' else ''}."
-        + (" The load is above the CPU count: absolute numbers are noisy, compare ratios." if start > cpus else "")
-    )
 
 
 def _clock(run, units):
@@ -100,17 +123,95 @@ def measure(cases, target_s, repeats):
 
 
 def compiled_loop(step, initial, unroll):
-    """A case running `state = step(state)` `unroll` times per unit, all units in one
-    `tf.function` call (a `tf.range` loop); a call returns once the result is computed.
-    TensorFlow only; `benchmarks.backend_bench.compiled_loop` is the same on any backend."""
-    import tensorflow as tf  # here, so that the timing helper above needs no TensorFlow
+    """A case running `state = step(state)` `unroll` times per unit, all units in one compiled
+    call of the current Keras backend (a `tf.range` loop in a `tf.function`, a
+    `jax.lax.fori_loop` under `jax.jit`; eager steps on torch); a call returns once the result
+    is computed. `initial` may be a nested structure of tensors (`keras.tree`)."""
+    import keras
 
-    @tf.function
-    def loop(units):
-        state = initial
-        for _ in tf.range(units):
+    backend = keras.backend.backend()
+
+    def total(state):
+        return sum(keras.ops.sum(leaf) for leaf in keras.tree.flatten(state))
+
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function
+        def loop(units):
+            state = initial
+            for _ in tf.range(units):
+                for _ in range(unroll):
+                    state = step(state)
+            return total(state)
+
+        return Case(lambda units: loop(tf.constant(units, tf.int64)).numpy(), steps_per_unit=unroll)
+    if backend == "jax":
+        import jax
+
+        def body(_, state):
             for _ in range(unroll):
                 state = step(state)
-        return tf.reduce_sum(state)
+            return state
 
-    return Case(lambda units: loop(tf.constant(units, tf.int64)).numpy(), steps_per_unit=unroll)
+        jitted = jax.jit(lambda units: total(jax.lax.fori_loop(0, units, body, initial)))
+        return Case(lambda units: float(jitted(units)), steps_per_unit=unroll)
+
+    def eager(units):  # torch: no graph compiler in the loop
+        state = initial
+        for _ in range(units * unroll):
+            state = step(state)
+        return float(total(state))
+
+    return Case(eager, steps_per_unit=unroll)
+
+
+def machine_info():
+    """What the numbers were measured on: the Keras backend, its version and devices, the CPUs,
+    the load average, and the package and git commit that produced them (provenance)."""
+    import keras
+
+    from experiments._common import provenance
+
+    backend = keras.backend.backend()
+    info = {
+        "backend": backend,
+        "keras": keras.__version__,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+        **provenance(),
+    }
+    if backend == "jax":
+        import jax
+
+        info.update(
+            version=jax.__version__,
+            device_count=jax.device_count(),
+            devices=[str(d.device_kind) for d in jax.devices()],
+        )
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        info.update(version=tf.__version__, tensorflow=tf.__version__)
+        info["devices"] = [d.name for d in tf.config.list_logical_devices()]
+        info["device_count"] = len(info["devices"])
+    elif backend == "torch":
+        import torch
+
+        info.update(
+            version=torch.__version__, devices=[torch.cuda.get_device_name(0)] if torch.cuda.is_available() else ["cpu"]
+        )
+        info["device_count"] = max(1, torch.cuda.device_count())
+    return info
+
+
+def load_sentence(results, cpus):
+    """The machine's load during a run (`loadavg_start`, `loadavg_end` of `results`), for the tables."""
+    start, end = results["loadavg_start"][0], results["loadavg_end"][0]
+    return (
+        f"load average {start:.2f} at the start, {end:.2f} at the end"
+        f"{' (--quick)' if results['config']['scale'] == 'quick' else ''}."
+        + (" The load is above the CPU count: absolute numbers are noisy, compare ratios." if start > cpus else "")
+    )

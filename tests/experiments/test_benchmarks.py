@@ -1,26 +1,41 @@
 """The benchmarks: a quick run writes every section with sane numbers whose ratios are the
-quotients of the raw timings; the FLOP count and the timing helper's bookkeeping by hand.
-No assertion depends on how fast the machine is."""
+quotients of the raw timings; the FLOP counts, the floor's products and the timing helper's
+bookkeeping by hand or against NumPy; the command line's start (help without TensorFlow, a
+skipped data section, no TensorFlow log lines). No assertion depends on how fast the machine is."""
 
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from _reference import reference_direction  # tests/ is on sys.path (rootdir-relative import)
 
-from benchmarks import run
-from benchmarks.timing import Case, measure
+from benchmarks import floor, run
+from benchmarks.fullbatch import step_flops
+from benchmarks.models import benchmark_kernel
+from benchmarks.timing import Case, StepClock, measure
+from benchmarks.update_rule import takes_newton_schulz
+from tf_overparam.preconditioning import _square_roots
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = {"keras_fit", "keras_fit_spe", "engine", "engine_depth2", "engine_end_to_end", "data_matmuls"}
 
 
+# A difference of two timings (the Gram + eigh step minus the SGD step): of a 1 x 1 eigh it is
+# within the timing noise, so its sign is not the code's to keep; `_check_update_rule` checks it.
+DIFFERENCES = ("gram_eigh_in_matmuls",)
+
+
 def _numbers(tree):
-    """Every int/float leaf of a JSON tree (booleans are not numbers here)."""
+    """Every int/float leaf of a JSON tree (booleans are not numbers here), but `DIFFERENCES`."""
     if isinstance(tree, dict):
-        return [n for value in tree.values() for n in _numbers(value)]
+        return [n for key, value in tree.items() if key not in DIFFERENCES for n in _numbers(value)]
     if isinstance(tree, list):
         return [n for value in tree for n in _numbers(value)]
     return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
@@ -116,7 +131,8 @@ def _check_update_rule(update_rule):
 
 
 def test_quick_run_writes_every_section(gas_sensor_dir, tmp_path, capsys):
-    path = run.main(["--quick", "--out", str(tmp_path), "--data-dir", str(gas_sensor_dir)])
+    sections = ["fullbatch", "layer", "update_rule"]  # side_by_side: its own test below
+    path = run.main(["--quick", "--out", str(tmp_path), "--data-dir", str(gas_sensor_dir), "--sections", *sections])
     assert path == tmp_path / "results.json"
     results = json.loads(path.read_text())
     for section in ("fullbatch", "layer", "update_rule"):
@@ -135,7 +151,7 @@ def test_floor_direction_is_eq24_at_depth_2(shape):
     # matrix powers of W W^T and W^T W), on a full-rank float64 kernel, tall, wide and square.
     rng = np.random.default_rng(sum(shape))
     w, g = rng.normal(size=shape), rng.normal(size=shape)
-    direction = run.floor_direction(tf.constant(w), tf.constant(g)).numpy()
+    direction = floor.floor_direction(tf.constant(w), tf.constant(g)).numpy()
     np.testing.assert_allclose(direction, reference_direction(w, g, 2), rtol=1e-9, atol=1e-10)
 
 
@@ -143,26 +159,20 @@ def test_kernels_of_the_update_rule_section_take_the_paths_they_are_named_for():
     # The Gaussian 3136 x 512 kernel (cond(W) about 2.4) takes Newton-Schulz; the conditioned one
     # (cond(W) 1e3, singular values 1e3 apart) is built as named and declines it.
     rng = np.random.default_rng(0)
-    kernel = run._benchmark_kernel(rng, (3136, 512), None)
-    assert bool(run._square_roots(tf.constant(kernel.T @ kernel))[2])
-    conditioned = run._benchmark_kernel(
-        rng,
-        (
-            300,
-            128,
-        ),
-        1e3,
-    )
+    kernel = benchmark_kernel(rng, (3136, 512), None)
+    assert takes_newton_schulz(tf.constant(kernel))
+    conditioned = benchmark_kernel(rng, (300, 128), 1e3)
     s = np.linalg.svd(conditioned, compute_uv=False)
     assert s.max() / s.min() == pytest.approx(1e3, rel=1e-9)
     assert s.max() == pytest.approx(0.1 * (np.sqrt(300) + np.sqrt(128)), rel=1e-9)
-    assert not bool(run._square_roots(tf.constant(conditioned.T @ conditioned))[2])
+    # (300 x 128 is below the Newton-Schulz column threshold: ask the iteration itself.)
+    assert not bool(_square_roots(tf.constant(conditioned.T @ conditioned))[2])
 
 
 def test_step_flops_by_hand():
     # The gas sensor grid of 9: X K and R^T X, 2 * 1316 * 128 * 9 each; 6 element-wise FLOPs per
     # residual entry (1316 * 9) and 2 per kernel entry (128 * 9).
-    assert run.step_flops(1316, 128, 9) == {"matmul": 6_064_128, "elementwise": 73_368, "total": 6_137_496}
+    assert step_flops(1316, 128, 9) == {"matmul": 6_064_128, "elementwise": 73_368, "total": 6_137_496}
 
 
 def test_measure_warms_up_on_one_unit_then_times_equal_calls_in_rotating_rounds():
@@ -177,3 +187,156 @@ def test_measure_warms_up_on_one_unit_then_times_equal_calls_in_rotating_rounds(
     for timing in timings.values():
         assert timing["steps"] == 3 and len(timing["seconds"]) == 2
         assert timing["seconds_per_step"] == pytest.approx(statistics.median(timing["seconds"]) / 3)
+
+
+# ----------------------------------------------------------------------------- the floor
+
+
+def test_floor_amortised_apply_of_a_kept_preconditioner_is_eq24_at_the_kept_kernel():
+    # Between refreshes the step applies P(W_0) to a new gradient: eq. 24 of W_0 and that gradient.
+    rng = np.random.default_rng(3)
+    w, g = rng.normal(size=(30, 6)), rng.normal(size=(30, 6))
+    kept = floor.refresh_products(tf.constant(w))
+    np.testing.assert_allclose(
+        floor.apply_products(kept, tf.constant(g)).numpy(), reference_direction(w, g, 2), rtol=1e-9, atol=1e-10
+    )
+
+
+def test_floor_stacks_kernels_by_tall_shape_and_computes_each_group_in_one_batch():
+    rng = np.random.default_rng(4)
+    kernels = [rng.normal(size=shape) for shape in [(20, 5), (5, 20), (20, 5), (9, 9)]]
+    stacks = floor.stacked_by_shape(kernels)
+    assert [s.shape for s in stacks] == [(3, 20, 5), (1, 9, 9)]  # the wide one transposed, largest group first
+    np.testing.assert_array_equal(stacks[0][1], kernels[1].T)
+    grads = rng.normal(size=stacks[0].shape)
+    batched = floor.apply_products(floor.refresh_products(tf.constant(stacks[0])), tf.constant(grads)).numpy()
+    for i in range(3):
+        np.testing.assert_allclose(batched[i], reference_direction(stacks[0][i], grads[i], 2), rtol=1e-9, atol=1e-10)
+    # Multiply-adds by hand: an apply is 3 a b^2 per kernel; a refresh 2 a b^2 (Gram, W V) + b^3 (R).
+    assert floor.floor_products(stacks) == {
+        "apply_multiply_adds": 3 * 3 * 20 * 25 + 3 * 9 * 81,
+        "refresh_multiply_adds_without_eigh": 3 * (2 * 20 * 25 + 125) + (2 * 9 * 81 + 729),
+    }
+
+
+def test_step_clock_keeps_the_steps_after_the_first_call_and_takes_percentiles():
+    steps = []
+    clock = StepClock(lambda: steps.append(1), steps_per_unit=2)
+    clock.case.run(1)  # the first call (tracing): not kept
+    clock.case.run(3)
+    assert len(steps) == 8 and len(clock.seconds) == 6
+    clock.seconds[:] = [5.0, 1.0, 3.0, 2.0, 4.0]
+    for q in (0, 50, 95, 100):
+        assert clock.percentile(q) == pytest.approx(np.percentile([1, 2, 3, 4, 5], q))
+
+
+# ----------------------------------------------------------------------------- side by side
+
+
+def test_quick_side_by_side_gives_every_ratio_next_to_its_floor(tmp_path, capsys):
+    path = run.main(["--quick", "--out", str(tmp_path), "--sections", "side_by_side"])
+    section = json.loads(path.read_text())["side_by_side"]
+    quick = run.SideBySide.quick()
+    assert list(section["models"]) == [name for name, _ in quick.models]
+    amortised = [f"EndToEnd(SGD, refresh_every={k})" for k in quick.refresh_every]
+    for model in section["models"].values():
+        rows = model["optimizers"]
+        assert list(rows) == ["SGD", "Adam", "Muon", "EndToEnd(SGD)", *amortised]
+        # The tiny CNN's kernels: conv 3x3x1x8 (9 x 8), fc1 200 x 16, fc2 16 x 10.
+        assert model["selected_kernels"] == 3
+        assert sorted(map(tuple, model["kernel_groups"])) == [(1, 9, 8), (1, 16, 10), (1, 200, 16)]
+        sgd = rows["SGD"]["seconds_per_step"]
+        floors = {kind: model["floor"][kind]["seconds_per_step"] for kind in ("exact", "apply", "refresh")}
+        for optimizer, row in rows.items():
+            assert row["finite"], optimizer
+            assert row["vs_sgd"] == pytest.approx(row["seconds_per_step"] / sgd)
+            assert row["p95_over_median"] == pytest.approx(row["p95_step_s"] / row["median_step_s"])
+            for key in ("vs_sgd", "p95_over_median", "max_over_median", "median_step_s"):
+                assert math.isfinite(row[key]) and row[key] > 0, (optimizer, key)
+            assert row["max_over_median"] >= row["p95_over_median"] >= 0
+            assert ("floor_s" in row) == optimizer.startswith("EndToEnd")
+        assert rows["EndToEnd(SGD)"]["floor_s"] == floors["exact"]
+        for optimizer, k in zip(amortised, quick.refresh_every):
+            row = rows[optimizer]
+            assert row["refresh_every"] == k and row["steps"] % k == 0  # whole k-step windows per call
+            assert row["floor_s"] == pytest.approx(floors["apply"] + floors["refresh"] / k)
+            assert row["floor_vs_sgd"] == pytest.approx((sgd + row["floor_s"]) / sgd) and row["floor_vs_sgd"] > 1
+            assert row["extra_over_floor"] == pytest.approx((row["seconds_per_step"] - sgd) / row["floor_s"])
+        search = model["crossover"]  # the quick target (0x) is never met: the search runs to the end
+        assert [t["batch"] for t in search["tried"]] == [4, 8] and search["batch"] is None
+        assert all(math.isfinite(t["vs_sgd"]) and t["vs_sgd"] > 0 for t in search["tried"])
+    conversion = section["conversion"]
+    assert conversion["overparameterize_vs_clone_model"] == pytest.approx(
+        conversion["overparameterize"]["median_s"] / conversion["clone_model"]["median_s"]
+    )
+    out = capsys.readouterr().out
+    assert "| tiny CNN, 12x12, 4 | EndToEnd(SGD, refresh_every=2) |" in out and "Conversion of tiny CNN" in out
+    assert (tmp_path / "tables.md").read_text() in out  # the printed tables, also on disk
+
+
+# ----------------------------------------------------------------------------- the command line
+
+# Makes TensorFlow, Keras and JAX unimportable in a subprocess (a sitecustomize.py on PYTHONPATH).
+BLOCKER = textwrap.dedent(
+    """
+    import sys
+
+    class _Blocked:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("tensorflow", "keras", "jax"):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+            return None
+
+    sys.meta_path.insert(0, _Blocked())
+    """
+)
+
+
+def _command(args, tmp_path, env=None, timeout=120, module="benchmarks.run"):
+    """`python -m MODULE ARGS` with no gas sensor data and no TF_CPP_MIN_LOG_LEVEL given."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    for name in ("TF_OVERPARAM_GAS_SENSOR_DIR", "TF_CPP_MIN_LOG_LEVEL"):
+        env.pop(name, None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "module, args",
+    [
+        ("benchmarks.run", ["--help"]),
+        ("benchmarks.run", ["--backend", "jax", "--help"]),
+        ("benchmarks.amortised_drift", ["--help"]),
+    ],
+)
+def test_help_answers_without_tensorflow_or_keras(tmp_path, module, args):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    done = _command(args, tmp_path, env={"PYTHONPATH": os.pathsep.join([str(site), REPO_ROOT])}, module=module)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: python -m {module}") and done.stderr == ""
+
+
+def test_without_data_the_data_section_is_skipped_in_one_line_and_nothing_is_logged(tmp_path):
+    # TensorFlow is imported (the run records its machine), yet no log line of it reaches the
+    # terminal when the user did not set TF_CPP_MIN_LOG_LEVEL.
+    done = _command(["--quick", "--sections", "fullbatch", "--out", "out"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "", done.stderr
+    skips = [line for line in done.stdout.splitlines() if line.startswith("skipped:")]
+    assert len(skips) == 1 and "--data-dir" in skips[0] and "TF_OVERPARAM_GAS_SENSOR_DIR" in skips[0]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["skipped"]) == {"fullbatch"} and "fullbatch" not in results
+
+
+def test_a_data_dir_without_data_is_a_one_line_error(tmp_path):
+    done = _command(["--quick", "--data-dir", str(tmp_path), "--out", "out"], tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and "holds no gas sensor" in done.stderr

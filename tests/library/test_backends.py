@@ -214,17 +214,17 @@ TWIN_EXTRA = 512 * 512 + 10 * 10
 @in_the_jax_run
 @pytest.mark.parametrize("backend", ["jax", pytest.param("tensorflow", marks=needs_tensorflow)])
 def test_backend_benchmark_quick_run(tmp_path, backend):
-    """`python -m benchmarks.run --backend NAME --quick`, on JAX with TensorFlow blocked."""
+    """`python -m benchmarks.run --backend NAME --quick --precision`, on JAX with TensorFlow blocked."""
     script = (BLOCK_TENSORFLOW if backend != "tensorflow" else "") + textwrap.dedent(
         f"""
         import runpy, sys
-        sys.argv = ["benchmarks.run", "--backend", {backend!r}, "--quick", "--out", "out"]
+        sys.argv = ["benchmarks.run", "--backend", {backend!r}, "--quick", "--precision", "--out", "out"]
         runpy.run_module("benchmarks.run", run_name="__main__")
         """
     )
     _run(script, backend, tmp_path, timeout=600)
     results = json.loads((tmp_path / "out" / f"results-{backend}.json").read_text())
-    assert results["machine"]["backend"] == backend
+    assert results["machine"]["backend"] == backend and results["machine"]["device_count"] >= 1
     assert results["modules_loaded"]["tensorflow"] == (backend == "tensorflow")
     cnn = results["cnn"]
     assert cnn["models"]["plain"]["parameters"] == CNN_PARAMETERS
@@ -233,7 +233,7 @@ def test_backend_benchmark_quick_run(tmp_path, backend):
         twin, plain = (cnn["models"][name][kind] for name in ("overparameterized", "plain"))
         for timing in (twin, plain):
             assert timing["seconds_per_step"] * timing["steps"] == pytest.approx(sorted(timing["seconds"])[1])
-        assert cnn["ratios"][f"{kind}_time_vs_plain"] == pytest.approx(
+        assert cnn["ratios"]["overparameterized"][f"{kind}_time_vs_plain"] == pytest.approx(
             twin["seconds_per_step"] / plain["seconds_per_step"]
         )
     direction = results["direction"]
@@ -242,6 +242,19 @@ def test_backend_benchmark_quick_run(tmp_path, backend):
         assert cases["direction_vs_matmul"] == pytest.approx(
             cases["end_to_end"]["seconds_per_step"] / cases["matmul"]["seconds_per_step"]
         )
+    # The float32 direction against a float64 SVD evaluation, per matmul precision (on a CPU the
+    # precisions agree): within the 1e-3 that float32 keeps at condition 1e3, depths 2 and 4.
+    precision = results["precision"]
+    assert len(precision["precisions"]) == 2
+    assert [(row["kernel"], row["depth"]) for row in precision["rows"]] == [("64x32", 2), ("64x32", 4)]
+    for row in precision["rows"]:
+        assert set(row["errors"]) == set(precision["precisions"])
+        assert all(0 < error < 1e-3 for error in row["errors"].values()), row
+    for cost in precision["cost"].values():  # the direction's cost in matmuls, per precision
+        for cases in cost["kernels"].values():
+            assert cases["direction_vs_matmul"] == pytest.approx(
+                cases["end_to_end"]["seconds_per_step"] / cases["matmul"]["seconds_per_step"]
+            )
     # A second run into the same folder refuses to overwrite the first.
     env = {
         **os.environ,
