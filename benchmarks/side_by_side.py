@@ -40,17 +40,20 @@ def end_to_end_api():
     convert(model) -> the function-preserving depth-2 twin of `model`, every registered layer
     kind converted)."""
     from tf_overparam.layers import registry
+    from tf_overparam.linear_maps import linear_maps
     from tf_overparam.models import overparameterize
-    from tf_overparam.optimizers import EndToEnd, is_preconditioned_by_default
+    from tf_overparam.optimizers import EndToEnd
 
     def make(model, inner, refresh_every):
-        return EndToEnd(inner, depth=DEPTH, refresh_every=refresh_every)
+        return EndToEnd(inner, depth=DEPTH, refresh_every=refresh_every, model=model)
 
     def kernels(model):
+        maps = linear_maps(model)
         return [
-            keras.ops.convert_to_numpy(registry.kernel_matrix(v))
+            matrix
             for v in model.trainable_variables
-            if is_preconditioned_by_default(v)
+            if v.path in maps
+            for matrix in keras.ops.convert_to_numpy(maps[v.path].to_matrix(v))
         ]
 
     def convert(model):

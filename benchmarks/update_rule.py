@@ -11,10 +11,10 @@ from benchmarks.timing import compiled_loop, measure
 from experiments.engine.fullbatch import UNROLL
 from tf_overparam.preconditioning import (
     NEWTON_SCHULZ_MIN_COLUMNS,
-    _square_roots,
     apply_preconditioner,
     compute_preconditioner,
     end_to_end_direction,
+    newton_schulz_square_roots,
 )
 
 UPDATE_RATE = 1e-3  # learning rate of the update-rule loops
@@ -39,7 +39,7 @@ def takes_newton_schulz(kernel):
     """Whether the exact depth-2 direction of `kernel` goes through Newton-Schulz."""
     oriented = kernel if kernel.shape[0] >= kernel.shape[1] else tf.transpose(kernel)
     return min(kernel.shape) >= NEWTON_SCHULZ_MIN_COLUMNS and bool(
-        _square_roots(tf.matmul(oriented, oriented, transpose_a=True))[2]
+        newton_schulz_square_roots(tf.matmul(oriented, oriented, transpose_a=True)).converged
     )
 
 

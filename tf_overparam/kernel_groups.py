@@ -8,14 +8,11 @@ cores, where one call per kernel runs them one after the other. Each kernel is r
 direction(W, G)^T), so (64, 256) and (256, 64) maps share a group.
 """
 
-import functools
-import inspect
-
 import keras
 from keras import ops
 
 from tf_overparam import preconditioning
-from tf_overparam.preconditioning import Preconditioner, apply_preconditioner, compute_preconditioner
+from tf_overparam.preconditioning import apply_preconditioner, compute_preconditioner
 
 
 def oriented_shape(linear_map):
@@ -63,19 +60,9 @@ def _dtype(x):
     return keras.backend.standardize_dtype(x.dtype)
 
 
-def _takes_method(function):
-    return "method" in inspect.signature(function).parameters
-
-
 def _direction(kernel, grad, depth, method):
     """`end_to_end_direction` with the `method` chosen (validated by the caller)."""
-    if method == "auto":
-        return preconditioning.end_to_end_direction(kernel, grad, depth)
-    if _takes_method(preconditioning.end_to_end_direction):
-        return preconditioning.end_to_end_direction(kernel, grad, depth, method=method)
-    if method == "eigh":  # the eigendecomposition, as the default takes it below its Newton-Schulz size
-        return apply_preconditioner(compute_preconditioner(kernel, depth), grad)
-    return preconditioning._depth_two_direction(kernel, grad)
+    return preconditioning.end_to_end_direction(kernel, grad, depth, method=method)
 
 
 def slot_shapes(linear_map, depth):
@@ -84,10 +71,7 @@ def slot_shapes(linear_map, depth):
     for a map with a batch and none for a single matrix: what `grouped_preconditioners` returns
     and `grouped_directions` takes."""
     batch, rows, cols = oriented_shape(linear_map)
-    if hasattr(preconditioning, "preconditioner_shapes"):
-        shapes = preconditioning.preconditioner_shapes((rows, cols), depth)
-    else:
-        shapes = Preconditioner((rows, cols), (cols, cols), (1, cols), (depth - 1, 2, cols))
+    shapes = preconditioning.preconditioner_shapes((rows, cols), depth)
     lead = () if batch == 1 else (batch,)
     return type(shapes)(*(lead + tuple(shape) for shape in shapes))
 
@@ -131,13 +115,12 @@ def grouped_preconditioners(kernels, maps, depth, method="auto"):
     says."""
     kernels = [ops.convert_to_tensor(k) for k in kernels]
     keys = [(oriented_shape(m)[1:], _dtype(k)) for k, m in zip(kernels, maps)]
-    compute = compute_preconditioner
-    if method != "auto" and _takes_method(compute_preconditioner):
-        compute = functools.partial(compute_preconditioner, method=method)
     result = [None] * len(kernels)
     for group in _groups(keys):
         sizes = [maps[i].matrix_shape[0] for i in group]
-        stacked = compute(_stack([_to_oriented(kernels[i], maps[i]) for i in group]), depth)
+        stacked = compute_preconditioner(
+            _stack([_to_oriented(kernels[i], maps[i]) for i in group]), depth, method=method
+        )
         parts = [_unstack(field, sizes) for field in stacked]
         for position, (i, n) in enumerate(zip(group, sizes)):
             result[i] = type(stacked)(*(field[position][0] if n == 1 else field[position] for field in parts))

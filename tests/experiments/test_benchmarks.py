@@ -21,7 +21,7 @@ from benchmarks.fullbatch import step_flops
 from benchmarks.models import benchmark_kernel
 from benchmarks.timing import Case, StepClock, measure
 from benchmarks.update_rule import takes_newton_schulz
-from tf_overparam.preconditioning import _square_roots
+from tf_overparam.preconditioning import newton_schulz_square_roots
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = {"keras_fit", "keras_fit_spe", "engine", "engine_depth2", "engine_end_to_end", "data_matmuls"}
@@ -166,7 +166,7 @@ def test_kernels_of_the_update_rule_section_take_the_paths_they_are_named_for():
     assert s.max() / s.min() == pytest.approx(1e3, rel=1e-9)
     assert s.max() == pytest.approx(0.1 * (np.sqrt(300) + np.sqrt(128)), rel=1e-9)
     # (300 x 128 is below the Newton-Schulz column threshold: ask the iteration itself.)
-    assert not bool(_square_roots(tf.constant(conditioned.T @ conditioned))[2])
+    assert not bool(newton_schulz_square_roots(tf.constant(conditioned.T @ conditioned)).converged)
 
 
 def test_step_flops_by_hand():

@@ -311,7 +311,3 @@ def _single_output_direction(kernel, grad, depth):
     direction = ops.power(squared_norm, (depth - 1) / depth) * (g + radial * w)
     direction = ops.where(finite, direction, ops.full_like(direction, float("nan")))
     return ops.cast(direction, grad.dtype)
-
-
-# The name the benchmarks and tests of the single-module layout used for the iteration.
-_square_roots = newton_schulz_square_roots
