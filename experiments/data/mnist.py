@@ -13,7 +13,8 @@ registered ones (a wrong file raises `NonMatchingChecksumError`). So a folder ho
 
 (the original files, byte for byte) prepares MNIST without any network access. The folder is
 `manual_dir`, else the environment variable `TF_OVERPARAM_MNIST_DIR`; with neither, tfds
-downloads the files as usual. The folder is only read; tfds writes the decompressed files and
+downloads the files as usual, once `experiments.data.mnist_files.check_available` has found the
+mirror reachable (offline, the error comes in seconds instead of after tfds' retries). The folder is only read; tfds writes the decompressed files and
 the prepared TFRecords under `data_dir` (default tfds' own, `~/tensorflow_datasets`), once:
 later calls read the prepared data and need neither the folder nor the network.
 
@@ -21,92 +22,27 @@ later calls read the prepared data and need neither the folder nor the network.
 experiments (cache, seeded shuffle, scaling, batch, prefetch).
 """
 
-import os
-import pathlib
-
 import tensorflow as tf
 
-from experiments.data._checksums import file_sha256
-
-ENV_VAR = "TF_OVERPARAM_MNIST_DIR"
-FILES = (
-    "train-images-idx3-ubyte.gz",
-    "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz",
+from experiments.data.mnist_files import (  # noqa: F401 - the files' facts, re-exported here
+    ENV_VAR,
+    FILE_CHECKSUMS,
+    FILES,
+    MIRROR_URL,
+    NUM_TEST,
+    NUM_TRAIN,
+    ORIGINAL_URL,
+    MnistCorruptError,
+    MnistNotFoundError,
+    check_available,
+    check_file,
+    instructions,
+    is_prepared,
+    resolve_manual_dir,
 )
-# (size in bytes, sha256) of the original files, as registered in tfds' url_checksums/mnist.txt.
-FILE_CHECKSUMS = {
-    "train-images-idx3-ubyte.gz": (9912422, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
-    "train-labels-idx1-ubyte.gz": (28881, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
-    "t10k-images-idx3-ubyte.gz": (1648877, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
-    "t10k-labels-idx1-ubyte.gz": (4542, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
-}
-MIRROR_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
-ORIGINAL_URL = "http://yann.lecun.com/exdb/mnist/"
-NUM_TRAIN = 60000
-NUM_TEST = 10000
+
 # The TensorFlow tutorial's scaling: (x - PIXEL_DEPTH / 2) / PIXEL_DEPTH, values in [-0.5, 0.5].
 PIXEL_DEPTH = 255.0
-
-
-class MnistNotFoundError(FileNotFoundError):
-    """MNIST could be neither read from a manual folder nor downloaded."""
-
-
-class MnistCorruptError(ValueError):
-    """A file of the manual folder is not the original (size or sha256 differ)."""
-
-
-def _instructions(manual_dir=None):
-    where = f" ({manual_dir})" if manual_dir else ""
-    return (
-        f"Get the four original MNIST files {', '.join(FILES)} from {MIRROR_URL} (a mirror of "
-        f"{ORIGINAL_URL}) and put them, still gzipped and unrenamed, in one folder{where}; "
-        f"then pass that folder as `manual_dir` (--manual-dir) or set {ENV_VAR} to it."
-    )
-
-
-def resolve_manual_dir(manual_dir=None):
-    """The manual folder to use: `manual_dir`, else `$TF_OVERPARAM_MNIST_DIR`, else None.
-
-    Raises:
-        MnistNotFoundError: a folder was named but it is missing or lacks some of the files
-            (an explicit folder is not silently replaced by a download).
-        MnistCorruptError: a file's size or sha256 is not the original's. This is checked here,
-            before tfds, so a corrupt file is reported even when tfds has prepared MNIST before
-            (tfds would use its cache and never read the folder).
-    """
-    source = "manual_dir"
-    if manual_dir is None and os.environ.get(ENV_VAR):
-        manual_dir, source = os.environ[ENV_VAR], ENV_VAR
-    if manual_dir is None:
-        return None
-    path = pathlib.Path(manual_dir).expanduser()
-    if not path.is_dir():
-        raise MnistNotFoundError(f"MNIST folder {path} (from {source}) does not exist. " + _instructions(path))
-    missing = [name for name in FILES if not (path / name).is_file()]
-    if missing:
-        raise MnistNotFoundError(
-            f"MNIST folder {path} (from {source}) lacks {', '.join(missing)}. " + _instructions(path)
-        )
-    for name in FILES:
-        check_file(path / name)
-    return path
-
-
-def check_file(path):
-    """Raises `MnistCorruptError` unless the file at `path` has the size and sha256 of the
-    original MNIST file of its name."""
-    path = pathlib.Path(path)
-    size, sha256 = FILE_CHECKSUMS[path.name]
-    digest = file_sha256(path)
-    if path.stat().st_size != size or digest != sha256:
-        raise MnistCorruptError(
-            f"MNIST file {path} is corrupt or not the original ({path.stat().st_size} bytes, sha256 "
-            f"{digest[:12]}..., expected {size} bytes, sha256 {sha256[:12]}...): download it again "
-            f"from {MIRROR_URL}{path.name}"
-        )
 
 
 def download_config(manual_dir=None):
@@ -134,12 +70,15 @@ def load_mnist(splits=("train", "test"), manual_dir=None, data_dir=None):
         One dataset, or a list of them when `splits` is a sequence.
 
     Raises:
-        MnistNotFoundError: the named folder lacks files, or the download failed (e.g. no
-            network); the message says where to get the files and where to put them.
+        MnistNotFoundError: the named folder lacks files, or MNIST is not prepared in `data_dir`
+            and the mirror cannot be reached (decided in seconds by `check_available`, before
+            tfds would retry for minutes), or the download failed; the message says where to
+            get the files and where to put them.
     """
     import tensorflow_datasets as tfds
 
-    config = download_config(manual_dir)
+    source = check_available(manual_dir, data_dir)
+    config = download_config(manual_dir) if source == "manual" else None
     kwargs = {"download_config": config} if config is not None else {}
     try:
         return tfds.load(
@@ -155,7 +94,7 @@ def load_mnist(splits=("train", "test"), manual_dir=None, data_dir=None):
             raise
         raise MnistNotFoundError(
             f"MNIST is not prepared in the tfds data_dir and could not be downloaded "
-            f"({type(error).__name__}: {error}). " + _instructions()
+            f"({type(error).__name__}: {error}). " + instructions()
         ) from error
 
 

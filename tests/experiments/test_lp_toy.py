@@ -2,11 +2,16 @@
 coordinate, the largest stable rates, and the CLI."""
 
 import configparser
+import dataclasses
 import json
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from _figures import check_figure, check_png
+from _isolation import isolated_env
 
 from experiments import lp_toy
 from experiments.engine.fullbatch import log_schedule
@@ -92,15 +97,24 @@ def test_the_largest_stable_gd_rate_brackets_the_bound():
     assert edge["at_edge"]["eta"] == low and edge["at_edge"]["diverged_at"] is None
 
 
-def test_cli_quick_writes_consistent_results(tmp_path):
-    results = lp_toy.main(["--quick", "--out", str(tmp_path)])
-    assert (tmp_path / "lp_toy.png").stat().st_size > 0
-    config = json.loads((tmp_path / "config.json").read_text())
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_cli_quick_writes_consistent_results_quietly(tmp_path):
+    """A user's run: a subprocess without TF_CPP_MIN_LOG_LEVEL, whose standard error stays empty."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "experiments.lp_toy", "--quick", "--out", str(out)]
+    env = isolated_env(tmp_path / "site")
+    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0 and completed.stderr == "", completed.stderr[-3000:]
+    assert "Headline" in completed.stdout
+    check_png(out / "lp_toy.png")
+    config = json.loads((out / "config.json").read_text())
     setup = configparser.ConfigParser()
-    setup.read(pathlib.Path(lp_toy.__file__).parent.parent / "setup.cfg")
+    setup.read(REPO / "setup.cfg")
     assert config["provenance"]["package_version"] == setup["metadata"]["version"]
     assert len(config["provenance"]["git_commit"]) == 40
-    saved = json.loads((tmp_path / "results.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+    saved = json.loads((out / "results.json").read_text(), parse_constant=pytest.fail)  # strict JSON
     assert saved["bound"] == pytest.approx(4.0 / config["y1"] ** (config["p"] - 2))
     assert saved["stability"]["below"]["diverged_at"] is None
     assert saved["stability"]["above"]["diverged_at"] is not None
@@ -124,7 +138,23 @@ def test_cli_quick_writes_consistent_results(tmp_path):
         assert np.isfinite(edge_curve).all()  # stable: never NaN-ed by a divergence
         gd = saved["headline"]["gd"]["iterations"]
         assert row["speedup_vs_gd"] == pytest.approx(gd / row["iterations"])
-    assert saved["methods"]["gd"]["best"]["iterations"] == results["methods"]["gd"]["best"]["iterations"]
+    fields = {field.name for field in dataclasses.fields(lp_toy.Config)}
+    figure = lp_toy.figure_of(saved, lp_toy.Config(**{k: v for k, v in config.items() if k in fields}), quick=True)
+    left, right = check_figure(figure, title_contains=("quick run", r"$\ell_{4}$"))
+    assert "diverged" in [text.get_text() for text in right.texts]
+    # Every diverged rate of the grid is drawn, in the band above the longest run.
+    diverged = sum(n is not None for m in lp_toy.METHODS for n in saved["methods"][m]["diverged_at"])
+    in_band = [line for line in right.lines if line.get_marker() == "x" and len(line.get_xdata())]
+    assert sum(len(line.get_xdata()) for line in in_band) == diverged > 0
+    assert all(y > config["iterations"] for line in in_band for y in line.get_ydata())
+
+
+def test_help_answers_without_tensorflow_keras_or_matplotlib(tmp_path):
+    env = isolated_env(tmp_path, blocked=("tensorflow", "keras", "matplotlib"))
+    command = [sys.executable, "-m", "experiments.lp_toy", "--help"]
+    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0 and completed.stderr == "", completed.stderr
+    assert "--debug" in completed.stdout and "--quick" in completed.stdout
 
 
 @pytest.mark.parametrize(

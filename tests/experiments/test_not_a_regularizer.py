@@ -1,11 +1,18 @@
 """Section 6: the single-output end-to-end field is not a gradient (non-zero circulation)."""
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from _figures import check_figure, check_png
+from _isolation import isolated_env
 
 from experiments import not_a_regularizer as nar
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 HESSIAN, MINIMIZER = (1.0, 4.0), (1.0, 1.0)
 OFF, AROUND = nar.DEFAULT_CIRCLES
@@ -92,11 +99,17 @@ def test_isotropic_loss_makes_depth_2_a_gradient_but_not_depth_3():
     assert abs(nar.circulation(OFF, 64, 3, isotropic, MINIMIZER)) > 0.1
 
 
-def test_cli_quick_writes_consistent_results(tmp_path):
-    nar.main(["--quick", "--out", str(tmp_path)])
-    assert (tmp_path / "not_a_regularizer.png").stat().st_size > 0
-    config = json.loads((tmp_path / "config.json").read_text())
-    saved = json.loads((tmp_path / "results.json").read_text())
+def test_cli_quick_writes_consistent_results_quietly(tmp_path):
+    """A user's run: a subprocess without TF_CPP_MIN_LOG_LEVEL, whose standard error stays empty."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "experiments.not_a_regularizer", "--quick", "--out", str(out)]
+    completed = subprocess.run(
+        command, cwd=REPO, env=isolated_env(tmp_path / "site"), capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0 and completed.stderr == "", completed.stderr[-3000:]
+    check_png(out / "not_a_regularizer.png")
+    config = json.loads((out / "config.json").read_text())
+    saved = json.loads((out / "results.json").read_text())
     assert saved["ks"] == config["ks"] == [16, 32, 64, 128]
     for values in saved["depth_1"].values():
         assert np.abs(values).max() < 1e-13
@@ -111,6 +124,31 @@ def test_cli_quick_writes_consistent_results(tmp_path):
             assert entry["stokes"] == pytest.approx(entry["limit"], rel=1e-3 if circle.encloses_origin else 1e-9)
             expected = gauss_legendre_circulation(circle, int(depth), config["hessian"], config["minimizer"])
             assert entry["limit"] == pytest.approx(expected, abs=1e-10)
+    check_saved_figure(saved)
+
+
+def check_saved_figure(saved):
+    """The figure: the middle panel is the convergence |I_K - I_K/2| (not "circulation"), the
+    right one shows every limit as a bar with its value written on it."""
+    config = nar.Config(ks=tuple(saved["ks"]), stokes_nodes=(8, 8))
+    _, middle, right = check_figure(nar.figure_of(saved, config, quick=True), title_contains=("quick run",))
+    assert middle.get_ylabel() == r"$|I_K - I_{K/2}|$" and "convergence" in middle.get_title()
+    written = {text.get_text() for text in right.texts}
+    for per_circle in saved["depths"].values():
+        for entry in per_circle.values():
+            assert f"{entry['limit']:.4g}" in written
+    heights = sorted(abs(bar.get_height()) for bar in right.patches)
+    limits = [abs(entry["limit"]) for per_circle in saved["depths"].values() for entry in per_circle.values()]
+    depth_1 = [abs(values[-1]) for values in saved["depth_1"].values()]
+    np.testing.assert_allclose(heights, sorted([*limits, *depth_1]))
+
+
+def test_help_answers_without_tensorflow_keras_or_matplotlib(tmp_path):
+    env = isolated_env(tmp_path, blocked=("tensorflow", "keras", "matplotlib"))
+    command = [sys.executable, "-m", "experiments.not_a_regularizer", "--help"]
+    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0 and completed.stderr == "", completed.stderr
+    assert "--debug" in completed.stdout and "--quick" in completed.stdout
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,12 @@
-"""The Keras subclasses of the MNIST experiment, in their own module so that
-`python -m experiments.mnist_cnn --help` returns without importing Keras
-(`experiments.mnist_cnn` re-exports them)."""
+"""The per-batch record of a fit: a metric of the latest batch's cross-entropy and a callback
+that keeps every batch's loss, cross-entropy, learning rate and time (Keras and TensorFlow)."""
 
 import time
 
 import keras
 import tensorflow as tf
 
-from experiments.mnist_cnn import batch_values_from_running_means
+from experiments.mnist_cnn.curves import batch_values_from_running_means
 
 
 @keras.saving.register_keras_serializable(package="tf_overparam_experiments")
