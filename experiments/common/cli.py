@@ -3,8 +3,10 @@ lazy imports that keep `--help` free of TensorFlow, and a quiet TensorFlow start
 
 import contextlib
 import functools
+import gc
 import importlib
 import os
+import signal
 import sys
 import traceback
 import types
@@ -93,6 +95,51 @@ def add_common_arguments(parser):
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
+class _Interrupt:
+    """Ctrl-C, as the `cli` wrapper's handler saw it."""
+
+    requested = False
+
+
+def _on_interrupt(signum, frame):
+    """SIGINT: raises KeyboardInterrupt, except inside a garbage-collector callback or a
+    `__del__` (TensorFlow imports JAX, which registers one), where Python would print the
+    exception and drop it; there `check_interrupt()` raises it at the next check."""
+    _Interrupt.requested = True
+    if frame is not None and (
+        frame.f_code.co_name == "__del__" or any(frame.f_code is getattr(c, "__code__", None) for c in gc.callbacks)
+    ):
+        return
+    raise KeyboardInterrupt
+
+
+def check_interrupt():
+    """Raises KeyboardInterrupt if Ctrl-C was pressed under the `cli` wrapper and its exception
+    has not been raised yet (long loops call it at each step they log)."""
+    if _Interrupt.requested:
+        _Interrupt.requested = False
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupt_handler():
+    """`_on_interrupt` as the SIGINT handler while a script runs, where Python's own is set
+    (not where SIGINT is ignored, as for a shell's background job, or off the main thread)."""
+    installed = False
+    try:
+        installed = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        if installed:
+            signal.signal(signal.SIGINT, _on_interrupt)
+    except ValueError:  # not the main thread
+        installed = False
+    _Interrupt.requested = False
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def cli(main):
     """Wraps an experiment script's `main(argv)`: `--debug` (shows tracebacks) is taken out of
     argv; a `UserError` or `OSError` prints one line and exits 2; Ctrl-C prints one line and
@@ -104,7 +151,8 @@ def cli(main):
         debug = "--debug" in argv
         argv = [a for a in argv if a != "--debug"]
         try:
-            return main(argv)
+            with _interrupt_handler():
+                return main(argv)
         except (KeyboardInterrupt, RunInterrupted) as error:
             if debug:
                 traceback.print_exc()

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from experiments.common import runstate, sweep
-from experiments.common.cli import lazy_import
+from experiments.common.cli import check_interrupt, lazy_import
 from experiments.common.run_folder import write_json_atomic
 from experiments.gas_sensor import plan, plots, report
 from experiments.gas_sensor.progress import Progress
@@ -90,6 +90,7 @@ class StageTrainer:
         if self.on_progress is not None:
             self.on_progress((iteration - self.last) / self.stage.iterations)
         self.last = iteration
+        check_interrupt()
 
     def run(self):
         """Trains to the end; returns the `GridResult` of the whole stage."""
@@ -307,6 +308,7 @@ class GasSensorRun:
         self.summaries[run.name] = report.configuration_record(run, final, screen, seconds)
         if write:
             self.write(only=run.name)
+        check_interrupt()
 
     def total_seconds(self):
         self.sessions[-1]["seconds"] = time.monotonic() - self.session_started

@@ -84,6 +84,8 @@ def test_quick_run_writes_consistent_results(gas_sensor_dir, tmp_path):
     assert baseline["per_target"][f"{results['targets']['l4'][-1]:.6g}"]["rate"] is not None
     for figure in ("depth", "lr_grid", "optimizers", "init"):
         assert (run_dir / f"{figure}.png").stat().st_size > 10_000
+        assert plt.imread(run_dir / f"{figure}.png").shape[1] <= 2000
+    assert len(results["sessions"]) == 1 and results["seconds"] == results["sessions"][0]["seconds"] > 0
     events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     assert len(events) >= len(configurations)
 

@@ -117,3 +117,28 @@ def test_gas_sensor_in_process_stage_writes_what_a_ray_task_driver_writes(tmp_pa
     np.testing.assert_array_equal(local.iterations, outcome.result.iterations)
     local_events = _events(tmp_path / "local" / "tensorboard" / "l4")
     assert local_events and local_events == _events(tmp_path / "task" / "tensorboard" / "l4")
+
+
+def test_gas_sensor_on_ray_gives_the_in_process_results(tmp_path):
+    # The Ray path schedules stages itself (a configuration's final stage as soon as its screen
+    # returns); its results.json must hold the in-process numbers.
+    import json
+
+    from _synthetic_data import write_batch_files
+
+    from experiments import gas_sensor
+
+    pytest.importorskip("ray")
+    data = write_batch_files(tmp_path / "data")
+    argv = ["--quick", "--figure", "init", "--iterations", "200", "--data-dir", str(data)]
+    local = gas_sensor.main([*argv, "--out", str(tmp_path / "local")])
+    remote = gas_sensor.main([*argv, "--out", str(tmp_path / "ray"), "--workers", "2"])
+
+    def numbers(path):
+        results = json.loads((path / "results.json").read_text())
+        for summary in results["configurations"].values():
+            summary.pop("seconds")
+        return {k: v for k, v in results.items() if k not in ("seconds", "sessions")}
+
+    assert numbers(remote) == numbers(local)
+    assert sorted(p.name for p in remote.glob("*.png")) == ["init.png"]
