@@ -14,6 +14,12 @@ the effects measured. After it:
 - `choose_rates(...)` picks, per target, the rate whose median over seeds of the sustained
   iterations-to-target is smallest, among rates none of whose seeds is flagged (diverged,
   stalled or oscillating; `experiments.common.curves`); ties go to the lower median final loss.
+- `fastest_among_equals(...)` ranks rates whose median final losses lie within
+  FINAL_LOSS_TOLERANCE (relative) of the lowest by how soon they reach each target, instead of
+  by a final loss that does not tell them apart (an adaptive optimizer's final losses can lie
+  within 1% over a decade of rates, and the lowest is then a tiny rate).
+- `round_below(rates, flagged)`: when every rate of a refined set is flagged, the rates of a
+  second round, one coarse grid step below the set.
 """
 
 import math
@@ -25,6 +31,7 @@ from experiments.common.curves import median_and_range
 POINTS_PER_SIDE = 2
 POINTS_PER_ROUND = 3
 EDGE_ROUNDS = 6
+FINAL_LOSS_TOLERANCE = 0.01  # median final losses within 1% of the lowest count as equal
 
 
 def grid_step(rates):
@@ -136,3 +143,71 @@ def headline_rate(rates, seeds, reports, finals):
         return None
     medians = [float(np.median(np.nan_to_num(finals[rates == r], nan=math.inf))) for r in candidates]
     return float(candidates[int(np.argmin(medians))])
+
+
+def _unflagged(rates, reports):
+    return [r for r in np.unique(rates) if not any(reports[g]["flagged"] for g in np.flatnonzero(rates == r))]
+
+
+def fastest_among_equals(rates, seeds, reports, finals, tolerance=FINAL_LOSS_TOLERANCE):
+    """The best rate when final losses do not separate the rates.
+
+    The rates that count are the unflagged ones whose median final loss over seeds is at most
+    (1 + `tolerance`) x the lowest. Among them, per target of the reports (the hardest first),
+    the rate with the smallest median sustained iterations-to-target wins (`choose_rates` over
+    those rates only); if none of them reaches any target, the lowest median final loss.
+
+    Args:
+        rates, seeds: per grid point (1-D, equal length).
+        reports: per grid point, `experiments.common.curves.curve_report` dicts; their targets
+            should come from the baseline (depth-1 GD), which therefore runs first.
+        finals: per grid point, the final loss (NaN if diverged).
+        tolerance: relative width of the band of equal final losses, >= 0.
+
+    Returns:
+        (rate, equals): the chosen rate (None if every rate is flagged) and the rates found
+        equal in final loss.
+    """
+    if not tolerance >= 0:
+        raise ValueError(f"`tolerance` must be >= 0, got {tolerance!r}.")
+    rates = np.asarray(rates, dtype=np.float64)
+    finals = np.nan_to_num(np.asarray(finals, dtype=np.float64), nan=math.inf)
+    candidates = _unflagged(rates, reports)
+    if not candidates:
+        return None, []
+    medians = {r: float(np.median(finals[rates == r])) for r in candidates}
+    lowest = min(medians.values())
+    equals = [r for r in candidates if medians[r] <= (1 + tolerance) * lowest]
+    keep = np.isin(rates, equals)
+    n_targets = len(reports[0]["iterations_to_target"]) if reports else 0
+    choices = choose_rates(
+        rates[keep], np.asarray(seeds)[keep], [r for r, k in zip(reports, keep) if k], n_targets, finals[keep]
+    )
+    for choice in reversed(choices):
+        if choice["rate"] is not None:
+            return choice["rate"], [float(r) for r in equals]
+    return float(min(equals, key=lambda r: medians[r])), [float(r) for r in equals]
+
+
+def round_below(rates, flagged, step, points_per_side=POINTS_PER_SIDE):
+    """The rates of a second round when every rate of `rates` is flagged, else None.
+
+    The round is centred one coarse grid `step` (a factor > 1) below the smallest rate of the
+    set, with `points_per_side` log-even rates inside each interval to its neighbours one step
+    further down and up (the smallest flagged rate); the flagged rates are not repeated.
+
+    Args:
+        rates: the refined rates tried (1-D).
+        flagged: per rate, whether it is flagged (any seed diverged, stalled or oscillating).
+        step: the coarse grid's step factor (`grid_step` of the coarse grid).
+    """
+    rates, flagged = np.asarray(rates, dtype=np.float64), np.asarray(flagged, dtype=bool)
+    if rates.shape != flagged.shape or rates.size == 0:
+        raise ValueError(f"`rates` and `flagged` must be 1-D of equal length, got {rates.shape} and {flagged.shape}.")
+    if not step > 1:
+        raise ValueError(f"`step` must be > 1, got {step!r}.")
+    if not flagged.all():
+        return None
+    centre = rates.min() / step
+    new = refine_around([centre / step, centre, rates.min()], centre, points_per_side)
+    return np.sort(np.append(new[new < rates.min() * (1 - 1e-9)], centre))

@@ -135,3 +135,44 @@ def test_refinement_finds_the_stability_edge_two_over_l_on_the_real_engine():
     low, high = rate_rules.stability_edge(is_stable, coarse[first_unstable - 1], coarse[first_unstable])
     assert low < edge < high
     assert high / low < 1 + 1e-3  # log width 0.5 / 4^6 decades
+
+
+def test_rates_equal_in_final_loss_are_ranked_by_how_soon_they_reach_the_target():
+    def report(iterations, flagged=False):
+        return {"iterations_to_target": [iterations], "flagged": flagged}
+
+    # An adaptive optimizer's picture: final losses 1.000, 1.005, 1.009 over two decades (within
+    # 1%), reached at 900, 300 and 100 iterations; 0.1 ends far lower but a seed is flagged; 1.0
+    # is fastest but ends 50% higher, outside the band.
+    rates = np.repeat([1e-4, 1e-3, 1e-2, 1e-1, 1.0], 2)
+    seeds = np.tile([0, 1], 5)
+    finals = np.repeat([1.000, 1.005, 1.009, 0.5, 1.5], 2)
+    reports = [report(900), report(900), report(300), report(300), report(100), report(100)]
+    reports += [report(50), report(50, flagged=True), report(20), report(20)]
+    best, equals = rate_rules.fastest_among_equals(rates, seeds, reports, finals)
+    assert best == 1e-2 and equals == [1e-4, 1e-3, 1e-2]
+    # A band of 0.1% holds the lowest final loss alone: it wins, as ranking by final loss would.
+    best, equals = rate_rules.fastest_among_equals(rates, seeds, reports, finals, tolerance=1e-3)
+    assert best == 1e-4 and equals == [1e-4]
+    # No equal rate reaches a target: the lowest median final loss.
+    unreached = [{**r, "iterations_to_target": [None]} for r in reports]
+    assert rate_rules.fastest_among_equals(rates, seeds, unreached, finals)[0] == 1e-4
+    with pytest.raises(ValueError, match="`tolerance`"):
+        rate_rules.fastest_among_equals(rates, seeds, reports, finals, tolerance=-0.1)
+
+
+def test_a_fully_flagged_set_gets_a_second_round_one_grid_step_below():
+    step = 10**0.25
+    rates = 10.0 ** np.array([-3.0, -2.75, -2.5])
+    # One rate unflagged: no second round.
+    assert rate_rules.round_below(rates, [True, False, True], step) is None
+    # All flagged: centred at 10^-3.25, one rate inside each interval to 10^-3.5 and 10^-3.
+    np.testing.assert_allclose(
+        rate_rules.round_below(rates, [True, True, True], step, points_per_side=1),
+        10.0 ** np.array([-3.375, -3.25, -3.125]),
+        rtol=1e-12,
+    )
+    with pytest.raises(ValueError, match="`step`"):
+        rate_rules.round_below(rates, [True] * 3, 1.0)
+    with pytest.raises(ValueError, match="`flagged`"):
+        rate_rules.round_below(rates, [True] * 2, step)
