@@ -33,8 +33,8 @@ def plural(count, noun):
 def figure_title(title, config):
     """The figure's title; a run shorter than the paper's horizon says it is a quick run."""
     if config.is_quick:
-        return f"{title} (quick run: {config.iterations:,} iterations, not the paper's horizon)"
-    return f"{title} ({config.iterations:,} iterations)"
+        return f"{title}\nquick run: {config.iterations:,} iterations, not the paper's horizon"
+    return f"{title}\n{config.iterations:,} iterations"
 
 
 def panel_grid(count):
@@ -49,7 +49,8 @@ def build_panels(title, config, title_runs, draw_run, xlabel, ylabel, log_x=Fals
     panel has anything to draw."""
     rows, columns = panel_grid(len(title_runs))
     width, height = PANEL_INCHES
-    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows + 0.6), squeeze=False)
+    width = max(width, 8.0 / columns)  # a lone panel wide enough for the figure's title and legend
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows + 0.8), squeeze=False)
     axes = list(axes.flat)
     drawn = 0
     for ax, (panel_title, runs) in zip(axes, title_runs):

@@ -56,9 +56,9 @@ class Progress:
         work = min(work, self.total - self.done)  # float sums of a stage's fractions may pass 1
         self.done += work
         self.session_work += work
+        self._show(refresh=False)  # the bar redraws at most every `mininterval` seconds
         if self.bar is not None:
             self.bar.update(work)
-        self._show()
 
     def replan(self, planned, actual):
         """A stage turned out to cost `actual` where `planned` was counted (a final stage with a
@@ -74,9 +74,9 @@ class Progress:
             self.scale = (time.monotonic() - self.started) / self.session_work
         self._show()
 
-    def _show(self):
+    def _show(self, refresh=True):
         if self.bar is not None:
-            self.bar.set_postfix_str(f"about {format_seconds(self.estimate_seconds())} left", refresh=True)
+            self.bar.set_postfix_str(f"about {format_seconds(self.estimate_seconds())} left", refresh=refresh)
 
     def close(self):
         """Closes the bar (before anything else is printed: an interruption's line comes after it)."""
