@@ -6,16 +6,8 @@ into ten files `batch1.dat` ... `batch10.dat`. Each measurement has 128
 features (16 sensors x 8 features). Following Arora, Cohen & Hazan (2018),
 `load_ethanol()` keeps the Ethanol measurements (gas class 1, 2565 rows in
 the full set) and returns a regression problem: features -> concentration
-(ppmv).
-
-File format, one measurement per line (libsvm style, trailing space):
-
-```
-<gas class>;<concentration> 1:<f1> 2:<f2> ... 128:<f128>
-```
-
-Gas classes: 1 Ethanol, 2 Ethylene, 3 Ammonia, 4 Acetaldehyde, 5 Acetone,
-6 Toluene.
+(ppmv). The files' format and parser: `experiments.data.uci_batch_files`;
+the download: `experiments.data.uci_archive`.
 
 Data set page: https://archive.ics.uci.edu/dataset/270
 (DOI 10.24432/C5MK6M). UCI states that the data is for research use only.
@@ -32,38 +24,20 @@ References:
 
 import argparse
 import dataclasses
-import math
 import os
 import pathlib
-import re
-import shutil
-import urllib.parse
-import zipfile
 
 import numpy as np
 
 from experiments.data._checksums import file_sha256
+from experiments.data.uci_archive import UCI_PAGE, download_and_extract
+from experiments.data.uci_batch_files import GAS_CLASSES, NUM_FEATURES, find_batch_files, parse_batch_file
 
 UCI_URL = "https://archive.ics.uci.edu/static/public/270/gas+sensor+array+drift+dataset+at+different+concentrations.zip"
-UCI_PAGE = "https://archive.ics.uci.edu/dataset/270"
 ENV_VAR = "TF_OVERPARAM_GAS_SENSOR_DIR"
 
-NUM_FEATURES = 128
 NUM_BATCHES = 10
 BATCH_NAMES = tuple(f"batch{i}" for i in range(1, NUM_BATCHES + 1))
-GAS_CLASSES = {
-    1: "Ethanol",
-    2: "Ethylene",
-    3: "Ammonia",
-    4: "Acetaldehyde",
-    5: "Acetone",
-    6: "Toluene",
-}
-
-_BATCH_FILE_RE = re.compile(r"batch([1-9]|10)\.dat")
-_EXPECTED_INDICES = [str(i) for i in range(1, NUM_FEATURES + 1)]
-# How deep nested zip files inside the downloaded archive are unpacked.
-_MAX_NESTED_ZIP_DEPTH = 3
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -127,134 +101,6 @@ class GasSensorData:
             f"from {len(self.batches)} of {NUM_BATCHES} batches {where}, "
             f"{scaling}"
         )
-
-
-def parse_batch_file(path):
-    """Parses one `batch<N>.dat` file of UCI 270.
-
-    Blank lines are skipped. Every other line must be
-    `<class>;<concentration>` followed by exactly the features `1:` to
-    `128:` in order, each with a finite float value.
-
-    Args:
-        path: path of the file.
-
-    Returns:
-        A tuple `(classes, concentrations, features)`: int64 array `(rows,)`,
-        float64 array `(rows,)` (ppmv) and float64 array `(rows, 128)`.
-
-    Raises:
-        ValueError: for a malformed line; the message names the file, the
-            1-based line number and what was wrong.
-
-    Example:
-
-    >>> classes, conc, feats = parse_batch_file("data/batch1.dat")
-    >>> feats.shape
-    (445, 128)
-    """
-    path = pathlib.Path(path)
-    classes, concentrations, features = [], [], []
-    with open(path, "rb") as f:
-        for line_number, raw in enumerate(f, start=1):
-            where = f"{path}, line {line_number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not valid UTF-8 text ({e})") from None
-            tokens = line.split()
-            if not tokens:
-                continue
-            gas, conc = _parse_head(tokens[0], where)
-            classes.append(gas)
-            concentrations.append(conc)
-            features.append(_parse_features(tokens[1:], where))
-    return (
-        np.asarray(classes, dtype=np.int64),
-        np.asarray(concentrations, dtype=np.float64),
-        np.asarray(features, dtype=np.float64).reshape(-1, NUM_FEATURES),
-    )
-
-
-def _parse_head(token, where):
-    gas_text, sep, conc_text = token.partition(";")
-    if not sep:
-        raise ValueError(f"{where}: expected '<gas class>;<concentration>' at the start of the line, got {token!r}")
-    try:
-        gas = int(gas_text)
-    except ValueError:
-        raise ValueError(f"{where}: gas class {gas_text!r} is not an integer") from None
-    if gas not in GAS_CLASSES:
-        raise ValueError(f"{where}: gas class {gas} is not one of {sorted(GAS_CLASSES)}")
-    try:
-        conc = float(conc_text)
-    except ValueError:
-        conc = math.nan
-    if not math.isfinite(conc):
-        raise ValueError(f"{where}: concentration {conc_text!r} is not a finite float")
-    return gas, conc
-
-
-def _parse_features(tokens, where):
-    pairs = [token.partition(":") for token in tokens]
-    indices = [index for index, _, _ in pairs]
-    if indices != _EXPECTED_INDICES:
-        _diagnose_indices(pairs, where)
-    try:
-        values = [float(text) for _, _, text in pairs]
-    except ValueError:
-        values = None
-    if values is None or not all(map(math.isfinite, values)):
-        _raise_bad_value(pairs, where)
-    return values
-
-
-def _raise_bad_value(pairs, where):
-    for index, _, text in pairs:
-        try:
-            ok = math.isfinite(float(text))
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f"{where}: value {text!r} of feature {index} is not a finite float")
-
-
-def _diagnose_indices(pairs, where):
-    """Raises for bad feature indices; returns if they are merely spelled
-    differently (e.g. `01:`) but are 1..128 in order."""
-    indices = []
-    for index, sep, _ in pairs:
-        if not sep:
-            raise ValueError(f"{where}: feature token {index!r} is not of the form <index>:<value>")
-        try:
-            indices.append(int(index))
-        except ValueError:
-            raise ValueError(f"{where}: feature index {index!r} is not an integer") from None
-    bad = [i for i in indices if not 1 <= i <= NUM_FEATURES]
-    if bad:
-        raise ValueError(f"{where}: feature index {bad[0]} is out of range 1..{NUM_FEATURES}")
-    seen, duplicated = set(), []
-    for i in indices:
-        if i in seen and i not in duplicated:
-            duplicated.append(i)
-        seen.add(i)
-    if duplicated:
-        raise ValueError(f"{where}: feature index {_join(duplicated)} duplicated")
-    missing = sorted(set(range(1, NUM_FEATURES + 1)) - seen)
-    if missing:
-        raise ValueError(
-            f"{where}: feature index {_join(missing)} missing ({len(indices)} of {NUM_FEATURES} features present)"
-        )
-    for previous, current in zip(indices, indices[1:]):
-        if current < previous:
-            raise ValueError(f"{where}: feature indices out of order ({current} comes after {previous})")
-
-
-def _join(numbers, limit=8):
-    shown = ", ".join(str(n) for n in numbers[:limit])
-    if len(numbers) > limit:
-        shown += f", ... ({len(numbers)} in all)"
-    return shown
 
 
 def load_ethanol(
@@ -461,7 +307,7 @@ def _locate(data_dir, download, cache_dir, origin):
     else:
         tried.append(f"${ENV_VAR} (not set)")
     if download:
-        extracted = _download_and_extract(origin, cache_dir)
+        extracted = download_and_extract(origin, cache_dir)
         found = find_batch_files(extracted)
         if found:
             return found
@@ -474,107 +320,9 @@ def _locate(data_dir, download, cache_dir, origin):
         f"Get the data set from {UCI_PAGE} (archive: {UCI_URL}), unpack it, "
         "and pass the directory holding the batch files as `data_dir` "
         f"(`--data-dir` on the command line) or set {ENV_VAR} to it; "
-        "or call with `download=True` to fetch and extract it into the "
-        "Keras cache."
+        "or call with `download=True` (`--download` on the command line) "
+        "to fetch and extract it into the Keras cache."
     )
-
-
-def find_batch_files(directory):
-    """Finds the `batch<N>.dat` files of UCI 270 under `directory`.
-
-    The directory itself is checked first; otherwise it is searched
-    recursively and the subdirectory holding the most batch files is used
-    (ties: the shallowest, then the first in sorted order).
-
-    Args:
-        directory: directory to search.
-
-    Returns:
-        `None` if no batch file is found, else a tuple
-        `(directory holding them, {"batch<N>": path})`, sorted by N.
-    """
-    root = pathlib.Path(directory).expanduser()
-    if not root.is_dir():
-        return None
-    groups = {}
-    for path in sorted(root.rglob("batch*.dat")):
-        match = _BATCH_FILE_RE.fullmatch(path.name)
-        if match and path.is_file() and "__MACOSX" not in path.parts:
-            groups.setdefault(path.parent, {})[int(match.group(1))] = path
-    if not groups:
-        return None
-    best = groups.get(root) or None
-    if best is None:
-        parent = min(groups, key=lambda p: (-len(groups[p]), len(p.parts), str(p)))
-        best = groups[parent]
-    else:
-        parent = root
-    return parent, {f"batch{n}": best[n] for n in sorted(best)}
-
-
-def _download_and_extract(origin, cache_dir):
-    """Downloads the archive at `origin` with `keras.utils.get_file` and
-    extracts it (and, if needed, zip files inside it) next to it."""
-    from keras.utils import get_file  # Lazy: TensorFlow is slow to import.
-
-    fname = os.path.basename(urllib.parse.urlsplit(origin).path)
-    fname = re.sub(r"[^A-Za-z0-9._+-]", "_", urllib.parse.unquote(fname))
-    if not fname.strip("._"):
-        fname = "gas_sensor_uci270.zip"
-    if cache_dir is not None:
-        # get_file silently falls back to /tmp/.keras if cache_dir does not
-        # exist yet (it tests it with os.access), so create it first.
-        cache_dir = pathlib.Path(cache_dir).expanduser()
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        archive = pathlib.Path(
-            get_file(
-                fname=fname,
-                origin=origin,
-                cache_dir=None if cache_dir is None else os.fspath(cache_dir),
-                cache_subdir="datasets",
-            )
-        )
-    except Exception as e:  # get_file raises a bare Exception for URL errors
-        message = " ".join(str(e).split())
-        raise ConnectionError(
-            f"could not download {origin} ({message}); check the network, or "
-            f"get the archive from {UCI_PAGE} by hand and pass the folder "
-            "of its batch files as `data_dir`"
-        ) from e
-    target = archive.with_name(archive.name.removesuffix(".zip") + "_extracted")
-    if not target.is_dir():
-        _extract_zip(archive, target)
-    for _ in range(_MAX_NESTED_ZIP_DEPTH):
-        if find_batch_files(target):
-            break
-        nested = [p for p in sorted(target.rglob("*.zip")) if not p.with_name(p.name[:-4] + "_extracted").exists()]
-        if not nested:
-            break
-        for inner in nested:
-            _extract_zip(inner, inner.with_name(inner.name[:-4] + "_extracted"))
-    return target
-
-
-def _extract_zip(archive, target):
-    """Extracts `archive` into `target` atomically, refusing members that
-    would land outside it."""
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            for member in zf.namelist():
-                parts = pathlib.PurePosixPath(member.replace("\\", "/")).parts
-                if member.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-                    raise ValueError(f"{archive}: unsafe member path {member!r}")
-            zf.extractall(tmp)
-    except zipfile.BadZipFile as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"{archive} is not a valid zip archive ({e}); delete it to download it again") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.replace(tmp, target)
 
 
 def _compact_batch_list(names):

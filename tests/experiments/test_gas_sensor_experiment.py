@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from experiments import gas_sensor
-from experiments.engine.fullbatch import GridResult
+from experiments.common.cli import lazy_pyplot
+from experiments.engine.fullbatch import GridResult, log_schedule
+from experiments.gas_sensor import plan, plots, report
+
+plt = lazy_pyplot()
 
 
 def _grid(losses, rates):
@@ -80,6 +84,8 @@ def test_quick_run_writes_consistent_results(gas_sensor_dir, tmp_path):
     assert baseline["per_target"][f"{results['targets']['l4'][-1]:.6g}"]["rate"] is not None
     for figure in ("depth", "lr_grid", "optimizers", "init"):
         assert (run_dir / f"{figure}.png").stat().st_size > 10_000
+        assert plt.imread(run_dir / f"{figure}.png").shape[1] <= 2000
+    assert len(results["sessions"]) == 1 and results["seconds"] == results["sessions"][0]["seconds"] > 0
     events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     assert len(events) >= len(configurations)
 
@@ -88,3 +94,83 @@ def test_bad_cli_arguments_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
         gas_sensor.main(["--iterations", "0"])
     assert "--iterations must be a positive int" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ figures
+
+
+def _synthetic_results(config, runs, diverged_rate=4e-3):
+    """Hand-made final grids: every configuration at rates 1e-3, 2e-3 and `diverged_rate` with
+    3 seeds; the loss falls as 1 / (1 + rate x iteration x 100), and every seed at
+    `diverged_rate` diverges (NaN) halfway."""
+    iterations = log_schedule(config.iterations, config.log_points)
+    rates = np.repeat([1e-3, 2e-3, diverged_rate], 3)
+    seeds = np.tile([0, 1, 2], 3)
+    losses = 1.0 / (1.0 + 100 * rates[None, :] * iterations[:, None]) * (1 + 0.01 * seeds[None, :])
+    losses[iterations > config.iterations // 2, 6:] = np.nan
+    diverged = np.where(rates == diverged_rate, config.iterations // 2, -1)
+    grid = GridResult(rates, seeds, iterations, losses, diverged, kernels=None)
+    return {run.name: grid for run in runs}
+
+
+def _figures(config):
+    figures = plan.configurations(config)
+    runs = plan.run_order(figures)
+    results = _synthetic_results(config, runs)
+    summaries = {name: {} for name in results}
+    report.add_targets_and_ratios(summaries, results, report.target_groups(runs))
+    return figures, results, summaries
+
+
+@pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
+def test_every_figure_is_readable(quick, tmp_path):
+    figure_names = ("depth", "lr-grid", "optimizers", "init", "preprocessing")
+    config = plan.Config.quick(figures=figure_names) if quick else plan.Config(figures=figure_names, log_points=400)
+    figures, results, summaries = _figures(config)
+    built = plots.figure_plan(config, figures, results)
+    assert [name for name, *_ in built] == [
+        "depth.png",
+        "lr_grid.png",
+        "optimizers.png",
+        "init.png",
+        "preprocessing.png",
+    ]
+    for name, kind, title, title_runs in built:
+        if kind == "curves":
+            fig = plots.curves_figure(title, config, title_runs, results, summaries)
+        else:
+            fig = plots.lr_grid_figure(title, config, title_runs, results)
+        width, height = fig.get_size_inches() * plots.DPI
+        assert width <= 2000 and height <= 2000, name
+        suptitle = fig._suptitle.get_text()
+        assert ("quick run" in suptitle) == quick, suptitle
+        assert len(fig.axes) == len(title_runs), name  # one panel each, no empty ones
+        for ax, (panel_title, runs) in zip(fig.axes, title_runs):
+            assert ax.has_data() and ax.get_title() == panel_title and ax.get_xlabel() and ax.get_ylabel()
+            assert r"$\ell_" in panel_title and "l4" not in panel_title  # not readable as "14"
+            legend = [text.get_text() for text in ax.get_legend().get_texts()]
+            assert all("1 seeds" not in entry for entry in legend)
+            if kind == "lr-grid":
+                assert plots.DIVERGED_LABEL in legend  # the diverged rate is drawn and named
+            else:
+                sparse = len(results[runs[0].name].iterations) <= plots.SPARSE_POINTS
+                assert all((line.get_marker() not in (None, "None", "")) == sparse for line in ax.get_lines())
+        if name == "preprocessing.png":
+            rows, columns = fig.axes[0].get_subplotspec().get_geometry()[:2]
+            assert (rows, columns) == (2, 4)  # eight panels in a grid, not in one row
+        fig.savefig(tmp_path / name, dpi=plots.DPI)
+        pixels = plt.imread(tmp_path / name)
+        assert pixels.shape[1] <= 2000 and pixels.shape[0] <= 2000
+        plt.close(fig)
+
+
+def test_a_panel_with_nothing_to_draw_is_left_out():
+    config = plan.Config.quick(figures=("depth",))
+    figures, results, summaries = _figures(config)
+    for name in list(summaries):
+        if name.startswith("l2/"):
+            summaries[name] = {"best_learning_rate": None}  # every rate flagged
+    (_, _, title, title_runs), *_ = plots.figure_plan(config, figures, results)
+    fig = plots.curves_figure(title, config, title_runs, results, summaries)
+    assert [ax.get_title() for ax in fig.axes] == [plots.loss_name(4) + ": loss at each one's best rate"]
+    plt.close(fig)

@@ -5,7 +5,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorflow import make_ndarray
 
-from experiments import _sweep
+from experiments.common import sweep
 from experiments.engine.fullbatch import ChainSpec, log_schedule
 
 
@@ -16,7 +16,7 @@ def _tasks():
     schedule = log_schedule(300, 20)
     specs = {"d1": ChainSpec(depth=1, p=4.0), "d2": ChainSpec(depth=2, p=4.0), "e2e": ChainSpec(2, update="end_to_end")}
     return [
-        _sweep.GridTask(name, x, y, spec, (1e-2, 1e-1), (0, 1), schedule, diagnostics_every=3)
+        sweep.GridTask(name, x, y, spec, (1e-2, 1e-1), (0, 1), schedule, diagnostics_every=3)
         for name, spec in specs.items()
     ]
 
@@ -36,12 +36,12 @@ def _events(root):
 def _run(executor, root):
     outcomes = {o.name: o for o in executor.map(_tasks())}
     for outcome in outcomes.values():
-        _sweep.write_tensorboard(root, outcome)
+        sweep.write_tensorboard(root, outcome)
     return outcomes
 
 
 def test_in_process_results_and_tensorboard(tmp_path):
-    outcomes = _run(_sweep.Executor(), tmp_path)
+    outcomes = _run(sweep.Executor(), tmp_path)
     assert set(outcomes) == {"d1", "d2", "e2e"}
     events = _events(tmp_path)
     # 3 configurations x 2 rates x 2 seeds runs; every finite logged loss is a scalar event.
@@ -63,13 +63,13 @@ def test_in_process_results_and_tensorboard(tmp_path):
 
 def test_bad_workers_value():
     with pytest.raises(ValueError, match="`workers`"):
-        _sweep.Executor(workers=0)
+        sweep.Executor(workers=0)
 
 
 def test_ray_run_equals_in_process_run(tmp_path):
     pytest.importorskip("ray")
-    local = _run(_sweep.Executor(), tmp_path / "local")
-    executor = _sweep.Executor(workers=2)
+    local = _run(sweep.Executor(), tmp_path / "local")
+    executor = sweep.Executor(workers=2)
     try:
         assert executor.description == "ray (2 CPUs)"
         remote = _run(executor, tmp_path / "ray")
@@ -88,11 +88,10 @@ def test_ray_run_equals_in_process_run(tmp_path):
 
 
 def test_gas_sensor_in_process_stage_writes_what_a_ray_task_driver_writes(tmp_path):
-    # The in-process path (run_configuration: checkpoints, TensorBoard while training) and the
+    # The in-process path (train_stage: checkpoints, TensorBoard while training) and the
     # Ray path (a task, then the driver's write_tensorboard) give the same grid and events.
-    from tqdm import tqdm
-
     from experiments import gas_sensor
+    from experiments.gas_sensor import runner
 
     task = _tasks()[1]
     config = gas_sensor.Config.quick(log_points=20)
@@ -100,10 +99,9 @@ def test_gas_sensor_in_process_stage_writes_what_a_ray_task_driver_writes(tmp_pa
     stage = gas_sensor.Stage(run, "final", task.learning_rates, task.seeds, 300)
     data = type("Data", (), {"x": task.x, "y": task.y})
     (tmp_path / "local").mkdir()
-    with tqdm(disable=True) as progress:
-        local = gas_sensor.run_configuration(stage, data, config, tmp_path / "local", progress)
+    local = runner.train_stage(stage, data, config, tmp_path / "local")
     schedule = log_schedule(300, 20)
-    task = _sweep.GridTask(
+    task = sweep.GridTask(
         run.name,
         task.x,
         task.y,
@@ -111,11 +109,36 @@ def test_gas_sensor_in_process_stage_writes_what_a_ray_task_driver_writes(tmp_pa
         task.learning_rates,
         task.seeds,
         schedule,
-        gas_sensor.diagnostics_every(schedule),
+        runner.diagnostics_every(schedule),
     )
-    outcome = _sweep.train_grid(task)
-    _sweep.write_tensorboard(tmp_path / "task" / "tensorboard", outcome)
+    outcome = sweep.train_grid(task)
+    sweep.write_tensorboard(tmp_path / "task" / "tensorboard", outcome)
     np.testing.assert_array_equal(local.losses, outcome.result.losses)
     np.testing.assert_array_equal(local.iterations, outcome.result.iterations)
     local_events = _events(tmp_path / "local" / "tensorboard" / "l4")
     assert local_events and local_events == _events(tmp_path / "task" / "tensorboard" / "l4")
+
+
+def test_gas_sensor_on_ray_gives_the_in_process_results(tmp_path):
+    # The Ray path schedules stages itself (a configuration's final stage as soon as its screen
+    # returns); its results.json must hold the in-process numbers.
+    import json
+
+    from _synthetic_data import write_batch_files
+
+    from experiments import gas_sensor
+
+    pytest.importorskip("ray")
+    data = write_batch_files(tmp_path / "data")
+    argv = ["--quick", "--figure", "init", "--iterations", "200", "--data-dir", str(data)]
+    local = gas_sensor.main([*argv, "--out", str(tmp_path / "local")])
+    remote = gas_sensor.main([*argv, "--out", str(tmp_path / "ray"), "--workers", "2"])
+
+    def numbers(path):
+        results = json.loads((path / "results.json").read_text())
+        for summary in results["configurations"].values():
+            summary.pop("seconds")
+        return {k: v for k, v in results.items() if k not in ("seconds", "sessions")}
+
+    assert numbers(remote) == numbers(local)
+    assert sorted(p.name for p in remote.glob("*.png")) == ["init.png"]

@@ -1,0 +1,3 @@
+from experiments.gas_sensor.cli import main
+
+main()
