@@ -23,7 +23,8 @@ import time
 
 import numpy as np
 
-from experiments._common import cli, make_run_dir, quiet_tensorflow, write_json_atomic
+from experiments.common.cli import cli, quiet_tensorflow
+from experiments.common.run_folder import make_run_dir, write_json_atomic
 
 DEFAULT_DATA = pathlib.Path(os.environ.get("TF_OVERPARAM_MNIST_DIR", "/work/shared/data/mnist"))
 HELD_OUT = 5000

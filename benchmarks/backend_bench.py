@@ -273,7 +273,7 @@ def main(argv=None):
 
     from benchmarks.tables import format_tables
     from benchmarks.timing import machine_info
-    from experiments._common import make_run_dir, write_json_atomic
+    from experiments.common.run_folder import make_run_dir, write_json_atomic
 
     path = make_run_dir(config.out, "benchmarks") / f"results-{config.backend}.json"
     if path.exists():

@@ -36,7 +36,8 @@ import os
 import sys
 
 from benchmarks.config import DATA_SECTIONS, SECTIONS, Config, SideBySide  # noqa: F401 - re-exported
-from experiments._common import UserError, cli, make_run_dir, quiet_tensorflow, replace_atomic, write_json_atomic
+from experiments.common.cli import UserError, cli, quiet_tensorflow
+from experiments.common.run_folder import make_run_dir, replace_atomic, write_json_atomic
 from experiments.data import gas_sensor
 
 

@@ -171,7 +171,7 @@ def machine_info():
     the load average, and the package and git commit that produced them (provenance)."""
     import keras
 
-    from experiments._common import provenance
+    from experiments.common.run_folder import provenance
 
     backend = keras.backend.backend()
     info = {

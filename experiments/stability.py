@@ -32,7 +32,7 @@ import statistics
 
 import numpy as np
 
-from experiments import _rates
+from experiments.common import rates as rate_rules
 
 # A rate is kept if fewer than one initial draw in twenty blows it up early. At that level a
 # user who redraws a blown-up initialisation pays at most 1 / (1 - 0.05) - 1 = 5.3% more runs, so
@@ -244,7 +244,7 @@ def stability_edge(is_stable, low, high, rel_tol=EDGE_REL_TOL, check_bracket=Tru
             on the wrong side (two more evaluations; skip them for a bracket already known).
 
     Returns an `Edge(stable, unstable)`: the edge lies between them, at most `rel_tol` apart.
-    Each step evaluates the geometric mean of the bracket (`experiments._rates.stability_edge`
+    Each step evaluates the geometric mean of the bracket (`experiments.common.rates.stability_edge`
     with one point per round), ceil(log2(log(high / low) / log(1 + rel_tol))) steps in all.
     """
     if isinstance(rel_tol, bool) or not isinstance(rel_tol, numbers.Real) or not 0 < rel_tol < math.inf:
@@ -259,7 +259,7 @@ def stability_edge(is_stable, low, high, rel_tol=EDGE_REL_TOL, check_bracket=Tru
             raise ValueError(f"`high` = {high!r} is stable: raise it so that the bracket holds the edge.")
     # The margin keeps the last bracket within `rel_tol` despite the rounding of the midpoints.
     rounds = max(0, math.ceil(math.log2(math.log(high / low) / (math.log1p(rel_tol) * (1 - 1e-9)))))
-    low, high = _rates.stability_edge(
+    low, high = rate_rules.stability_edge(
         lambda rates: np.array([bool(is_stable(float(r))) for r in rates]), low, high, rounds=rounds, points=1
     )
     return Edge(low, high)

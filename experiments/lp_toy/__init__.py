@@ -32,7 +32,7 @@ rates at once:
 - end_to_end: w <- w - eta `end_to_end_direction`(w, dL/dw, 2) (eq. 24, eq. 27 for one
   output), which balanced depth-2 GD follows up to O(eta^2) per step.
 
-Counting (`experiments._curves`, shared with the gas sensor): a run is diverged when the engine
+Counting (`experiments.common.curves`, shared with the gas sensor): a run is diverged when the engine
 stops it (loss non-finite or above `divergence_factor` x its initial loss) or by the bounded
 blow-up rule on its logged loss; "iterations to target" is the first logged iteration from which
 a coordinate's relative error |w_k - y_k| / y_k stays <= target at every later log (the log
@@ -41,7 +41,7 @@ schedule is `log_schedule(iterations, log_points)`: log-spaced early, gaps <= 0.
 Headline: each method at its LARGEST STABLE RATE. Stable rates need not form an interval (the
 end-to-end rule can converge above a rate at which it diverges), so the largest stable rate is
 the one below the method's first divergence on the grid, refined by a bisection of that
-stability edge (`experiments._rates.stability_edge`: `edge_rounds` rounds of 3 rates); for
+stability edge (`experiments.common.rates.stability_edge`: `edge_rounds` rounds of 3 rates); for
 GD the edge found must bracket the bound 4 / y1^(p-2). The fastest rate of the grid (wherever
 it lies) is reported beside it.
 

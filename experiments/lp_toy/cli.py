@@ -3,7 +3,8 @@
 import argparse
 import functools
 
-from experiments._common import cli, quiet_tensorflow, record_run
+from experiments.common.cli import cli, quiet_tensorflow
+from experiments.common.run_folder import record_run
 from experiments.lp_toy.protocol import NAME, Config
 
 

@@ -7,7 +7,8 @@ import time
 import keras
 import numpy as np
 
-from experiments import _curves, _rates
+from experiments.common import curves as counting
+from experiments.common import rates as rate_rules
 from experiments.engine.fullbatch import ChainSpec, FullBatchTrainer, log_schedule
 from experiments.lp_toy.protocol import METHODS, predicted_slow_iterations, rate_grid, stability_bound
 from tf_overparam import initializers
@@ -46,7 +47,7 @@ def run_method(method, config, rates, schedule):
     history = np.asarray(errors)
     diverged = np.array(
         [
-            engine if engine >= 0 else _or_minus_one(_curves.diverged_at(result.iterations, result.losses[:, g]))
+            engine if engine >= 0 else _or_minus_one(counting.diverged_at(result.iterations, result.losses[:, g]))
             for g, engine in enumerate(result.diverged_at)
         ]
     )
@@ -56,7 +57,7 @@ def run_method(method, config, rates, schedule):
     reached = np.array(
         [
             [
-                _or_minus_one(_curves.sustained_crossing(result.iterations, history[:, g, k], config.target))
+                _or_minus_one(counting.sustained_crossing(result.iterations, history[:, g, k], config.target))
                 for k in (0, 1)
             ]
             for g in range(len(rates))
@@ -148,7 +149,7 @@ def largest_stable(method, config, rates, outcome, summary, schedule):
         runs.update({float(eta): (candidates, result, i) for i, eta in enumerate(candidates)})
         return result["diverged_at"] < 0
 
-    low, high = _rates.stability_edge(is_stable, low, high, rounds=config.edge_rounds)
+    low, high = rate_rules.stability_edge(is_stable, low, high, rounds=config.edge_rounds)
     at_rates, at_outcome, i = runs[low]
     return {"bracket": [low, high], "at_edge": _entry(at_rates, at_outcome, i), "curve": at_outcome["history"][:, i].T}
 

@@ -4,7 +4,7 @@ iterations to the target against the rate (diverged rates drawn in a band of the
 import numpy as np
 from matplotlib.figure import Figure
 
-from experiments._common import replace_atomic
+from experiments.common.run_folder import replace_atomic
 from experiments.lp_toy.protocol import LABELS, METHODS
 
 COLORS = {"gd": "C0", "depth2": "C1", "end_to_end": "C2"}

@@ -3,15 +3,8 @@ summary. Nothing here imports TensorFlow before the options are read and the dat
 
 import argparse
 
-from experiments._common import (
-    RunInterrupted,
-    cli,
-    format_seconds,
-    provenance,
-    quiet_tensorflow,
-    resume_command,
-    user_errors,
-)
+from experiments.common.cli import RunInterrupted, cli, format_seconds, quiet_tensorflow, resume_command, user_errors
+from experiments.common.run_folder import provenance
 from experiments.data import mnist_files
 from experiments.mnist_cnn.protocol import ARMS, EXPANDABLE, OPTIMIZERS, Config, estimate_seconds
 

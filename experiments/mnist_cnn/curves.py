@@ -3,7 +3,7 @@ the penalty, and the steps until a threshold (NumPy only)."""
 
 import numpy as np
 
-from experiments import _curves
+from experiments.common import curves
 
 
 def batch_values_from_running_means(means):
@@ -32,10 +32,10 @@ def batch_penalty(record):
 def steps_to_threshold(values, threshold, window, sustained=True):
     """Steps (1-based) until the trailing mean over the full `window` batches n - window + 1 .. n
     is <= threshold: the first n from which it stays so at every later step (`sustained`, the
-    `experiments._curves` rule), or the first n at which it is; None if never."""
+    `experiments.common.curves` rule), or the first n at which it is; None if never."""
     values = np.asarray(values, dtype=np.float64)
     if values.size < window:
         return None
     means = running_mean(values, window)[window - 1 :]
     steps = np.arange(window, values.size + 1)
-    return (_curves.sustained_crossing if sustained else _curves.first_crossing)(steps, means, threshold)
+    return (curves.sustained_crossing if sustained else curves.first_crossing)(steps, means, threshold)

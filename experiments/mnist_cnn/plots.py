@@ -5,7 +5,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from experiments._common import replace_atomic
+from experiments.common.run_folder import replace_atomic
 from experiments.mnist_cnn.curves import batch_penalty, running_mean
 from experiments.mnist_cnn.protocol import ARMS
 

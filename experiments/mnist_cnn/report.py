@@ -1,14 +1,14 @@
 """The MNIST experiment's tables: per arm the median and [min, max] over seeds of its results,
 the steps to each cross-entropy threshold and the speedups over plain; and their printout."""
 
-from experiments import _curves
+from experiments.common import curves
 from experiments.mnist_cnn.curves import steps_to_threshold
 from experiments.mnist_cnn.protocol import ARMS, BASELINE
 
 
 def over_seeds(per_seed):
     """{seed: value} -> median, [min, max] (None = never reached, counted as infinite) and the values."""
-    median, (low, high) = _curves.median_and_range(list(per_seed.values()))
+    median, (low, high) = curves.median_and_range(list(per_seed.values()))
     return {"median": median, "range": [low, high], "per_seed": {str(seed): v for seed, v in per_seed.items()}}
 
 
@@ -45,7 +45,7 @@ def summarize(records, config):
             }
             row[arm] = {**over_seeds(sustained), "first_crossing": over_seeds(first)}
             if BASELINE in by_arm:
-                ratio, (low, high) = _curves.speedup(
+                ratio, (low, high) = curves.speedup(
                     {s: row[BASELINE]["per_seed"][str(s)] for s in by_arm[BASELINE]}, sustained
                 )
                 row[arm].update(speedup=ratio, speedup_range=[low, high])

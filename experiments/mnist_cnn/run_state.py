@@ -11,8 +11,8 @@ import json
 import pathlib
 import time
 
-from experiments import _runstate
-from experiments._common import holds_run, make_run_dir, write_json_atomic
+from experiments.common import runstate
+from experiments.common.run_folder import holds_run, make_run_dir, write_json_atomic
 from experiments.mnist_cnn import plots
 from experiments.mnist_cnn.protocol import ARMS
 from experiments.mnist_cnn.report import summarize
@@ -74,7 +74,7 @@ class RunState:
         """Raises the `UserError` that `open` would, creating nothing: a new run's `--out` holds
         a run already, or the resumed run is not one with these options."""
         if resume:
-            _runstate.check_same_config(config.out, config_record(config), ignore=RESUME_MAY_CHANGE)
+            runstate.check_same_config(config.out, config_record(config), ignore=RESUME_MAY_CHANGE)
         elif config.out is not None and holds_run(config.out):
             make_run_dir(config.out, "mnist_cnn")  # raises, naming the files found there
 
@@ -85,7 +85,7 @@ class RunState:
         if not resume:
             return cls(make_run_dir(config.out, "mnist_cnn"), config, config, {})
         run_dir = pathlib.Path(config.out)
-        saved = _runstate.check_same_config(run_dir, config_record(config), ignore=RESUME_MAY_CHANGE)
+        saved = runstate.check_same_config(run_dir, config_record(config), ignore=RESUME_MAY_CHANGE)
         union = {
             key: tuple(dict.fromkeys([*saved.get(key, ()), *getattr(config, key)]))
             for key in ("arms", "seeds", "other_seeds")

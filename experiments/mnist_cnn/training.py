@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from experiments._common import write_json_atomic
+from experiments.common.run_folder import write_json_atomic
 from experiments.data import mnist
 from experiments.mnist_cnn.curves import batch_penalty, running_mean
 from experiments.mnist_cnn.models import build_arm, compile_model

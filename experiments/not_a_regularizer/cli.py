@@ -4,7 +4,8 @@ are read."""
 import argparse
 import functools
 
-from experiments._common import cli, quiet_tensorflow, record_run
+from experiments.common.cli import cli, quiet_tensorflow
+from experiments.common.run_folder import record_run
 from experiments.not_a_regularizer.protocol import NAME, Config
 
 

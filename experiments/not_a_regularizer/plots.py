@@ -4,7 +4,7 @@ trapezoid rule, and the circulations it converges to (zero for the gradient N = 
 import numpy as np
 from matplotlib.figure import Figure
 
-from experiments._common import replace_atomic
+from experiments.common.run_folder import replace_atomic
 from experiments.not_a_regularizer.integrals import curl, field
 
 ROUND_OFF_FLOOR = 1e-18  # exact zeros are drawn here, below round-off
