@@ -15,8 +15,6 @@ for Keras 3 / TensorFlow.
 
 import importlib
 
-import keras
-
 from tf_overparam import chain, diagnostics, initializers, layers, losses, optimizers, preconditioning
 from tf_overparam.layers import OverparamConv2D, OverparamDense
 from tf_overparam.losses import LpLoss
@@ -25,11 +23,8 @@ from tf_overparam.training import EndToEndModel
 
 __version__ = "0.2.0"
 
-if keras.backend.backend() == "tensorflow":
-    from tf_overparam import callbacks
-
-# On another backend, imported on first use: it writes through tf.summary, which needs
-# TensorFlow; the rest of the library does not.
+# Imported on first use, on every backend: it writes through tf.summary, which needs TensorFlow;
+# the rest of the library needs Keras, NumPy and the backend alone.
 _LAZY = {"callbacks": ("tf_overparam.callbacks", None)}
 
 
