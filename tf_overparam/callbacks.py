@@ -18,6 +18,7 @@ except ImportError as error:
     ) from error
 
 from tf_overparam import diagnostics
+from tf_overparam._keras_compat import sublayers
 from tf_overparam.chain import check_positive_int
 from tf_overparam.diagnostics import effective_learning_rate  # noqa: F401  (0.1.0 import path)
 from tf_overparam.layers import registry
@@ -36,7 +37,7 @@ def find_overparam_layers(model):
         if registry.is_chained(layer):
             found.append(layer)
             return
-        for child in getattr(layer, "_layers", None) or getattr(layer, "layers", None) or []:
+        for child in sublayers(layer):
             visit(child)
 
     visit(model)

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 
 from tf_overparam import initializers as chain_initializers
+from tf_overparam._keras_compat import Functional
 from tf_overparam.chain import balanced_factors, check_depth
 from tf_overparam.layers import registry
 
@@ -224,9 +225,7 @@ def _assign_balanced(old, new, seed):
 
 
 def _convert_model(model, convert, copy):
-    if not isinstance(model, keras.Model) or not (
-        isinstance(model, keras.Sequential) or hasattr(model, "_nodes_by_depth")
-    ):
+    if not isinstance(model, (keras.Sequential, Functional)):
         raise ValueError(
             f"`model` must be a Sequential or Functional keras.Model, got {type(model).__name__}; "
             "for a subclassed model, replace its layers by overparameterized ones directly."

@@ -3,11 +3,7 @@
 
 import keras
 
-# Private, no public API serves: `EndToEndModel(inputs, outputs)` must return a Functional model
-# of this class (see `__new__`). Present in every Keras 3 release.
-from keras.src.models.functional import Functional
-from keras.src.models.model import functional_init_arguments
-
+from tf_overparam._keras_compat import Functional, functional_init_arguments
 from tf_overparam.chain import check_depth
 from tf_overparam.optimizers import EndToEnd, _check_weight_decay, is_preconditioned_by_default
 
