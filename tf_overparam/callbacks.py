@@ -19,9 +19,9 @@ except ImportError as error:
 
 from tf_overparam import diagnostics
 from tf_overparam._keras_compat import sublayers
-from tf_overparam.chain import check_positive_int
-from tf_overparam.diagnostics import effective_learning_rate  # noqa: F401  (0.1.0 import path)
+from tf_overparam.diagnostics import effective_learning_rate  # noqa: F401  (also importable from here)
 from tf_overparam.layers import registry
+from tf_overparam.validation import check_positive_int
 
 
 def find_overparam_layers(model):

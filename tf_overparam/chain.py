@@ -1,4 +1,4 @@
-"""The chain core: validators, chain shapes, the end-to-end product (eq. 10), the factor
+"""The chain core: chain shapes, the end-to-end product (eq. 10), the factor
 gradients (eq. 14) and the balanced factorisation. No Keras layer lives here; every other
 module imports these from here (numbering: docs/equations.md).
 
@@ -8,28 +8,25 @@ end-to-end kernel F_1 F_2 ... F_N = (W_N ... W_1)^T, and the paper's balancednes
 W_{j+1}^T W_{j+1} = W_j W_j^T (docs/equations.md, "Balancedness") reads F_{j+1} F_{j+1}^T = F_j^T F_j.
 """
 
-import numbers
-
 import numpy as np
 from keras import ops
 
+# The validators live in `tf_overparam.validation`; importable from here as well.
+from tf_overparam.validation import check_depth, check_hidden_widths, check_positive_int
 
-def check_positive_int(value, name, minimum=1):
-    """Returns `value` as a Python int >= `minimum`, or raises a `ValueError` naming `name`.
-
-    Any `numbers.Integral` is accepted (NumPy integers included); bools and floats are not.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
-    return int(value)
-
-
-def check_depth(depth):
-    """Returns `depth` as an int >= 1, or raises a `ValueError` naming it."""
-    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:
-        raise ValueError(f"`depth` must be an int >= 1, got {depth!r}.")
-    return int(depth)
+__all__ = [
+    "apply_chain",
+    "balanced_factors",
+    "chain_gradients",
+    "chain_product",
+    "chain_product_flops",
+    "chain_shapes",
+    "chain_widths",
+    "check_depth",
+    "check_positive_int",
+    "inputs_first_threshold",
+    "resolve_hidden_units",
+]
 
 
 def resolve_hidden_units(hidden_units, depth, units, name="hidden_units"):
@@ -42,24 +39,7 @@ def resolve_hidden_units(hidden_units, depth, units, name="hidden_units"):
         units: the width used when `hidden_units` is None.
         name: the argument's name in error messages (e.g. "hidden_filters").
     """
-    depth = check_depth(depth)
-    if hidden_units is None:
-        return [int(units)] * (depth - 1)
-    if isinstance(hidden_units, numbers.Integral) and not isinstance(hidden_units, bool):
-        hidden_units = [hidden_units] * (depth - 1)
-    try:
-        hidden_units = list(hidden_units)
-    except TypeError:
-        hidden_units = None
-    if (
-        hidden_units is None
-        or len(hidden_units) != depth - 1
-        or not all(isinstance(h, numbers.Integral) and not isinstance(h, bool) and h > 0 for h in hidden_units)
-    ):
-        raise ValueError(
-            f"`{name}` must be a positive int or a list of depth - 1 = {depth - 1} positive ints, got {hidden_units!r}."
-        )
-    return [int(h) for h in hidden_units]
+    return check_hidden_widths(hidden_units, check_depth(depth), units, name)
 
 
 def chain_widths(inputs, hidden_units, units):

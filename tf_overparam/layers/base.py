@@ -8,10 +8,8 @@ from keras import ops
 from tf_overparam import backend
 from tf_overparam import initializers as chain_initializers
 from tf_overparam._keras_compat import OwnLossesMixin
-from tf_overparam.chain import chain_product, check_depth
-
-PACKAGE = "tf_overparam"
-
+from tf_overparam.chain import chain_product
+from tf_overparam.validation import check_depth
 
 def cheaper_order(count, threshold, below, above):
     """`below()` while `count` is under `threshold`, else `above()`: two computations of the
@@ -135,7 +133,7 @@ class ChainedKernelLayer(OwnLossesMixin, keras.layers.Layer):
         dropped = ("kernel_initializer", "kernel_constraint", "lora_rank", "lora_alpha", "quantization_config")
         config = {k: v for k, v in plain_config.items() if k not in dropped}
         config.update(
-            depth=check_depth(depth),
+            depth=depth,
             factor_initializer=keras.initializers.serialize(chain_initializers.get(factor_initializer)),
             **chain_kwargs,
         )

@@ -21,12 +21,11 @@ from tf_overparam.chain import (
     apply_chain,
     chain_shapes,
     chain_widths,
-    check_positive_int,
     inputs_first_threshold,
-    resolve_hidden_units,
 )
 from tf_overparam.layers import registry
-from tf_overparam.layers.base import PACKAGE, ChainedKernelLayer, cheaper_order
+from tf_overparam.layers.base import ChainedKernelLayer, cheaper_order
+from tf_overparam.validation import PACKAGE, check_hidden_widths, check_positive_int
 
 
 def _int_pair(value, name):
@@ -207,7 +206,7 @@ class OverparamConv2D(ChainedKernelLayer):
             )
         if groups != 1:
             raise ValueError(f"`groups` must be 1 (grouped convolutions are not chained), got {groups!r}.")
-        self.hidden_filters = resolve_hidden_units(hidden_filters, self.depth, self.filters, name="hidden_filters")
+        self.hidden_filters = check_hidden_widths(hidden_filters, self.depth, self.filters, name="hidden_filters")
         self.kernel_sizes = kernel_sizes
         if kernel_sizes is not None:
             folded = tuple(sum(k[axis] for k in kernel_sizes) - len(kernel_sizes) + 1 for axis in (0, 1))
