@@ -1,6 +1,7 @@
 """`ChainedKernelLayer`: the base of every layer whose kernel is a product of factors."""
 
 import math
+import warnings
 
 import keras
 from keras import ops
@@ -10,6 +11,9 @@ from tf_overparam import initializers as chain_initializers
 from tf_overparam._keras_compat import OwnLossesMixin
 from tf_overparam.chain import chain_product
 from tf_overparam.validation import check_depth
+
+_quantize_warned = False  # `ChainedKernelLayer.quantize` warns once per process
+
 
 def cheaper_order(count, threshold, below, above):
     """`below()` while `count` is under `threshold`, else `above()`: two computations of the
@@ -220,6 +224,21 @@ class ChainedKernelLayer(OwnLossesMixin, keras.layers.Layer):
         if self.kernel_regularizer is not None and self.built:
             return [self.kernel_regularizer(self.kernel)]
         return []
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Leaves the chain in float, with one warning per process: `keras.Model.quantize` calls
+        this for every layer, and a chain's factors have no quantized form. Quantize the
+        `collapse`d model instead, whose kernels are the end-to-end kernels."""
+        global _quantize_warned
+        if not _quantize_warned:
+            _quantize_warned = True
+            warnings.warn(
+                f"Chained-kernel layers ({type(self).__name__} {self.name!r} and any others) are not quantized and "
+                "stay in float: call `tf_overparam.collapse(model)` first and quantize the collapsed model, whose "
+                "kernels are the end-to-end kernels.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def to_plain(self):
         """A `plain_class` layer computing the same function (kernel = end-to-end kernel)."""
