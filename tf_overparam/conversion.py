@@ -9,7 +9,7 @@ import numpy as np
 
 from tf_overparam import initializers as chain_initializers
 from tf_overparam._keras_compat import Functional
-from tf_overparam.chain import balanced_factors
+from tf_overparam.chain import balanced_factors_from_svd, numerical_rank
 from tf_overparam.layers import registry
 from tf_overparam.validation import check_depth
 
@@ -216,14 +216,18 @@ def _assign_balanced(old, new, seed):
             f"chain of factors shaped {[tuple(f.shape) for f in new.factors]}."
         )
     widths = [int(f.shape[1]) for f in new.factors[:-1]]
-    kernel = keras.ops.convert_to_numpy(registry.kernel_matrix(old.kernel))
-    rank = np.linalg.matrix_rank(kernel)
-    if widths and min(widths) < rank:
+    kernel = np.asarray(keras.ops.convert_to_numpy(registry.kernel_matrix(old.kernel)), dtype=np.float64)
+    if not widths:  # depth 1: the kernel itself
+        new.factors[0].assign(kernel.astype(new.factors[0].dtype))
+        return
+    svd = np.linalg.svd(kernel, full_matrices=False)  # one SVD: the rank check and the factors
+    rank = numerical_rank(svd[1], kernel.shape)
+    if min(widths) < rank:
         raise ValueError(
             f"`hidden_units` {widths} of layer {old.name!r} are narrower than the rank "
             f"{rank} of its kernel, so `preserve_function=True` cannot hold it; use wider hidden layers."
         )
-    for variable, value in zip(new.factors, balanced_factors(kernel, widths, rotation_seed=seed)):
+    for variable, value in zip(new.factors, balanced_factors_from_svd(svd, widths, rotation_seed=seed)):
         variable.assign(value.astype(variable.dtype))
 
 
