@@ -114,7 +114,8 @@ def overparameterize(
         overparam_class = registry.overparam_class_for(type(layer))
         chain_kwargs = {
             "depth": depth,
-            "factor_initializer": factor_initializer,
+            # Preserved chains are assigned their balanced factors: a random draw would be wasted.
+            "factor_initializer": "zeros" if preserve_function else factor_initializer,
             overparam_class.hidden_argument: hidden_units,
             **kwargs,
         }
