@@ -1,36 +1,48 @@
 """tf_overparam: implicit acceleration by overparameterization (Arora, Cohen & Hazan, ICML 2018)
-for Keras 3 / TensorFlow.
+for Keras 3, on TensorFlow or JAX.
 
 - `OverparamDense`, `OverparamConv2D`: a `Dense` / `Conv2D` whose kernel is a product of
-  `depth` factors; `layers` holds
-  the base class of such chained-kernel layers and the plain -> overparam registry.
-- `overparameterize` / `collapse`: convert whole models between the two.
-- `chain`: the chain core (validators, the product eq. 10, the factor gradients eq. 14,
-  the balanced factorisation); equations are numbered as in docs/equations.md.
+  `depth` factors; `layers` holds the base class of such chained-kernel layers and the
+  plain -> overparam registry.
+- `conversion`: `overparameterize` / `collapse` convert whole models between the two.
+- `chain`: the chain core (the product eq. 10, the factor gradients eq. 14, the balanced
+  factorisation); equations are numbered as in docs/equations.md.
+- `validation`: the argument validators of the public entry points, one per kind.
 - `optimizers.EndToEnd`: any Keras optimizer, with the selected kernels moved by the end-to-end
-  update rule (eq. 24); `EndToEndModel`: a model that compiles its optimizer through it.
+  update rule (eq. 24); `models.EndToEndModel`: a model that compiles its optimizer through it.
 - `initializers` (NearZero, Identity, Balanced), `losses.LpLoss`, `diagnostics`,
   `preconditioning`.
 """
 
 import importlib
 
-import keras
-
-from tf_overparam import chain, diagnostics, initializers, layers, losses, optimizers, preconditioning
+from tf_overparam import (
+    chain,
+    conversion,
+    diagnostics,
+    initializers,
+    layers,
+    losses,
+    models,
+    optimizers,
+    preconditioning,
+    validation,
+)
+from tf_overparam.conversion import ConversionReport, collapse, overparameterize
 from tf_overparam.layers import OverparamConv2D, OverparamDense
 from tf_overparam.losses import LpLoss
-from tf_overparam.models import collapse, overparameterize
-from tf_overparam.training import EndToEndModel
+from tf_overparam.models import EndToEndModel
 
 __version__ = "0.2.0"
 
-if keras.backend.backend() == "tensorflow":
-    from tf_overparam import callbacks
-
-# On another backend, imported on first use: it writes through tf.summary, which needs
-# TensorFlow; the rest of the library does not.
-_LAZY = {"callbacks": ("tf_overparam.callbacks", None)}
+# Imported on first use, on every backend: it writes through tf.summary, which needs TensorFlow;
+# the rest of the library needs Keras, NumPy and the backend alone.
+# `training` and `factorization` are deprecated import paths (they warn when a name is used).
+_LAZY = {
+    "callbacks": ("tf_overparam.callbacks", None),
+    "factorization": ("tf_overparam.factorization", None),
+    "training": ("tf_overparam.training", None),
+}
 
 
 def __getattr__(name):
@@ -42,6 +54,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "ConversionReport",
     "EndToEndModel",
     "LpLoss",
     "OverparamConv2D",
@@ -49,11 +62,14 @@ __all__ = [
     "callbacks",
     "chain",
     "collapse",
+    "conversion",
     "diagnostics",
     "initializers",
     "layers",
     "losses",
+    "models",
     "optimizers",
     "overparameterize",
     "preconditioning",
+    "validation",
 ]

@@ -53,9 +53,9 @@ def float64_available():
 
 def accurate_float32_eigh():
     """Whether the backend's float32 `eigh` holds the small eigenvalues of a Gram matrix well
-    enough for eq. 24 at depths 2 and 3. Measured (tests/test_preconditioning.py's condition-1e3
-    kernels, relative error of the direction): TensorFlow's 1.3e-5 to 4.4e-5; JAX's on CPU
-    (LAPACK through jaxlib) 0.9e-4 to 2.4e-4, so JAX takes the float64 eigh where it can."""
+    enough for eq. 24 at depths 2 and 3: TensorFlow's does; JAX's on CPU (LAPACK through
+    jaxlib) loses several times more on ill-conditioned kernels, so JAX takes the float64 eigh
+    where it can (tests/library/test_preconditioning.py checks the directions' accuracy)."""
     return keras.backend.backend() != "jax"
 
 

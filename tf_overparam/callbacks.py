@@ -8,12 +8,20 @@ runs `train` and `validation` beside this callback's run `overparam`.
 import os
 
 import keras
-import tensorflow as tf
+
+try:
+    import tensorflow as tf
+except ImportError as error:
+    raise ImportError(
+        "tf_overparam.callbacks writes TensorBoard logs through tf.summary, which needs TensorFlow: "
+        "pip install tf_overparam[tensorflow]"
+    ) from error
 
 from tf_overparam import diagnostics
-from tf_overparam.chain import check_positive_int
-from tf_overparam.diagnostics import effective_learning_rate  # noqa: F401  (0.1.0 import path)
+from tf_overparam._keras_compat import sublayers
+from tf_overparam.diagnostics import effective_learning_rate  # noqa: F401  (also importable from here)
 from tf_overparam.layers import registry
+from tf_overparam.validation import check_positive_int
 
 
 def find_overparam_layers(model):
@@ -29,7 +37,7 @@ def find_overparam_layers(model):
         if registry.is_chained(layer):
             found.append(layer)
             return
-        for child in getattr(layer, "_layers", None) or getattr(layer, "layers", None) or []:
+        for child in sublayers(layer):
             visit(child)
 
     visit(model)
@@ -132,25 +140,25 @@ class OverparamTensorBoard(keras.callbacks.Callback):
         self.update_freq = update_freq
         self.histograms = histograms
         self._writer = None
-        self._layers = []
+        self._logged_layers = []
         self._last_step = None
 
     def set_model(self, model):
         super().set_model(model)
-        self._layers = _matrix_chains(model)
+        self._logged_layers = _matrix_chains(model)
 
     def tag(self, layer):
         """The tag prefix of a layer: its name, or its path when the name is not unique."""
-        names = [other.name for other in self._layers]
+        names = [other.name for other in self._logged_layers]
         return layer.name if names.count(layer.name) == 1 else (getattr(layer, "path", None) or layer.name)
 
     @property
     def layers(self):
         """The chained-kernel layers this callback logs."""
-        return list(self._layers)
+        return list(self._logged_layers)
 
     def on_train_begin(self, logs=None):
-        self._layers = _matrix_chains(self.model)
+        self._logged_layers = _matrix_chains(self.model)
         self._write()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -171,14 +179,14 @@ class OverparamTensorBoard(keras.callbacks.Callback):
 
     def _write(self):
         step = self._step()
-        if not self._layers or step == self._last_step:
+        if not self._logged_layers or step == self._last_step:
             return
         self._last_step = step
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.log_dir)
         learning_rate = current_learning_rate(self.model.optimizer)
         with self._writer.as_default():
-            for layer in self._layers:
+            for layer in self._logged_layers:
                 write_chain_summaries(
                     layer, step, learning_rate, prefix=f"{self.tag(layer)}/", histograms=self.histograms
                 )

@@ -1,4 +1,4 @@
-"""The chain core: validators, chain shapes, the end-to-end product (eq. 10), the factor
+"""The chain core: chain shapes, the end-to-end product (eq. 10), the factor
 gradients (eq. 14) and the balanced factorisation. No Keras layer lives here; every other
 module imports these from here (numbering: docs/equations.md).
 
@@ -8,28 +8,28 @@ end-to-end kernel F_1 F_2 ... F_N = (W_N ... W_1)^T, and the paper's balancednes
 W_{j+1}^T W_{j+1} = W_j W_j^T (docs/equations.md, "Balancedness") reads F_{j+1} F_{j+1}^T = F_j^T F_j.
 """
 
-import numbers
-
 import numpy as np
 from keras import ops
 
+# The validators live in `tf_overparam.validation`; importable from here as well.
+from tf_overparam.validation import check_depth, check_hidden_widths, check_positive_int
 
-def check_positive_int(value, name, minimum=1):
-    """Returns `value` as a Python int >= `minimum`, or raises a `ValueError` naming `name`.
-
-    Any `numbers.Integral` is accepted (NumPy integers included); bools and floats are not.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
-    return int(value)
-
-
-def check_depth(depth):
-    """Returns `depth` as an int >= 1, or raises a `ValueError` naming it."""
-    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:
-        raise ValueError(f"`depth` must be an int >= 1, got {depth!r}.")
-    return int(depth)
+__all__ = [
+    "apply_chain",
+    "RandomRotation",
+    "balanced_factors",
+    "balanced_factors_from_svd",
+    "chain_gradients",
+    "chain_product",
+    "chain_product_flops",
+    "chain_shapes",
+    "chain_widths",
+    "check_depth",
+    "check_positive_int",
+    "inputs_first_threshold",
+    "numerical_rank",
+    "resolve_hidden_units",
+]
 
 
 def resolve_hidden_units(hidden_units, depth, units, name="hidden_units"):
@@ -42,24 +42,7 @@ def resolve_hidden_units(hidden_units, depth, units, name="hidden_units"):
         units: the width used when `hidden_units` is None.
         name: the argument's name in error messages (e.g. "hidden_filters").
     """
-    depth = check_depth(depth)
-    if hidden_units is None:
-        return [int(units)] * (depth - 1)
-    if isinstance(hidden_units, numbers.Integral) and not isinstance(hidden_units, bool):
-        hidden_units = [hidden_units] * (depth - 1)
-    try:
-        hidden_units = list(hidden_units)
-    except TypeError:
-        hidden_units = None
-    if (
-        hidden_units is None
-        or len(hidden_units) != depth - 1
-        or not all(isinstance(h, numbers.Integral) and not isinstance(h, bool) and h > 0 for h in hidden_units)
-    ):
-        raise ValueError(
-            f"`{name}` must be a positive int or a list of depth - 1 = {depth - 1} positive ints, got {hidden_units!r}."
-        )
-    return [int(h) for h in hidden_units]
+    return check_hidden_widths(hidden_units, check_depth(depth), units, name)
 
 
 def chain_widths(inputs, hidden_units, units):
@@ -177,8 +160,8 @@ def balanced_factors(kernel, hidden_units, rotation_seed=None):
     With the thin SVD kernel = A diag(s) B^T of rank r, the chain is F_1 = A S^{1/N},
     F_j = S^{1/N} (1 < j < N), F_N = S^{1/N} B^T, padded with zeros to the hidden widths, so
     that F_{j+1} F_{j+1}^T = F_j^T F_j = S^{2/N} (padded) holds exactly. Each hidden space is
-    then turned by a random orthogonal matrix Q_j (F_j <- Q_{j-1}^T F_j Q_j), which keeps the
-    product and the balancedness and avoids a chain of exactly zero columns.
+    then turned by a seeded random rotation Q_j (F_j <- Q_{j-1}^T F_j Q_j, `RandomRotation`),
+    which keeps the product and the balancedness and avoids a chain of exactly zero columns.
 
     If a hidden width h is smaller than the rank of the kernel, the chain can only hold the
     kernel's best rank-h approximation (its top h singular values); that is what it holds.
@@ -194,10 +177,29 @@ def balanced_factors(kernel, hidden_units, rotation_seed=None):
     kernel = np.asarray(kernel, dtype=np.float64)
     if kernel.ndim != 2:
         raise ValueError(f"`kernel` must be 2-D (inputs, units), got shape {kernel.shape}.")
-    widths = [kernel.shape[0], *[int(h) for h in hidden_units], kernel.shape[1]]
+    if not len(hidden_units):
+        return [kernel.copy()]
+    return balanced_factors_from_svd(np.linalg.svd(kernel, full_matrices=False), hidden_units, rotation_seed)
+
+
+def numerical_rank(singular_values, shape):
+    """The rank NumPy's `matrix_rank` gives a matrix of this shape and these singular values
+    (those above s_max * max(shape) * eps)."""
+    singular_values = np.asarray(singular_values)
+    if not singular_values.size:
+        return 0
+    tolerance = singular_values.max() * max(shape) * np.finfo(singular_values.dtype).eps
+    return int(np.count_nonzero(singular_values > tolerance))
+
+
+def balanced_factors_from_svd(svd, hidden_units, rotation_seed=None):
+    """`balanced_factors` of the kernel whose thin SVD (A, s, B^T) is given (float64 arrays)."""
+    left, singular_values, right_t = svd
+    widths = [left.shape[0], *[int(h) for h in hidden_units], right_t.shape[1]]
     depth = len(widths) - 1
-    left, singular_values, right_t = np.linalg.svd(kernel, full_matrices=False)
-    rank = min(len(singular_values), *widths[1:-1]) if depth > 1 else len(singular_values)
+    if depth == 1:
+        return [(left * singular_values) @ right_t]  # `balanced_factors` returns the kernel itself
+    rank = min(len(singular_values), *widths[1:-1])
     root = singular_values[:rank] ** (1.0 / depth)
 
     def embed(block, shape):
@@ -205,8 +207,6 @@ def balanced_factors(kernel, hidden_units, rotation_seed=None):
         padded[: block.shape[0], : block.shape[1]] = block
         return padded
 
-    if depth == 1:
-        return [kernel.copy()]
     factors = [embed(left[:, :rank] * root, (widths[0], widths[1]))]
     for j in range(1, depth - 1):
         factors.append(embed(np.diag(root), (widths[j], widths[j + 1])))
@@ -214,13 +214,45 @@ def balanced_factors(kernel, hidden_units, rotation_seed=None):
 
     rng = np.random.default_rng(rotation_seed)
     for j in range(1, depth):
-        rotation = _random_orthogonal(widths[j], rng)
-        factors[j - 1] = factors[j - 1] @ rotation
-        factors[j] = rotation.T @ factors[j]
+        rotation = RandomRotation(widths[j], rng)
+        factors[j - 1] = rotation.right_multiply(factors[j - 1])
+        factors[j] = rotation.transpose_left_multiply(factors[j])
     return factors
 
 
-def _random_orthogonal(size, rng):
-    """A Haar-distributed random orthogonal matrix (QR with the sign fix of Mezzadri 2007)."""
-    q, r = np.linalg.qr(rng.standard_normal((size, size)))
-    return q * np.sign(np.diag(r))
+class RandomRotation:
+    """A seeded random orthogonal matrix in factored form, Q = P D H_1 ... H_k: a random
+    permutation P, random signs D and k Householder reflections H_i = I - 2 v_i v_i^T with
+    random unit v_i. Exactly orthogonal (up to float rounding), and applied to an (m, n)
+    matrix in O(k m n) operations, where a dense Q would cost O(n^3) to draw and O(m n^2) to
+    apply. The reflections mix every coordinate, so zero-padded columns do not stay zero.
+
+    Args:
+        size: int n, the side of Q.
+        rng: a `numpy.random.Generator`.
+        reflections: int k >= 0, the number of Householder reflections.
+    """
+
+    def __init__(self, size, rng, reflections=2):
+        self.permutation = rng.permutation(size)
+        self.signs = rng.choice(np.array([-1.0, 1.0]), size=size)
+        vectors = rng.standard_normal((reflections, size))
+        self.vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), np.finfo(float).tiny)
+
+    def right_multiply(self, matrix):
+        """X Q, for X of shape (m, n)."""
+        result = matrix[:, self.permutation] * self.signs
+        for v in self.vectors:
+            result -= 2.0 * np.outer(result @ v, v)
+        return result
+
+    def transpose_left_multiply(self, matrix):
+        """Q^T Y, for Y of shape (n, m)."""
+        result = matrix[self.permutation, :] * self.signs[:, None]
+        for v in self.vectors:
+            result -= 2.0 * np.outer(v, v @ result)
+        return result
+
+    def matrix(self):
+        """Q as a dense (n, n) array."""
+        return self.right_multiply(np.eye(len(self.permutation)))

@@ -8,8 +8,9 @@ import numpy as np
 from keras import ops
 
 from tf_overparam import backend
-from tf_overparam.chain import chain_product, check_depth
+from tf_overparam.chain import chain_product
 from tf_overparam.layers.base import ChainedKernelLayer
+from tf_overparam.validation import check_depth
 
 
 class NonFiniteError(ValueError):

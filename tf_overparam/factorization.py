@@ -1,5 +1,12 @@
-"""Compatibility module: the chain core moved to `tf_overparam.chain` in 0.2.0."""
+"""Deprecated import path: the chain core lives in `tf_overparam.chain`."""
 
-from tf_overparam.chain import balanced_factors, chain_gradients, chain_product  # noqa: F401
+from tf_overparam import chain
+from tf_overparam._deprecation import deprecated_names
 
-__all__ = ["balanced_factors", "chain_gradients", "chain_product"]
+__getattr__ = deprecated_names(
+    __name__,
+    {
+        name: (f"tf_overparam.chain.{name}", getattr(chain, name))
+        for name in ("balanced_factors", "chain_gradients", "chain_product")
+    },
+)

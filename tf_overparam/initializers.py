@@ -10,8 +10,7 @@ import numpy as np
 
 from tf_overparam import backend
 from tf_overparam.chain import balanced_factors
-
-PACKAGE = "tf_overparam"
+from tf_overparam.validation import PACKAGE, check_positive_float
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -30,9 +29,7 @@ class NearZero(keras.initializers.RandomNormal):
     """
 
     def __init__(self, stddev=0.01, seed=None):
-        if not stddev > 0:
-            raise ValueError(f"`stddev` must be a positive float, got {stddev!r}.")
-        super().__init__(mean=0.0, stddev=stddev, seed=seed)
+        super().__init__(mean=0.0, stddev=check_positive_float(stddev, "stddev"), seed=seed)
 
     def get_config(self):
         config = super().get_config()

@@ -6,18 +6,17 @@ full-batch engine (`experiments.engine.fullbatch`, which writes its gradient by 
 functions below.
 """
 
-import math
-import numbers
-
 import keras
 from keras import ops
+
+from tf_overparam.validation import PACKAGE, check_finite_float_at_least
 
 
 def abs_power(values, p, signed=False):
     """|values|^p, or sign(values) |values|^p if `signed`.
 
-    An integer p is computed by repeated multiplication (several times faster than a power op
-    in the full-batch engine's hot loop, and exact at 0); any other p by `ops.power`.
+    An integer p is computed by repeated multiplication (cheaper than a power op, and exact
+    at 0); any other p by `ops.power`.
     """
     if float(p) != int(p):
         result = ops.power(ops.abs(values), p)
@@ -47,12 +46,10 @@ def lp_loss_slope(residual, p):
 
 def check_p(p):
     """Returns `p` as a float >= 1, or raises a `ValueError` naming it (also for inf and NaN)."""
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p) or not p >= 1:
-        raise ValueError(f"`p` must be a finite number >= 1, got {p!r}.")
-    return float(p)
+    return check_finite_float_at_least(p, "p", 1)
 
 
-@keras.saving.register_keras_serializable(package="tf_overparam")
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class LpLoss(keras.losses.Loss):
     """l_p loss: (1/p) |y_pred - y_true|^p, averaged over the last axis and the batch.
 

@@ -1,246 +1,103 @@
-"""Whole-model conversion over the layer registry: plain layers to their overparameterized
-layers (`overparameterize`) and back (`collapse`)."""
-
-import dataclasses
-import warnings
+"""`EndToEndModel`: a model whose kernels train by the end-to-end update rule (eq. 24), through the
+`tf_overparam.optimizers.EndToEnd` optimizer wrapper."""
 
 import keras
-import numpy as np
 
-from tf_overparam import initializers as chain_initializers
-from tf_overparam.chain import balanced_factors, check_depth
-from tf_overparam.layers import registry
+from tf_overparam import conversion
+from tf_overparam._deprecation import deprecated_names
+from tf_overparam._keras_compat import Functional, functional_init_arguments
+from tf_overparam.optimizers import EndToEnd, is_preconditioned_by_default
+from tf_overparam.validation import PACKAGE, check_depth, check_non_negative_float
 
+__all__ = ["EndToEndModel", "FunctionalEndToEndModel"]
 
-@dataclasses.dataclass(frozen=True)
-class ConversionReport:
-    """What `overparameterize` did, layer by layer (attached to the new model as
-    `model.conversion_report`).
-
-    Attributes:
-        converted: tuples (layer name, plain class name, overparameterized class name).
-        left: tuples (layer name, class name, reason) for every layer with a `kernel` that was
-            not converted (an `EinsumDense`, a `Conv1D`, a `Dense` subclass, a class not in
-            `layers`, ...). Layers without a kernel (pooling, normalisation, ...) are copied
-            and not listed.
-    """
-
-    converted: tuple
-    left: tuple
-
-    def __str__(self):
-        lines = [f"converted {len(self.converted)} layer(s):"]
-        lines += [f"  {name}: {plain} -> {overparam}" for name, plain, overparam in self.converted]
-        lines.append(f"left {len(self.left)} layer(s) with a kernel unchanged:")
-        lines += [f"  {name} ({cls}): {reason}" for name, cls, reason in self.left]
-        return "\n".join(lines)
+# Deprecated names: the whole-model conversion is `tf_overparam.conversion`.
+__getattr__ = deprecated_names(
+    __name__,
+    {
+        name: (f"tf_overparam.conversion.{name}", getattr(conversion, name))
+        for name in ("ConversionReport", "collapse", "overparameterize")
+    },
+)
 
 
-def overparameterize(
-    model,
-    depth=2,
-    hidden_units=None,
-    preserve_function=False,
-    factor_initializer="near_zero",
-    seed=None,
-    layers=(keras.layers.Dense,),
-    layer_kwargs=None,
-):
-    """A copy of a Sequential or Functional model with its plain layers made overparameterized.
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class EndToEndModel(keras.Model):
+    """A `keras.Model` whose kernels train as if they were balanced depth-`depth` chains.
 
-    Every layer whose class is exactly one of `layers` (default `Dense`) becomes its registered
-    overparameterized layer (`OverparamDense` for `Dense`). All other weights (convolutions,
-    biases, ...) are copied. Each new chain is drawn from `factor_initializer`, or, with
-    `preserve_function=True`, is a balanced factorisation of the old kernel (as a matrix), so
-    that the new model computes exactly the same function (up to float rounding) and starts
-    balanced.
+    `compile` wraps the given optimizer in `tf_overparam.optimizers.EndToEnd(optimizer, depth,
+    weight_decay)`, so the gradient G of every kernel W selected by the default rule (>= 2-D
+    variables named "kernel": Dense and its subclasses, Conv kernels as matrices; not
+    `OverparamDense` factors, see `is_preconditioned_by_default`) is replaced by
+    `end_to_end_direction(W, G, depth) + weight_decay * depth * W`. With
+    `keras.optimizers.SGD(eta)` each step is exactly eq. 24 (eq. 10 of the paper):
 
-    Nothing is skipped silently: the new model's `conversion_report` (a `ConversionReport`)
-    lists the converted layers and every layer with a kernel that was left as it was, with the
-    reason (a subclass of a plain class, which may compute something else, is left); when any
-    was left, a `UserWarning` says so.
+        W <- (1 - eta lambda N) W - eta sum_j [W W^T]^{(j-1)/N} G [W^T W]^{(N-j)/N}.
+
+    That is what plain gradient descent on a balanced depth-N chain does to its end-to-end
+    matrix, up to O(eta^2) per step. Other variables get their plain gradient and no weight
+    decay. The training step is Keras' own, so mixed precision, metrics, `sample_weight`,
+    `steps_per_execution` and `tf.distribute` strategies behave as with a plain `keras.Model`.
+    For any other model class use the `EndToEnd` optimizer directly; this class is that, kept
+    for its `depth`/`weight_decay` arguments.
 
     Args:
-        model: a built Sequential or Functional `keras.Model`.
-        depth: int >= 1, the chain depth of every converted layer.
-        hidden_units: None (each layer's own output width), an int, or a list of depth - 1
-            ints: the hidden widths (the argument named by the overparameterized class's
-            `hidden_argument`, e.g. `hidden_units` of `OverparamDense`).
-        preserve_function: bool; factor the existing kernels instead of drawing new ones.
-        factor_initializer: chain initializer used when `preserve_function` is False.
-        seed: int or None, seeds the hidden-space rotations of the balanced factorisation.
-        layers: the plain layer classes to convert, each registered
-            (`tf_overparam.layers.registry.plain_classes()`).
-        layer_kwargs: None, or a function of the plain layer returning a dict of arguments of
-            its overparameterized layer that override the ones above (e.g. `depth`,
-            `kernel_sizes` of a convolution), or None to leave that layer as it is.
-
-    Returns:
-        A new, uncompiled `keras.Model`, with `conversion_report` set.
+        depth: int >= 1, the emulated chain depth N; 1 is plain training.
+        weight_decay: float >= 0, the per-factor weight decay lambda of eq. 11.
 
     Example:
 
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    >>> deep = overparameterize(model, depth=2, preserve_function=True)
-    >>> type(deep.layers[0]).__name__
-    'OverparamDense'
-    >>> deep.conversion_report.converted
-    (('dense', 'Dense', 'OverparamDense'),)
-    """
-    depth = check_depth(depth)
-    factor_initializer = chain_initializers.get(factor_initializer)
-    layers = _check_layer_classes(layers)
-    if layer_kwargs is not None and not callable(layer_kwargs):
-        raise ValueError(f"`layer_kwargs` must be None or a function of the plain layer, got {layer_kwargs!r}.")
-    converted, left = [], []
-
-    def convert(layer):
-        reason = _not_converted_reason(layer, layers)
-        kwargs = None
-        if reason is None:
-            kwargs = {} if layer_kwargs is None else layer_kwargs(layer)
-            if kwargs is None:
-                reason = "`layer_kwargs` returned None for it"
-            elif not isinstance(kwargs, dict):
-                raise ValueError(f"`layer_kwargs` must return a dict or None, got {kwargs!r} for {layer.name!r}.")
-        if reason is not None:
-            if _has_kernel(layer):
-                left.append((layer.name, type(layer).__name__, reason))
-            return layer.__class__.from_config(layer.get_config())
-        overparam_class = registry.overparam_class_for(type(layer))
-        chain_kwargs = {
-            "depth": depth,
-            "factor_initializer": factor_initializer,
-            overparam_class.hidden_argument: hidden_units,
-            **kwargs,
-        }
-        try:
-            new = registry.to_overparam(layer, **chain_kwargs)
-        except TypeError as error:  # an argument the overparameterized class does not take
-            raise ValueError(
-                f"`layer_kwargs` gave {overparam_class.__name__} arguments it does not take for layer "
-                f"{layer.name!r} ({error}); return only arguments of {overparam_class.__name__}."
-            ) from error
-        converted.append((layer.name, type(layer).__name__, overparam_class.__name__))
-        return new
-
-    def copy(old, new):
-        if not registry.is_chained(new):
-            new.set_weights(old.get_weights())
-            return
-        if preserve_function:
-            _assign_balanced(old, new, seed)
-        if old.use_bias:
-            new.bias.assign(keras.ops.copy(old.bias))  # a copy: JAX's fit donates (frees) the old buffer
-
-    new_model = _convert_model(model, convert, copy)
-    report = ConversionReport(converted=tuple(converted), left=tuple(left))
-    new_model.conversion_report = report
-    if left:
-        warnings.warn(
-            "overparameterize left these layers unchanged: "
-            + "; ".join(f"{name} ({cls}): {reason}" for name, cls, reason in left)
-            + ". See the new model's `conversion_report`.",
-            stacklevel=2,
-        )
-    return new_model
-
-
-def collapse(model):
-    """A copy of a model with every overparameterized layer folded into its plain layer.
-
-    The plain kernel is the end-to-end kernel, so the function is unchanged (up to float
-    rounding) and the parameter count drops to that of the original architecture.
-
-    Args:
-        model: a built Sequential or Functional `keras.Model`.
-
-    Returns:
-        A new, uncompiled `keras.Model`.
+    >>> inputs = keras.Input((4,))
+    >>> model = EndToEndModel(inputs, keras.layers.Dense(1)(inputs), depth=2)
+    >>> model.compile(keras.optimizers.SGD(0.01), loss="mse")
     """
 
-    def convert(layer):
-        if registry.is_chained(layer):
-            return layer.plain_class.from_config(registry.to_plain_config(layer))
-        return layer.__class__.from_config(layer.get_config())
+    def __new__(cls, *args, **kwargs):
+        # Called with inputs and outputs, `EndToEndModel` returns its Functional form. Left to
+        # Keras, the first functional use would rewrite the bases of `EndToEndModel` itself to
+        # `Functional`, and every later subclass of it would fail in `super().__init__()`.
+        if cls is EndToEndModel and functional_init_arguments(args, kwargs):
+            cls = FunctionalEndToEndModel
+        return super().__new__(cls, *args, **kwargs)
 
-    def copy(old, new):
-        new.set_weights((old.to_plain() if registry.is_chained(old) else old).get_weights())
+    def __init__(self, *args, depth=2, weight_decay=0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.depth = check_depth(depth)
+        self.weight_decay = check_non_negative_float(weight_decay, "weight_decay")
 
-    return _convert_model(model, convert, copy)
+    def preconditioned_kernels(self):
+        """The variables the update rule applies to, by `EndToEnd`'s default rule."""
+        return [v for v in self.trainable_variables if is_preconditioned_by_default(v)]
 
+    def compile(self, optimizer="rmsprop", **kwargs):
+        """`keras.Model.compile`, with `optimizer` wrapped in `EndToEnd(optimizer, depth, weight_decay)`
+        (an `EndToEnd` given as it is, as when a saved model is loaded)."""
+        optimizer = keras.optimizers.get(optimizer)
+        if not isinstance(optimizer, EndToEnd):
+            optimizer = EndToEnd(optimizer, depth=self.depth, weight_decay=self.weight_decay)
+        super().compile(optimizer=optimizer, **kwargs)
 
-def _check_layer_classes(layers):
-    if isinstance(layers, type):
-        layers = (layers,)
-    try:
-        layers = tuple(layers)
-    except TypeError:
-        raise ValueError(f"`layers` must be a tuple of plain Keras layer classes, got {layers!r}.") from None
-    registered = registry.plain_classes()
-    for cls in layers:
-        if cls not in registered:
-            raise ValueError(
-                f"`layers` holds {getattr(cls, '__name__', cls)!r}, which has no registered "
-                f"overparameterized layer; registered: {[c.__name__ for c in registered]}."
-            )
-    return layers
+    def compile_from_config(self, config):
+        # Keras skips a custom `compile` on load; this one is safe to call (the saved optimizer
+        # is the `EndToEnd` already), as `keras.Model.compile_from_config` would.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
 
+    def get_config(self):
+        config = super().get_config()
+        config.update(depth=self.depth, weight_decay=self.weight_decay)
+        return config
 
-def _has_kernel(layer):
-    return any(w.path.split("/")[-1].endswith("kernel") for w in layer.weights)
-
-
-def _not_converted_reason(layer, layers):
-    """None if `layer` is to be converted, else why not."""
-    if type(layer) in layers:
-        return None
-    for cls in layers:
-        if isinstance(layer, cls):
-            return f"a subclass of {cls.__name__}, which may compute something else"
-    if registry.is_plain(layer):
-        return f"{type(layer).__name__} is not in `layers`"
-    if registry.is_chained(layer):
-        return "already overparameterized"
-    return f"no overparameterized layer is registered for {type(layer).__name__}"
-
-
-def _assign_balanced(old, new, seed):
-    if any(len(f.shape) != 2 for f in new.factors):
-        raise ValueError(
-            f"`preserve_function=True` needs a chain of matrices; layer {old.name!r} became a "
-            f"chain of factors shaped {[tuple(f.shape) for f in new.factors]}."
-        )
-    widths = [int(f.shape[1]) for f in new.factors[:-1]]
-    kernel = keras.ops.convert_to_numpy(registry.kernel_matrix(old.kernel))
-    rank = np.linalg.matrix_rank(kernel)
-    if widths and min(widths) < rank:
-        raise ValueError(
-            f"`hidden_units` {widths} of layer {old.name!r} are narrower than the rank "
-            f"{rank} of its kernel, so `preserve_function=True` cannot hold it; use wider hidden layers."
-        )
-    for variable, value in zip(new.factors, balanced_factors(kernel, widths, rotation_seed=seed)):
-        variable.assign(value.astype(variable.dtype))
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        depth, weight_decay = config.pop("depth", 2), config.pop("weight_decay", 0.0)
+        model = super().from_config(config, custom_objects=custom_objects)
+        model.depth, model.weight_decay = check_depth(depth), check_non_negative_float(weight_decay, "weight_decay")
+        return model
 
 
-def _convert_model(model, convert, copy):
-    if not isinstance(model, keras.Model) or not (
-        isinstance(model, keras.Sequential) or hasattr(model, "_nodes_by_depth")
-    ):
-        raise ValueError(
-            f"`model` must be a Sequential or Functional keras.Model, got {type(model).__name__}; "
-            "for a subclassed model, replace its layers by overparameterized ones directly."
-        )
-    if not model.built:
-        raise ValueError("`model` must be built (call it on data or give it an Input) before conversion.")
-    new_model = keras.models.clone_model(model, clone_function=convert, recursive=True)
-    _copy_weights(model, new_model, copy)
-    return new_model
-
-
-def _copy_weights(old_model, new_model, copy):
-    for old, new in zip(old_model.layers, new_model.layers):
-        if isinstance(old, keras.Model):
-            _copy_weights(old, new, copy)
-        elif old.weights:
-            copy(old, new)
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class FunctionalEndToEndModel(EndToEndModel, Functional):
+    """The Functional form of `EndToEndModel`: what `EndToEndModel(inputs, outputs, ...)` returns."""

@@ -65,12 +65,15 @@ def test_apply_chain_equals_the_product_of_the_chain():
         "chain.py",
         "layers/base.py",
         "layers/dense.py",
+        "layers/conv_arithmetic.py",
         "layers/registry.py",
         "models.py",
+        "conversion.py",
+        "validation.py",
+        "_keras_compat.py",
         "diagnostics.py",
         "losses.py",
         "initializers.py",
-        "update_rules.py",
     ],
 )
 def test_maths_modules_do_not_import_tensorflow(module):
@@ -105,3 +108,35 @@ def test_overparam_dense_trains_on_the_jax_backend():
         [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+# --- the structured rotations and the rank of the balanced factorisation -------------------------
+
+
+def test_random_rotation_is_orthogonal_and_is_its_factors_multiplied_out():
+    rng = np.random.default_rng(0)
+    rotation = chain.RandomRotation(7, np.random.default_rng(5), reflections=3)
+    q = rotation.matrix()
+    # Built independently in NumPy: Q = P D H_1 H_2 H_3, P = I[:, permutation].
+    expected = np.eye(7)[:, rotation.permutation] @ np.diag(rotation.signs)
+    for v in rotation.vectors:
+        expected = expected @ (np.eye(7) - 2.0 * np.outer(v, v))
+    np.testing.assert_allclose(q, expected, atol=1e-14)
+    np.testing.assert_allclose(q.T @ q, np.eye(7), atol=1e-14)
+    np.testing.assert_allclose(q @ q.T, np.eye(7), atol=1e-14)
+    assert sorted(rotation.permutation) == list(range(7)) and set(np.abs(rotation.signs)) == {1.0}
+    x, y = rng.normal(size=(4, 7)), rng.normal(size=(7, 3))
+    np.testing.assert_allclose(rotation.right_multiply(x), x @ q, atol=1e-14)
+    np.testing.assert_allclose(rotation.transpose_left_multiply(y), q.T @ y, atol=1e-14)
+    # Seeded: the same seed, the same rotation; a zero column does not stay zero.
+    np.testing.assert_array_equal(chain.RandomRotation(7, np.random.default_rng(5), reflections=3).matrix(), q)
+    padded = np.hstack([rng.normal(size=(4, 2)), np.zeros((4, 5))])
+    assert np.all(np.abs(chain.RandomRotation(7, np.random.default_rng(1)).right_multiply(padded)).sum(axis=0) > 0)
+
+
+def test_numerical_rank_agrees_with_numpy_matrix_rank():
+    rng = np.random.default_rng(2)
+    for rows, cols, rank in ((6, 4, 2), (3, 8, 3), (5, 5, 0), (9, 2, 2)):
+        matrix = rng.normal(size=(rows, rank)) @ rng.normal(size=(rank, cols))
+        singular_values = np.linalg.svd(matrix, compute_uv=False)
+        assert chain.numerical_rank(singular_values, matrix.shape) == np.linalg.matrix_rank(matrix) == rank

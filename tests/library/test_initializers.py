@@ -1,4 +1,4 @@
-"""Tests for tf_overparam.initializers and factorization.balanced_factors."""
+"""Tests for tf_overparam.initializers and chain.balanced_factors."""
 
 import functools
 import itertools
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tf_overparam as to
-from tf_overparam.factorization import balanced_factors, chain_product
+from tf_overparam.chain import balanced_factors, chain_product
 from tf_overparam.initializers import initialize_chain
 
 

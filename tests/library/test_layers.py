@@ -198,7 +198,7 @@ def test_kernel_before_build_is_a_clear_error():
         layer.to_dense()
 
 
-# --- order of the products (issue 10 item 1) ---------------------------------------------------
+# --- order of the products ----------------------------------------------------------------------
 
 
 def test_inputs_first_threshold_is_the_hand_derived_flop_balance():

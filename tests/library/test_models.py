@@ -1,4 +1,4 @@
-"""Tests for `overparameterize` and `collapse` (tf_overparam/models.py)."""
+"""Tests for `overparameterize` and `collapse` (tf_overparam/conversion.py)."""
 
 import functools
 

@@ -1,4 +1,4 @@
-"""Tests for `EndToEndModel` (tf_overparam/training.py): the end-to-end update rule (eq. 24) as a
+"""Tests for `EndToEndModel` (tf_overparam/models.py): the end-to-end update rule (eq. 24) as a
 Keras training step, and the paper's claim that it follows gradient descent on a balanced
 depth-N chain."""
 

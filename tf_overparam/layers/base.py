@@ -1,15 +1,18 @@
 """`ChainedKernelLayer`: the base of every layer whose kernel is a product of factors."""
 
 import math
+import warnings
 
 import keras
 from keras import ops
 
 from tf_overparam import backend
 from tf_overparam import initializers as chain_initializers
-from tf_overparam.chain import chain_product, check_depth
+from tf_overparam._keras_compat import OwnLossesMixin
+from tf_overparam.chain import chain_product
+from tf_overparam.validation import check_depth
 
-PACKAGE = "tf_overparam"
+_quantize_warned = False  # `ChainedKernelLayer.quantize` warns once per process
 
 
 def cheaper_order(count, threshold, below, above):
@@ -28,7 +31,7 @@ def cheaper_order(count, threshold, below, above):
     return ops.cond(ops.less(count, min(math.ceil(threshold), 2**31 - 1)), below, above)
 
 
-class ChainedKernelLayer(keras.layers.Layer):
+class ChainedKernelLayer(OwnLossesMixin, keras.layers.Layer):
     """Base class of a layer whose kernel is the product of `depth` factors (eq. 10).
 
     The kernel of the plain layer (`plain_class`), viewed as a matrix (n_0, n_N), is the
@@ -41,7 +44,7 @@ class ChainedKernelLayer(keras.layers.Layer):
     - the bias, activation, regularizers and constraint, as the plain layer has them;
     - `kernel`: the end-to-end kernel in the plain layer's shape, computed on demand, with a
       clear error before `build`;
-    - the end-to-end penalty `kernel_regularizer` (collected in `_get_own_losses`, as the
+    - the end-to-end penalty `kernel_regularizer` (collected with the layer's own losses, as the
       plain layer collects its kernel penalty) and the per-factor `factor_regularizer`;
     - `to_plain()`: the plain layer computing the same function (used by `collapse`);
     - the shared part of `get_config`.
@@ -134,7 +137,7 @@ class ChainedKernelLayer(keras.layers.Layer):
         dropped = ("kernel_initializer", "kernel_constraint", "lora_rank", "lora_alpha", "quantization_config")
         config = {k: v for k, v in plain_config.items() if k not in dropped}
         config.update(
-            depth=check_depth(depth),
+            depth=depth,
             factor_initializer=keras.initializers.serialize(chain_initializers.get(factor_initializer)),
             **chain_kwargs,
         )
@@ -214,14 +217,28 @@ class ChainedKernelLayer(keras.layers.Layer):
             outputs = ops.add(outputs, self.bias)
         return self.activation(outputs) if self.activation is not None else outputs
 
-    def _get_own_losses(self):
+    def extra_own_losses(self):
         # The end-to-end penalty is computed from the current factors whenever losses are
         # collected, as Dense computes its kernel penalty (`add_loss` in `call` would be missing
         # before the first call and leave a traced tensor behind after `fit`).
-        losses = super()._get_own_losses()
         if self.kernel_regularizer is not None and self.built:
-            losses.append(self.kernel_regularizer(self.kernel))
-        return losses
+            return [self.kernel_regularizer(self.kernel)]
+        return []
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Leaves the chain in float, with one warning per process: `keras.Model.quantize` calls
+        this for every layer, and a chain's factors have no quantized form. Quantize the
+        `collapse`d model instead, whose kernels are the end-to-end kernels."""
+        global _quantize_warned
+        if not _quantize_warned:
+            _quantize_warned = True
+            warnings.warn(
+                f"Chained-kernel layers ({type(self).__name__} {self.name!r} and any others) are not quantized and "
+                "stay in float: call `tf_overparam.collapse(model)` first and quantize the collapsed model, whose "
+                "kernels are the end-to-end kernels.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def to_plain(self):
         """A `plain_class` layer computing the same function (kernel = end-to-end kernel)."""

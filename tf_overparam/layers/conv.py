@@ -21,56 +21,12 @@ from tf_overparam.chain import (
     apply_chain,
     chain_shapes,
     chain_widths,
-    check_positive_int,
     inputs_first_threshold,
-    resolve_hidden_units,
 )
 from tf_overparam.layers import registry
-from tf_overparam.layers.base import PACKAGE, ChainedKernelLayer, cheaper_order
-
-
-def _int_pair(value, name):
-    """A pair of positive ints from an int or a sequence of two, or a `ValueError` naming `name`."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2:
-            raise ValueError(f"`{name}` must be a positive int or a pair of them, got {value!r}.")
-        return tuple(check_positive_int(v, name) for v in value)
-    try:
-        value = check_positive_int(value, name)
-    except ValueError:
-        raise ValueError(f"`{name}` must be a positive int or a pair of them, got {value!r}.") from None
-    return (value, value)
-
-
-def conv_output_size(size, kernel, stride, dilation, padding):
-    """Output length along one axis of a convolution (Keras/TF rule); `size` may be a tensor."""
-    if size is None:
-        return None
-    if padding == "same":
-        return -(-size // stride)
-    return (size - (kernel - 1) * dilation - 1) // stride + 1
-
-
-def same_padding(size, kernel, stride, dilation):
-    """(before, after) zero padding of TF's 'same' along one axis of known `size`:
-    total = max((ceil(size / stride) - 1) stride + (kernel - 1) dilation + 1 - size, 0),
-    before = total // 2, the odd one after."""
-    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-    return total // 2, total - total // 2
-
-
-def compose_kernels(first, second):
-    """The kernel of convolving with `first` then with `second` (stride 1, 'valid'), for
-    channels_last kernels (h1, w1, c0, c1) and (h2, w2, c1, c2): the full 2-D convolution
-    K[a + a', b + b'] = sum F1[a, b] @ F2[a', b'], of shape (h1 + h2 - 1, w1 + w2 - 1, c0, c2).
-
-    Computed as one convolution: `first` as a batch of c0 images (h1, w1) with c1 channels,
-    zero-padded by (h2 - 1, w2 - 1) on each side, cross-correlated with `second` flipped.
-    """
-    h2, w2 = second.shape[0], second.shape[1]
-    images = ops.pad(ops.transpose(first, (2, 0, 1, 3)), ((0, 0), (h2 - 1, h2 - 1), (w2 - 1, w2 - 1), (0, 0)))
-    composed = ops.conv(images, ops.flip(second, axis=(0, 1)), padding="valid")
-    return ops.transpose(composed, (1, 2, 0, 3))
+from tf_overparam.layers.base import ChainedKernelLayer, cheaper_order
+from tf_overparam.layers.conv_arithmetic import compose_kernels, conv_output_size, int_pair, same_padding
+from tf_overparam.validation import PACKAGE, check_hidden_widths, check_positive_int
 
 
 @registry.register
@@ -188,9 +144,9 @@ class OverparamConv2D(ChainedKernelLayer):
             **kwargs,
         )
         self.filters = check_positive_int(filters, "filters")
-        self.kernel_size = _int_pair(kernel_size, "kernel_size")
-        self.strides = _int_pair(strides, "strides")
-        self.dilation_rate = _int_pair(dilation_rate, "dilation_rate")
+        self.kernel_size = int_pair(kernel_size, "kernel_size")
+        self.strides = int_pair(strides, "strides")
+        self.dilation_rate = int_pair(dilation_rate, "dilation_rate")
         self.padding = str(padding).lower()
         if self.padding not in ("valid", "same"):
             raise ValueError(f"`padding` must be 'valid' or 'same', got {padding!r}.")
@@ -207,7 +163,7 @@ class OverparamConv2D(ChainedKernelLayer):
             )
         if groups != 1:
             raise ValueError(f"`groups` must be 1 (grouped convolutions are not chained), got {groups!r}.")
-        self.hidden_filters = resolve_hidden_units(hidden_filters, self.depth, self.filters, name="hidden_filters")
+        self.hidden_filters = check_hidden_widths(hidden_filters, self.depth, self.filters, name="hidden_filters")
         self.kernel_sizes = kernel_sizes
         if kernel_sizes is not None:
             folded = tuple(sum(k[axis] for k in kernel_sizes) - len(kernel_sizes) + 1 for axis in (0, 1))
@@ -232,7 +188,7 @@ class OverparamConv2D(ChainedKernelLayer):
         if isinstance(kernel_sizes, (str, bytes)) or not hasattr(kernel_sizes, "__len__") or not len(kernel_sizes):
             raise ValueError(message)
         try:
-            sizes = tuple(_int_pair(k, "kernel_sizes") for k in kernel_sizes)
+            sizes = tuple(int_pair(k, "kernel_sizes") for k in kernel_sizes)
         except ValueError:
             raise ValueError(message) from None
         if depth is not None and depth != len(sizes):

@@ -9,12 +9,11 @@ from tf_overparam.chain import (
     apply_chain,
     chain_shapes,
     chain_widths,
-    check_positive_int,
     inputs_first_threshold,
-    resolve_hidden_units,
 )
 from tf_overparam.layers import registry
-from tf_overparam.layers.base import PACKAGE, ChainedKernelLayer, cheaper_order
+from tf_overparam.layers.base import ChainedKernelLayer, cheaper_order
+from tf_overparam.validation import PACKAGE, check_hidden_widths, check_positive_int
 
 
 @registry.register
@@ -35,14 +34,10 @@ class OverparamDense(ChainedKernelLayer):
     threshold is n_0 n_1 n_2 / (n_0 n_1 + n_1 n_2 - n_0 n_2), e.g. 3136 rows for a
     3136x512x512 chain; it is infinite when the hidden widths are narrow (inputs first always
     wins). When R is unknown while tracing (a TF graph of `model.fit` has batch `None`), the
-    choice is made at run time by `keras.ops.cond`; on JAX shapes are always known. Measured
-    on fc1's chain (TF CPU, train step with an unknown batch, median of 5-40 runs on a shared
-    2-core machine): 64 rows, inputs first 2.6-6.9 ms, kernel first 48-57 ms, `cond` 2.8-7.2
-    ms; 1024 rows 74 / 106 / 74 ms; 8192 rows 591 / 532 / 476 ms. So `cond` costs no more
-    than the better order, where a fixed rule ("inputs first when unknown") loses about 10%
-    at large batches (e.g. `predict` on big batches). The
-    end-to-end kernel is formed only when something needs it: `kernel`, `to_dense`, the
-    `kernel_regularizer` penalty, the diagnostics.
+    choice is made at run time by `keras.ops.cond`, which runs only the branch it picks (a
+    fixed rule for the unknown case would pay the worse order at one end of the batch sizes);
+    on JAX shapes are always known. The end-to-end kernel is formed only when something needs
+    it: `kernel`, `to_dense`, the `kernel_regularizer` penalty, the diagnostics.
 
     The factors stay float32 under a mixed-precision policy; the layer casts them to the
     compute dtype for the products with the inputs (the end-to-end kernel is formed in float32
@@ -108,7 +103,7 @@ class OverparamDense(ChainedKernelLayer):
             **kwargs,
         )
         self.units = check_positive_int(units, "units")
-        self.hidden_units = resolve_hidden_units(hidden_units, self.depth, self.units)
+        self.hidden_units = check_hidden_widths(hidden_units, self.depth, self.units)
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
 
@@ -139,7 +134,7 @@ class OverparamDense(ChainedKernelLayer):
             return ops.matmul(inputs, factors[0])
 
         def kernel_first():
-            # The product is formed from the float32 factors and cast once, as 0.1.0 did.
+            # The product is formed from the float32 factors and cast once: one rounding.
             return ops.matmul(inputs, ops.cast(self.kernel, factors[0].dtype))
 
         leading = inputs.shape[:-1]
@@ -155,7 +150,6 @@ class OverparamDense(ChainedKernelLayer):
 
     @classmethod
     def overparam_config(cls, plain_config, depth=2, hidden_units=None, factor_initializer="near_zero"):
-        resolve_hidden_units(hidden_units, depth, plain_config["units"])
         return super().overparam_config(
             plain_config, depth=depth, factor_initializer=factor_initializer, hidden_units=hidden_units
         )
@@ -167,12 +161,13 @@ class OverparamDense(ChainedKernelLayer):
 
 
 def dense_config(overparam_config):
-    """The `Dense` config of the same function as an `OverparamDense` config (0.1.0 name)."""
+    """The `Dense` config of the same function as an `OverparamDense` config
+    (`OverparamDense.plain_config`)."""
     return OverparamDense.plain_config(overparam_config)
 
 
 def overparam_config(dense_config, depth, hidden_units=None, factor_initializer="near_zero"):
-    """The `OverparamDense` config replacing a `Dense` config (0.1.0 name)."""
+    """The `OverparamDense` config replacing a `Dense` config (`OverparamDense.overparam_config`)."""
     return OverparamDense.overparam_config(
         dense_config, depth=depth, hidden_units=hidden_units, factor_initializer=factor_initializer
     )

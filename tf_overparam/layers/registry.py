@@ -7,6 +7,8 @@ is one new module plus `@register` on its class.
 
 import keras
 
+from tf_overparam.layers.base import ChainedKernelLayer
+
 _REGISTRY = {}
 
 
@@ -37,8 +39,6 @@ def overparam_class_for(plain_class):
 
 def is_chained(layer):
     """Whether `layer` is an overparameterized (chained-kernel) layer."""
-    from tf_overparam.layers.base import ChainedKernelLayer
-
     return isinstance(layer, ChainedKernelLayer)
 
 
