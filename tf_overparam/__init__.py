@@ -9,9 +9,12 @@ for Keras 3, on TensorFlow or JAX.
   factorisation); equations are numbered as in docs/equations.md.
 - `validation`: the argument validators of the public entry points, one per kind.
 - `optimizers.EndToEnd`: any Keras optimizer, with the selected kernels moved by the end-to-end
-  update rule (eq. 24); `models.EndToEndModel`: a model that compiles its optimizer through it.
-- `initializers` (NearZero, Identity, Balanced), `losses.LpLoss`, `diagnostics`,
-  `preconditioning`.
+  update rule (eq. 10 of the paper, known here as eq. 24); `models.EndToEndModel`: a model that
+  compiles its optimizer through it. `linear_maps`: each kernel read as its layer's linear map
+  (the matrix the rule preconditions); `kernel_groups`: kernels of one matrix shape in one
+  batched call. `preconditioning`: the rule's preconditioner (eigh, Newton-Schulz, references).
+- `initializers` (NearZero, Identity, Balanced), `losses.LpLoss`, `diagnostics` (with
+  `sharpness`, the largest Hessian eigenvalue, through `hessian`'s Hessian-vector products).
 """
 
 import importlib
@@ -20,8 +23,11 @@ from tf_overparam import (
     chain,
     conversion,
     diagnostics,
+    hessian,
     initializers,
+    kernel_groups,
     layers,
+    linear_maps,
     losses,
     models,
     optimizers,
@@ -33,7 +39,7 @@ from tf_overparam.layers import OverparamConv2D, OverparamDense
 from tf_overparam.losses import LpLoss
 from tf_overparam.models import EndToEndModel
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # Imported on first use, on every backend: it writes through tf.summary, which needs TensorFlow;
 # the rest of the library needs Keras, NumPy and the backend alone.
@@ -64,8 +70,11 @@ __all__ = [
     "collapse",
     "conversion",
     "diagnostics",
+    "hessian",
     "initializers",
+    "kernel_groups",
     "layers",
+    "linear_maps",
     "losses",
     "models",
     "optimizers",

@@ -1,4 +1,5 @@
-"""The only place with backend-specific calls (TensorFlow / JAX). Keep it tiny."""
+"""The backend-specific calls (TensorFlow / JAX) of the library, with `hessian.py`'s Hessian-vector
+products. Keep it tiny."""
 
 import keras
 

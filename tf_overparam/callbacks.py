@@ -9,19 +9,24 @@ import os
 
 import keras
 
-try:
-    import tensorflow as tf
-except ImportError as error:
-    raise ImportError(
-        "tf_overparam.callbacks writes TensorBoard logs through tf.summary, which needs TensorFlow: "
-        "pip install tf_overparam[tensorflow]"
-    ) from error
-
-from tf_overparam import diagnostics
+from tf_overparam import diagnostics, hessian
 from tf_overparam._keras_compat import sublayers
 from tf_overparam.diagnostics import effective_learning_rate  # noqa: F401  (also importable from here)
 from tf_overparam.layers import registry
 from tf_overparam.validation import check_positive_int
+
+
+def _summary():
+    """`tf.summary`, imported when a TensorBoard writer is first used: `SharpnessLogger` and
+    `find_overparam_layers` need no TensorFlow."""
+    try:
+        import tensorflow as tf
+    except ImportError as error:
+        raise ImportError(
+            "tf_overparam.callbacks writes TensorBoard logs through tf.summary, which needs TensorFlow: "
+            "pip install tf_overparam[tensorflow]"
+        ) from error
+    return tf.summary
 
 
 def find_overparam_layers(model):
@@ -80,20 +85,21 @@ def write_chain_summaries(factors, step, learning_rate=None, depth=None, prefix=
         chain = diagnostics.chain_factors(factors)
     except diagnostics.NonFiniteError:
         return False
+    summary = _summary()
     depth = len(chain) if depth is None else depth
     balance = diagnostics.balancedness(chain)
     singular_values = diagnostics.end_to_end_singular_values(chain)
-    tf.summary.scalar(f"{prefix}balancedness", balance.absolute, step=step)
-    tf.summary.scalar(f"{prefix}balancedness_relative", balance.relative, step=step)
-    tf.summary.scalar(f"{prefix}end_to_end_spectral_norm", float(singular_values[0]), step=step)
+    summary.scalar(f"{prefix}balancedness", balance.absolute, step=step)
+    summary.scalar(f"{prefix}balancedness_relative", balance.relative, step=step)
+    summary.scalar(f"{prefix}end_to_end_spectral_norm", float(singular_values[0]), step=step)
     if learning_rate is not None:
-        tf.summary.scalar(
+        summary.scalar(
             f"{prefix}effective_learning_rate",
             diagnostics.effective_learning_rate(learning_rate, singular_values[0], depth),
             step=step,
         )
     if histograms:
-        tf.summary.histogram(f"{prefix}end_to_end_singular_values", singular_values, step=step)
+        summary.histogram(f"{prefix}end_to_end_singular_values", singular_values, step=step)
     return True
 
 
@@ -183,7 +189,7 @@ class OverparamTensorBoard(keras.callbacks.Callback):
             return
         self._last_step = step
         if self._writer is None:
-            self._writer = tf.summary.create_file_writer(self.log_dir)
+            self._writer = _summary().create_file_writer(self.log_dir)
         learning_rate = current_learning_rate(self.model.optimizer)
         with self._writer.as_default():
             for layer in self._logged_layers:
@@ -243,8 +249,6 @@ class SharpnessLogger(keras.callbacks.Callback):
         self.history = {"step": [], "learning_rate": [], "sharpness": [], "lr_x_sharpness": []}
 
     def on_train_begin(self, logs=None):
-        from tf_overparam import hessian
-
         model = self.model
         loss, self._iterations, self._seed = diagnostics.sharpness_arguments(
             model, self.x, self.y, self.loss, self.iterations, self.seed
@@ -264,8 +268,6 @@ class SharpnessLogger(keras.callbacks.Callback):
             self._log(int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)), logs)
 
     def _log(self, step, logs):
-        from tf_overparam import hessian
-
         # First `self.model`: on JAX, reading it brings the variables up to date mid-epoch.
         learning_rate = current_learning_rate(self.model.optimizer)
         value = hessian.top_eigenpair(self._product, self._shapes, self._iterations, self._seed).value

@@ -1,5 +1,6 @@
 """Diagnostics of a factor chain: balancedness, the end-to-end spectrum, the spectral norm and
-the eq. 27 factor (the effective learning rate). One home for each (docs/equations.md)."""
+the eq. 27 factor (the effective learning rate), and the sharpness (the largest eigenvalue of the
+loss's Hessian). One home for each (docs/equations.md)."""
 
 import dataclasses
 
@@ -7,10 +8,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from tf_overparam import backend
+from tf_overparam import backend, hessian
 from tf_overparam.chain import chain_product
 from tf_overparam.layers.base import ChainedKernelLayer
-from tf_overparam.validation import check_depth
+from tf_overparam.validation import check_depth, check_positive_int
 
 
 class NonFiniteError(ValueError):
@@ -197,8 +198,6 @@ def sharpness(model, x, y, loss=None, iterations=20, seed=0, return_details=Fals
     >>> round(sharpness(model, x, np.zeros((3, 1))), 4)
     6.0
     """
-    from tf_overparam import hessian
-
     loss, iterations, seed = sharpness_arguments(model, x, y, loss, iterations, seed)
     product = hessian.hessian_vector_product(model, x, y, loss)
     shapes = [tuple(v.shape) for v in model.trainable_variables]
@@ -209,8 +208,6 @@ def sharpness(model, x, y, loss=None, iterations=20, seed=0, return_details=Fals
 def sharpness_arguments(model, x, y, loss, iterations, seed):
     """The checks of `sharpness`'s arguments (also `callbacks.SharpnessLogger`'s): returns
     (loss callable or None, iterations, seed), or raises a `ValueError` naming the argument."""
-    from tf_overparam.chain import check_positive_int
-
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a keras.Model, got {type(model).__name__}.")
     if not model.trainable_variables:

@@ -6,7 +6,8 @@ import keras
 from tf_overparam import conversion
 from tf_overparam._deprecation import deprecated_names
 from tf_overparam._keras_compat import Functional, functional_init_arguments
-from tf_overparam.optimizers import EndToEnd, is_preconditioned_by_default
+from tf_overparam.linear_maps import linear_maps
+from tf_overparam.optimizers import EndToEnd
 from tf_overparam.validation import PACKAGE, check_depth, check_non_negative_float
 
 __all__ = ["EndToEndModel", "FunctionalEndToEndModel"]
@@ -66,15 +67,19 @@ class EndToEndModel(keras.Model):
         self.weight_decay = check_non_negative_float(weight_decay, "weight_decay")
 
     def preconditioned_kernels(self):
-        """The variables the update rule applies to, by `EndToEnd`'s default rule."""
-        return [v for v in self.trainable_variables if is_preconditioned_by_default(v)]
+        """The variables the update rule applies to: `EndToEnd`'s default rule, read from the
+        model's layers (`tf_overparam.linear_maps.linear_maps`)."""
+        maps = linear_maps(self)
+        return [v for v in self.trainable_variables if v.path in maps]
 
     def compile(self, optimizer="rmsprop", **kwargs):
         """`keras.Model.compile`, with `optimizer` wrapped in `EndToEnd(optimizer, depth, weight_decay)`
         (an `EndToEnd` given as it is, as when a saved model is loaded)."""
         optimizer = keras.optimizers.get(optimizer)
         if not isinstance(optimizer, EndToEnd):
-            optimizer = EndToEnd(optimizer, depth=self.depth, weight_decay=self.weight_decay)
+            optimizer = EndToEnd(optimizer, depth=self.depth, weight_decay=self.weight_decay, model=self)
+        elif not optimizer.built:
+            optimizer.select(self)
         super().compile(optimizer=optimizer, **kwargs)
 
     def compile_from_config(self, config):

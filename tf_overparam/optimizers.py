@@ -1,7 +1,6 @@
 """`EndToEnd`: the end-to-end update rule (eq. 24 of docs/equations.md) as a wrapper around any
 Keras optimizer, for any model."""
 
-import numbers
 import warnings
 import weakref
 
@@ -10,7 +9,6 @@ import numpy as np
 from keras import ops
 
 from tf_overparam import backend
-from tf_overparam.chain import check_depth
 from tf_overparam.kernel_groups import grouped_directions, grouped_preconditioners, slot_shapes
 from tf_overparam.linear_maps import (
     LinearMap,
@@ -20,6 +18,7 @@ from tf_overparam.linear_maps import (
     shape_map,
 )
 from tf_overparam.preconditioning import apply_preconditioner
+from tf_overparam.validation import PACKAGE, check_depth, check_non_negative_float, check_positive_int
 
 __all__ = ["EndToEnd", "is_preconditioned_by_default", "precondition_kernel_gradient"]
 
@@ -44,12 +43,6 @@ def precondition_kernel_gradient(kernel, grad, depth, weight_decay=0.0, precondi
     return direction
 
 
-def _check_weight_decay(weight_decay):
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) or not weight_decay >= 0:
-        raise ValueError(f"`weight_decay` must be a float >= 0, got {weight_decay!r}.")
-    return float(weight_decay)
-
-
 def _check_method(method, depth):
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
@@ -58,7 +51,7 @@ def _check_method(method, depth):
     return method
 
 
-@keras.saving.register_keras_serializable(package="tf_overparam")
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class EndToEnd(keras.optimizers.Optimizer):
     """Wraps a Keras optimizer so that selected kernels follow the end-to-end rule (eq. 24).
 
@@ -171,12 +164,8 @@ class EndToEnd(keras.optimizers.Optimizer):
             )
         self.inner_optimizer = optimizer
         self.depth = check_depth(depth)
-        self.weight_decay = _check_weight_decay(weight_decay)
-        if refresh_every is not None and (
-            isinstance(refresh_every, bool) or not isinstance(refresh_every, numbers.Integral) or refresh_every < 1
-        ):
-            raise ValueError(f"`refresh_every` must be None or an int >= 1, got {refresh_every!r}.")
-        self.refresh_every = None if refresh_every is None else int(refresh_every)
+        self.weight_decay = check_non_negative_float(weight_decay, "weight_decay")
+        self.refresh_every = None if refresh_every is None else check_positive_int(refresh_every, "refresh_every")
         self.method = _check_method(method, self.depth)
         if isinstance(variables, str):
             variables = [variables]

@@ -38,7 +38,6 @@ from typing import NamedTuple
 
 from keras import ops
 
-from tf_overparam.chain import check_depth
 from tf_overparam.preconditioning import eigh, newton_schulz
 from tf_overparam.preconditioning._matrices import compute_dtype, oriented, transpose
 from tf_overparam.preconditioning.eigh import DIRECT_FORM_ASPECT, FLOAT64_EIGH_FROM_DEPTH, Preconditioner
@@ -52,6 +51,7 @@ from tf_overparam.preconditioning.newton_schulz import (
 from tf_overparam.preconditioning.newton_schulz import MAX_STEPS as NEWTON_SCHULZ_MAX_STEPS
 from tf_overparam.preconditioning.newton_schulz import SPARE_STEPS as NEWTON_SCHULZ_SPARE_STEPS
 from tf_overparam.preconditioning.reference import preconditioner_eigenvalues, preconditioner_matrix
+from tf_overparam.validation import check_depth
 
 __all__ = [
     "DIRECT_FORM_ASPECT",

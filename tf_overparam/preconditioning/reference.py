@@ -10,8 +10,8 @@ lengths a and b (0^0 = 1).
 import keras
 from keras import ops
 
-from tf_overparam.chain import check_depth
 from tf_overparam.preconditioning._matrices import rank_tolerance, transpose
+from tf_overparam.validation import check_depth
 
 
 def _check_kernel(kernel, matrix_only=False):
