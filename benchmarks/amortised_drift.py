@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from experiments.common.cli import cli, quiet_tensorflow
+from experiments.common.cli import add_common_arguments, cli, quiet_tensorflow
 from experiments.common.run_folder import make_run_dir, write_json_atomic
 
 DEFAULT_DATA = pathlib.Path(os.environ.get("TF_OVERPARAM_MNIST_DIR", "/work/shared/data/mnist"))
@@ -80,7 +80,7 @@ def _main(argv):
     parser.add_argument("--eval-examples", type=int, default=2000)
     parser.add_argument("--data-dir", type=pathlib.Path, default=DEFAULT_DATA)
     parser.add_argument("--out")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.every < 1 or args.steps % args.every or args.eval_examples < 1:
         parser.error("--steps, --every and --eval-examples must be positive, --steps a multiple of --every")

@@ -36,7 +36,7 @@ import os
 import sys
 
 from benchmarks.config import DATA_SECTIONS, SECTIONS, Config, SideBySide  # noqa: F401 - re-exported
-from experiments.common.cli import UserError, cli, quiet_tensorflow
+from experiments.common.cli import UserError, add_common_arguments, cli, quiet_tensorflow
 from experiments.common.run_folder import make_run_dir, replace_atomic, write_json_atomic
 from experiments.data import gas_sensor
 
@@ -57,7 +57,7 @@ def parse_args(argv):
     parser.add_argument(
         "--sections", nargs="+", choices=SECTIONS, default=SECTIONS, metavar="NAME", help=f"of {', '.join(SECTIONS)}"
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     overrides = dict(data_dir=args.data_dir, out=args.out, sections=tuple(s for s in SECTIONS if s in args.sections))
     return Config.quick(**overrides) if args.quick else Config(**overrides)

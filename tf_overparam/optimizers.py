@@ -18,11 +18,15 @@ from tf_overparam.linear_maps import (
     shape_map,
 )
 from tf_overparam.preconditioning import apply_preconditioner
-from tf_overparam.validation import PACKAGE, check_depth, check_non_negative_float, check_positive_int
+from tf_overparam.validation import (
+    PACKAGE,
+    check_depth,
+    check_method,
+    check_non_negative_float,
+    check_positive_int,
+)
 
 __all__ = ["EndToEnd", "is_preconditioned_by_default", "precondition_kernel_gradient"]
-
-METHODS = ("auto", "eigh", "newton_schulz")
 
 
 def precondition_kernel_gradient(kernel, grad, depth, weight_decay=0.0, preconditioner=None, linear_map=None):
@@ -41,14 +45,6 @@ def precondition_kernel_gradient(kernel, grad, depth, weight_decay=0.0, precondi
     if weight_decay:
         direction = direction + (weight_decay * depth) * ops.cast(kernel, direction.dtype)
     return direction
-
-
-def _check_method(method, depth):
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-    if method == "newton_schulz" and depth > 2:
-        raise ValueError(f"`method='newton_schulz'` needs depth 1 or 2 (it computes square roots), got depth {depth}.")
-    return method
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -166,7 +162,7 @@ class EndToEnd(keras.optimizers.Optimizer):
         self.depth = check_depth(depth)
         self.weight_decay = check_non_negative_float(weight_decay, "weight_decay")
         self.refresh_every = None if refresh_every is None else check_positive_int(refresh_every, "refresh_every")
-        self.method = _check_method(method, self.depth)
+        self.method = check_method(method, self.depth)
         if isinstance(variables, str):
             variables = [variables]
         if variables is not None and (not variables or not all(isinstance(p, str) for p in variables)):

@@ -78,3 +78,16 @@ def check_hidden_widths(hidden_units, depth, units, name="hidden_units"):
             f"`{name}` must be a positive int or a list of depth - 1 = {depth - 1} positive ints, got {hidden_units!r}."
         )
     return [int(h) for h in widths]
+
+
+METHODS = ("auto", "eigh", "newton_schulz")
+
+
+def check_method(method, depth):
+    """The end-to-end direction's `method` at chain depth `depth`: one of `METHODS`;
+    "newton_schulz" computes square roots, so it needs depth 1 or 2."""
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+    if method == "newton_schulz" and depth > 2:
+        raise ValueError(f"`method='newton_schulz'` needs depth 1 or 2 (it computes square roots), got depth {depth}.")
+    return method

@@ -3,7 +3,7 @@
 import argparse
 import functools
 
-from experiments.common.cli import cli, quiet_tensorflow
+from experiments.common.cli import add_common_arguments, cli, quiet_tensorflow
 from experiments.common.run_folder import record_run
 from experiments.lp_toy.protocol import NAME, Config
 
@@ -30,7 +30,7 @@ def build_parser():
     )
     parser.add_argument("--quick", action="store_true", help="CI-scale: 5000 iterations, target 0.1, coarse grid")
     parser.add_argument("--out", default=None, help="output folder (default runs/lp_toy/<UTC timestamp>/)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    add_common_arguments(parser)
     return parser
 
 

@@ -3,7 +3,15 @@ summary. Nothing here imports TensorFlow before the options are read and the dat
 
 import argparse
 
-from experiments.common.cli import RunInterrupted, cli, format_seconds, quiet_tensorflow, resume_command, user_errors
+from experiments.common.cli import (
+    RunInterrupted,
+    add_common_arguments,
+    cli,
+    format_seconds,
+    quiet_tensorflow,
+    resume_command,
+    user_errors,
+)
 from experiments.common.run_folder import provenance
 from experiments.data import mnist_files
 from experiments.mnist_cnn.protocol import ARMS, EXPANDABLE, OPTIMIZERS, Config, estimate_seconds
@@ -94,7 +102,7 @@ def build_parser():
         help="CI scale: 640 training examples, 2 epochs, 2 seeds, about 2 minutes (the full default run: about "
         "1.3 hours on an idle 2-core machine)",
     )
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    add_common_arguments(parser)
     return parser
 
 

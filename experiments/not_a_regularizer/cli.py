@@ -4,7 +4,7 @@ are read."""
 import argparse
 import functools
 
-from experiments.common.cli import cli, quiet_tensorflow
+from experiments.common.cli import add_common_arguments, cli, quiet_tensorflow
 from experiments.common.run_folder import record_run
 from experiments.not_a_regularizer.protocol import NAME, Config
 
@@ -39,7 +39,7 @@ def build_parser():
     parser.add_argument("--ks", type=int, nargs="+", default=None, help="quadrature sizes (default 16 32 ... 1024)")
     parser.add_argument("--quick", action="store_true", help="CI-scale: K up to 128, coarser Stokes grid")
     parser.add_argument("--out", default=None, help="output folder (default runs/not_a_regularizer/<UTC timestamp>/)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    add_common_arguments(parser)
     return parser
 
 

@@ -118,14 +118,18 @@ BLOCK_TENSORFLOW = textwrap.dedent(
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="runs in the JAX run, on a library without TensorFlow")
-def test_callbacks_without_tensorflow_raise_an_import_error_naming_the_extra():
+def test_tensorboard_writers_without_tensorflow_raise_an_import_error_naming_the_extra():
+    # The callbacks module itself imports without TensorFlow (SharpnessLogger needs none); what
+    # writes through tf.summary says which extra to install when it is used.
     script = BLOCK_TENSORFLOW + textwrap.dedent(
         """
+        import numpy as np
         import tf_overparam
 
         assert "tensorflow" not in sys.modules
+        tf_overparam.callbacks.SharpnessLogger(np.zeros((1, 1)), np.zeros((1, 1)))
         try:
-            tf_overparam.callbacks
+            tf_overparam.callbacks.write_chain_summaries([np.eye(2)], 0)
         except ImportError as error:
             print(error)
         """

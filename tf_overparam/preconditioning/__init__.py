@@ -51,7 +51,7 @@ from tf_overparam.preconditioning.newton_schulz import (
 from tf_overparam.preconditioning.newton_schulz import MAX_STEPS as NEWTON_SCHULZ_MAX_STEPS
 from tf_overparam.preconditioning.newton_schulz import SPARE_STEPS as NEWTON_SCHULZ_SPARE_STEPS
 from tf_overparam.preconditioning.reference import preconditioner_eigenvalues, preconditioner_matrix
-from tf_overparam.validation import check_depth
+from tf_overparam.validation import METHODS, check_depth, check_method
 
 __all__ = [
     "DIRECT_FORM_ASPECT",
@@ -77,7 +77,7 @@ __all__ = [
     "slowest_converging_ratio",
 ]
 
-METHODS = ("auto", "eigh", "newton_schulz")
+
 # What `PreconditioningInfo.method` indexes: the method that ran.
 RAN_METHODS = ("gradient", "closed_form", "eigh", "newton_schulz")
 _GRADIENT, _CLOSED_FORM, _EIGH, _NEWTON_SCHULZ = range(4)
@@ -121,14 +121,6 @@ class RootPreconditioner(NamedTuple):
 
 def _code(value):
     return ops.convert_to_tensor(value, "int32")
-
-
-def _check_method(method, depth):
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-    if method == "newton_schulz" and depth > 2:
-        raise ValueError(f"`method='newton_schulz'` needs depth 1 or 2 (it computes square roots), got depth {depth}.")
-    return method
 
 
 def _check_kernel(kernel):
@@ -178,7 +170,7 @@ def end_to_end_direction(kernel, grad, depth, method="auto", return_info=False):
         (direction, info).
     """
     depth = check_depth(depth)
-    method = _check_method(method, depth)
+    method = check_method(method, depth)
     kernel = _check_kernel(kernel)
     grad = _check_gradient(grad, kernel.shape, "`kernel`")
     if depth == 1:
@@ -214,7 +206,7 @@ def compute_preconditioner(kernel, depth, method="auto", return_info=False):
         fields' shapes without computing them.
     """
     depth = check_depth(depth)
-    method = _check_method(method, depth)
+    method = check_method(method, depth)
     kernel = _check_kernel(kernel)
     w, _ = oriented(kernel, compute_dtype(kernel))
     if depth != 2:
