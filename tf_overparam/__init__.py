@@ -2,7 +2,7 @@
 for Keras 3, on TensorFlow or JAX.
 
 - `OverparamDense`, `OverparamConv2D`: a `Dense` / `Conv2D` whose kernel is a product of
-  `depth` factors; `layers` holds the base class of such chained-kernel layers and the
+  `depth` factors; `layers` holds the base class of such overparameterized layers and the
   plain -> overparam registry.
 - `conversion`: `overparameterize` / `collapse` convert whole models between the two.
 - `chain`: the chain core (the product eq. 10, the factor gradients eq. 14, the balanced

@@ -30,7 +30,7 @@ def _summary():
 
 
 def find_overparam_layers(model):
-    """Every chained-kernel layer (`OverparamDense`, and any registered overparameterized
+    """Every overparameterized layer (`OverparamDense`, and any registered overparameterized
     layer) in `model`, searched recursively through nested layers and models, in depth-first
     order, each once."""
     found, seen = [], set()
@@ -39,7 +39,7 @@ def find_overparam_layers(model):
         if id(layer) in seen:
             return
         seen.add(id(layer))
-        if registry.is_chained(layer):
+        if registry.is_overparam(layer):
             found.append(layer)
             return
         for child in sublayers(layer):
@@ -70,7 +70,7 @@ def write_chain_summaries(factors, step, learning_rate=None, depth=None, prefix=
     All values are computed in float64 by `tf_overparam.diagnostics`.
 
     Args:
-        factors: a chained-kernel layer or a list of factor matrices, input side first.
+        factors: a overparameterized layer or a list of factor matrices, input side first.
         step: int, the summary step.
         learning_rate: float or None.
         depth: the depth N of the effective learning rate; default the number of factors
@@ -108,7 +108,7 @@ def _matrix_chains(model):
 
 
 class OverparamTensorBoard(keras.callbacks.Callback):
-    """Writes, for every chained-kernel layer of the model, the chain's state to TensorBoard
+    """Writes, for every overparameterized layer of the model, the chain's state to TensorBoard
     (`write_chain_summaries`).
 
     Per layer, the tags of `write_chain_summaries`, each after the layer's name (e.g.
@@ -160,7 +160,7 @@ class OverparamTensorBoard(keras.callbacks.Callback):
 
     @property
     def layers(self):
-        """The chained-kernel layers this callback logs."""
+        """The overparameterized layers this callback logs."""
         return list(self._logged_layers)
 
     def on_train_begin(self, logs=None):

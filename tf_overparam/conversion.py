@@ -130,7 +130,7 @@ def overparameterize(
         return new
 
     def copy(old, new):
-        if not registry.is_chained(new):
+        if not registry.is_overparam(new):
             new.set_weights(old.get_weights())
             return
         if preserve_function:
@@ -165,12 +165,12 @@ def collapse(model):
     """
 
     def convert(layer):
-        if registry.is_chained(layer):
+        if registry.is_overparam(layer):
             return layer.plain_class.from_config(registry.to_plain_config(layer))
         return layer.__class__.from_config(layer.get_config())
 
     def copy(old, new):
-        new.set_weights((old.to_plain() if registry.is_chained(old) else old).get_weights())
+        new.set_weights((old.to_plain() if registry.is_overparam(old) else old).get_weights())
 
     return _convert_model(model, convert, copy)
 
@@ -205,7 +205,7 @@ def _not_converted_reason(layer, layers):
             return f"a subclass of {cls.__name__}, which may compute something else"
     if registry.is_plain(layer):
         return f"{type(layer).__name__} is not in `layers`"
-    if registry.is_chained(layer):
+    if registry.is_overparam(layer):
         return "already overparameterized"
     return f"no overparameterized layer is registered for {type(layer).__name__}"
 

@@ -10,7 +10,7 @@ from keras import ops
 
 from tf_overparam import backend, hessian
 from tf_overparam.chain import chain_product
-from tf_overparam.layers.base import ChainedKernelLayer
+from tf_overparam.layers.base import OverparamLayer
 from tf_overparam.validation import check_depth, check_positive_int
 
 
@@ -52,13 +52,13 @@ def chain_balancedness(factors):
 
 
 def chain_factors(layer):
-    """The factors of a chained-kernel layer, or of a sequence of matrices, as float64 NumPy
+    """The factors of a overparameterized layer, or of a sequence of matrices, as float64 NumPy
     arrays; a `ValueError` for anything else, for non-matrix factors and for non-finite values."""
-    if isinstance(layer, ChainedKernelLayer):
+    if isinstance(layer, OverparamLayer):
         factors, what = list(layer.factors), f"layer {layer.name!r}"
     elif isinstance(layer, keras.layers.Layer):
         raise ValueError(
-            f"`layer` must be a chained-kernel layer (e.g. OverparamDense) or a list of factor "
+            f"`layer` must be a overparameterized layer (e.g. OverparamDense) or a list of factor "
             f"matrices; {layer.name!r} is a plain {type(layer).__name__} with no factor chain."
         )
     else:
@@ -66,7 +66,7 @@ def chain_factors(layer):
             factors, what = list(layer), "the chain"
         except TypeError:
             raise ValueError(
-                f"`layer` must be a chained-kernel layer or a list of factor matrices, got {type(layer).__name__}."
+                f"`layer` must be a overparameterized layer or a list of factor matrices, got {type(layer).__name__}."
             ) from None
     if not factors:
         raise ValueError("`layer` must hold at least one factor, got an empty chain.")
@@ -83,7 +83,7 @@ def chain_factors(layer):
 
 
 def balancedness(layer):
-    """Balancedness of a chained-kernel layer (or a list of factor arrays).
+    """Balancedness of a overparameterized layer (or a list of factor arrays).
 
     Raises a `ValueError` for a layer without a factor chain (a plain `Dense`, say) and for
     non-finite factors.

@@ -311,4 +311,4 @@ def test_collapse_folds_every_registered_layer_through_the_registry():
     flat = to.collapse(model)
     assert type(flat.layers[0]) is keras.layers.Dense
     with pytest.raises(ValueError, match="plain_class"):
-        to.layers.registry.register(type("NoPlain", (to.layers.ChainedKernelLayer,), {}))
+        to.layers.registry.register(type("NoPlain", (to.layers.OverparamLayer,), {}))

@@ -23,7 +23,7 @@ def _model():
 
 
 def _chain_warnings(caught):
-    return [w for w in caught if "Chained-kernel layers" in str(w.message)]
+    return [w for w in caught if "Overparameterized layers" in str(w.message)]
 
 
 def test_quantize_warns_once_to_collapse_first_and_leaves_the_chains_in_float():

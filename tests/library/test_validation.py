@@ -63,6 +63,8 @@ DEPRECATED = [
     ("tf_overparam.factorization", "chain_gradients", lambda: to.chain.chain_gradients),
     ("tf_overparam.layers", "check_depth", lambda: to.chain.check_depth),
     ("tf_overparam.layers", "resolve_hidden_units", lambda: to.chain.resolve_hidden_units),
+    ("tf_overparam.layers", "ChainedKernelLayer", lambda: to.layers.OverparamLayer),
+    ("tf_overparam.layers.registry", "is_chained", lambda: to.layers.registry.is_overparam),
 ]
 
 

@@ -1,4 +1,4 @@
-"""`ChainedKernelLayer`: the base of every layer whose kernel is a product of factors."""
+"""`OverparamLayer`: the base of every layer whose kernel is a product of factors."""
 
 import math
 import warnings
@@ -12,7 +12,7 @@ from tf_overparam._keras_compat import OwnLossesMixin
 from tf_overparam.chain import chain_product
 from tf_overparam.validation import check_depth
 
-_quantize_warned = False  # `ChainedKernelLayer.quantize` warns once per process
+_quantize_warned = False  # `OverparamLayer.quantize` warns once per process
 
 
 def cheaper_order(count, threshold, below, above):
@@ -31,7 +31,7 @@ def cheaper_order(count, threshold, below, above):
     return ops.cond(ops.less(count, min(math.ceil(threshold), 2**31 - 1)), below, above)
 
 
-class ChainedKernelLayer(OwnLossesMixin, keras.layers.Layer):
+class OverparamLayer(OwnLossesMixin, keras.layers.Layer):
     """Base class of a layer whose kernel is the product of `depth` factors (eq. 10).
 
     The kernel of the plain layer (`plain_class`), viewed as a matrix (n_0, n_N), is the
@@ -233,7 +233,7 @@ class ChainedKernelLayer(OwnLossesMixin, keras.layers.Layer):
         if not _quantize_warned:
             _quantize_warned = True
             warnings.warn(
-                f"Chained-kernel layers ({type(self).__name__} {self.name!r} and any others) are not quantized and "
+                f"Overparameterized layers ({type(self).__name__} {self.name!r} and any others) are not quantized and "
                 "stay in float: call `tf_overparam.collapse(model)` first and quantize the collapsed model, whose "
                 "kernels are the end-to-end kernels.",
                 UserWarning,

@@ -24,14 +24,14 @@ from tf_overparam.chain import (
     inputs_first_threshold,
 )
 from tf_overparam.layers import registry
-from tf_overparam.layers.base import ChainedKernelLayer, cheaper_order
+from tf_overparam.layers.base import OverparamLayer, cheaper_order
 from tf_overparam.layers.conv_arithmetic import compose_kernels, conv_output_size, int_pair, same_padding
 from tf_overparam.validation import PACKAGE, check_hidden_widths, check_positive_int
 
 
 @registry.register
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class OverparamConv2D(ChainedKernelLayer):
+class OverparamConv2D(OverparamLayer):
     """A drop-in `Conv2D` (channels_last, groups 1) whose kernel is a chain of `depth` factors.
 
     **Channel chain** (default, `kernel_sizes=None`): the kernel reshaped to the matrix

@@ -12,13 +12,13 @@ from tf_overparam.chain import (
     inputs_first_threshold,
 )
 from tf_overparam.layers import registry
-from tf_overparam.layers.base import ChainedKernelLayer, cheaper_order
+from tf_overparam.layers.base import OverparamLayer, cheaper_order
 from tf_overparam.validation import PACKAGE, check_hidden_widths, check_positive_int
 
 
 @registry.register
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class OverparamDense(ChainedKernelLayer):
+class OverparamDense(OverparamLayer):
     """A drop-in `Dense` whose kernel is the product of `depth` factors (eq. 10).
 
     `output = activation(inputs @ (F_1 F_2 ... F_N) + bias)`, with factor F_j of shape

@@ -7,13 +7,14 @@ is one new module plus `@register` on its class.
 
 import keras
 
-from tf_overparam.layers.base import ChainedKernelLayer
+from tf_overparam._deprecation import deprecated_names
+from tf_overparam.layers.base import OverparamLayer
 
 _REGISTRY = {}
 
 
 def register(overparam_class):
-    """Class decorator: registers a `ChainedKernelLayer` subclass for its `plain_class`."""
+    """Class decorator: registers a `OverparamLayer` subclass for its `plain_class`."""
     plain_class = getattr(overparam_class, "plain_class", None)
     if not (isinstance(plain_class, type) and issubclass(plain_class, keras.layers.Layer)):
         raise ValueError(f"{overparam_class.__name__}.plain_class must be a keras Layer class, got {plain_class!r}.")
@@ -37,9 +38,9 @@ def overparam_class_for(plain_class):
     return _REGISTRY.get(plain_class)
 
 
-def is_chained(layer):
-    """Whether `layer` is an overparameterized (chained-kernel) layer."""
-    return isinstance(layer, ChainedKernelLayer)
+def is_overparam(layer):
+    """Whether `layer` is an overparameterized layer."""
+    return isinstance(layer, OverparamLayer)
 
 
 def is_plain(layer):
@@ -67,3 +68,7 @@ def kernel_matrix(kernel):
     """A plain layer's kernel as the matrix the chain theory sees: (prod(shape[:-1]), shape[-1])
     (a `Dense` kernel unchanged, a `Conv2D` kernel (kh, kw, cin, cout) as (kh*kw*cin, cout))."""
     return keras.ops.reshape(kernel, (-1, kernel.shape[-1]))
+
+
+# The name of 0.2.0, deprecated: one word, "overparam", for the one idea.
+__getattr__ = deprecated_names(__name__, {"is_chained": ("tf_overparam.layers.registry.is_overparam", is_overparam)})
