@@ -9,11 +9,11 @@ import os
 import statistics
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from _isolation import isolated_env
 from _reference import reference_direction  # tests/ is on sys.path (rootdir-relative import)
 
 from benchmarks import floor, run
@@ -276,21 +276,6 @@ def test_quick_side_by_side_gives_every_ratio_next_to_its_floor(tmp_path, capsys
 
 # ----------------------------------------------------------------------------- the command line
 
-# Makes TensorFlow, Keras and JAX unimportable in a subprocess (a sitecustomize.py on PYTHONPATH).
-BLOCKER = textwrap.dedent(
-    """
-    import sys
-
-    class _Blocked:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("tensorflow", "keras", "jax"):
-                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
-            return None
-
-    sys.meta_path.insert(0, _Blocked())
-    """
-)
-
 
 def _command(args, tmp_path, env=None, timeout=120, module="benchmarks.run"):
     """`python -m MODULE ARGS` with no gas sensor data and no TF_CPP_MIN_LOG_LEVEL given."""
@@ -316,10 +301,8 @@ def _command(args, tmp_path, env=None, timeout=120, module="benchmarks.run"):
     ],
 )
 def test_help_answers_without_tensorflow_or_keras(tmp_path, module, args):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(BLOCKER)
-    done = _command(args, tmp_path, env={"PYTHONPATH": os.pathsep.join([str(site), REPO_ROOT])}, module=module)
+    blocked = isolated_env(tmp_path / "site", blocked=("tensorflow", "keras", "jax"))
+    done = _command(args, tmp_path, env={"PYTHONPATH": blocked["PYTHONPATH"]}, module=module)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"usage: python -m {module}") and done.stderr == ""
 

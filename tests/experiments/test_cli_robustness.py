@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from _isolation import isolated_env
 from _synthetic_data import batch_line, write_batch_files
 
 from experiments import gas_sensor
@@ -365,19 +366,17 @@ def test_progress_counts_work_done_and_this_sessions_rate(monkeypatch):
     bar.close()
 
 
-def test_help_answers_with_tensorflow_and_keras_unimportable():
+def test_help_answers_with_tensorflow_and_keras_unimportable(tmp_path):
     # A meta-path finder refuses tensorflow, keras and jax: --help must not need them.
-    code = (
-        "import runpy, sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('tensorflow', 'keras', 'jax'):\n"
-        "            raise ImportError(f'{name} blocked by the test')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "sys.argv = ['experiments.gas_sensor', '--help']\n"
-        "runpy.run_module('experiments.gas_sensor', run_name='__main__', alter_sys=True)\n"
+    env = isolated_env(tmp_path / "site", blocked=("tensorflow", "keras", "jax"))
+    completed = subprocess.run(
+        [sys.executable, "-m", "experiments.gas_sensor", "--help"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    completed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
     for option in ("--download", "--debug", "--connect-timeout", "--resume", "--address"):
         assert option in completed.stdout
