@@ -28,6 +28,7 @@ from tf_overparam.chain import chain_gradients, chain_product, check_depth, reso
 from tf_overparam.initializers import initialize_chain, seeded
 from tf_overparam.losses import check_p, lp_loss_slope, lp_loss_values
 from tf_overparam.preconditioning import end_to_end_direction
+from tf_overparam.validation import check_positive_int
 
 UNROLL = 4  # steps per iteration of the compiled loop: fewer loop round trips, short traces
 UPDATES = ("chain", "end_to_end")
@@ -276,6 +277,7 @@ class FullBatchTrainer:
         (`experiments.engine.sharpness`): at most `iterations` Hessian-vector products for the
         whole grid, no more than the dimension (exact then). Returns float64 (grid,), NaN where
         a grid point diverged."""
+        iterations, seed = check_positive_int(iterations, "iterations"), check_positive_int(seed, "seed", minimum=0)
         if self._hessian_product is None:
             self._hessian_product = batched_sharpness.batched_hessian_product(
                 lambda factors: self._loss_gradients(factors)[1], self.factors

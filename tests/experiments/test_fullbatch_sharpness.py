@@ -58,11 +58,12 @@ def test_chain_sharpness_matches_the_library_autodiff_sharpness_of_the_same_kera
     # The library differentiates the Keras model twice by reverse-mode autodiff; the engine
     # takes forward-mode derivatives of its hand-written gradient, batched over the grid.
     x, y = _data(2)
-    spec = ChainSpec(depth=2, hidden_units=3, p=4, initializer=initializers.NearZero(0.7))
+    spec = ChainSpec(depth=2, hidden_units=3, p=4, initializer=initializers.NearZero(0.3))
     trainer = FullBatchTrainer(x, y, spec, [1e-3, 1e-2], seeds=(0, 5), dtype="float64")
     trainer.advance(4)
     dimension = _dimension(trainer)
     values = trainer.sharpness(iterations=dimension)
+    assert np.all(np.isfinite(values))  # no grid point diverged: a comparison of numbers
     layer = to.OverparamDense(UNITS, depth=2, hidden_units=3, use_bias=False)
     model = keras.Sequential([keras.Input((INPUTS,)), layer])
     for g in range(trainer.grid):
@@ -70,9 +71,8 @@ def test_chain_sharpness_matches_the_library_autodiff_sharpness_of_the_same_kera
             variable.assign(factor.numpy()[g])
         expected = diagnostics.sharpness(model, x, y, loss=to.LpLoss(4), iterations=dimension)
         np.testing.assert_allclose(values[g], expected, rtol=1e-6)
-    # The default, 20 steps of a dimension-16 problem, is exact as well.
-    assert dimension < 20
-    np.testing.assert_allclose(trainer.sharpness(), values, rtol=1e-6)
+    # Steps past the dimension are not taken: the same value.
+    np.testing.assert_allclose(trainer.sharpness(iterations=dimension + 10), values, rtol=1e-6)
 
 
 def test_a_diverged_grid_point_is_nan_and_leaves_the_others_alone():
