@@ -50,11 +50,11 @@ def _rerun(x, y, spec, rate, seed, logged):
     p = spec["p"]
     w1, w2 = _initial_chain(spec, seed, x.shape[1], y.shape[1])
     bound = BLOWUP * _lp_loss(x, y, w1 @ w2, p)
-    losses, diverged = {}, False
+    losses, diverged, log_at = {}, False, {int(t) for t in logged}
     for step in range(int(logged[-1]) + 1):
         loss = _lp_loss(x, y, w1 @ w2, p)
         diverged = diverged or not loss <= bound
-        if step in logged:
+        if step in log_at:
             losses[step] = math.nan if diverged else loss
         if diverged:
             break
