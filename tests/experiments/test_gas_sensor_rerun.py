@@ -37,31 +37,35 @@ def _initial_chain(spec, seed, inputs, units):
     return [np.asarray(f, dtype=np.float32).astype(np.float64) for f in chain]
 
 
-def _lp_loss(x, y, w, p):
-    """The mean over examples of (1/p)|x w - y|^p."""
-    return float(np.mean(np.abs(x @ w - y) ** p) / p)
+def _lp_losses(x, y, kernels, p):
+    """The mean over examples of (1/p)|x w - y|^p, for each column w of `kernels`."""
+    return np.mean(np.abs(x @ kernels - y) ** p, axis=0) / p
 
 
-def _rerun(x, y, spec, rate, seed, logged):
-    """Plain GD on the chain w = W1 W2: with g = dL/dw = (1/n) x^T (|r|^(p-1) sign r), r = x w - y,
-    the factor gradients are dL/dW1 = g W2^T and dL/dW2 = W1^T g. Returns the loss after each
-    iteration of `logged`, NaN from the step whose loss is non-finite or above BLOWUP x the
-    initial loss (as the engine marks divergence)."""
-    p = spec["p"]
-    w1, w2 = _initial_chain(spec, seed, x.shape[1], y.shape[1])
-    bound = BLOWUP * _lp_loss(x, y, w1 @ w2, p)
-    losses, diverged, log_at = {}, False, {int(t) for t in logged}
-    for step in range(int(logged[-1]) + 1):
-        loss = _lp_loss(x, y, w1 @ w2, p)
-        diverged = diverged or not loss <= bound
-        if step in log_at:
-            losses[step] = math.nan if diverged else loss
-        if diverged:
-            break
-        residual = x @ (w1 @ w2) - y
-        g = x.T @ (np.abs(residual) ** (p - 1) * np.sign(residual)) / x.shape[0]
-        w1, w2 = w1 - rate * g @ w2.T, w2 - rate * w1.T @ g
-    return np.array([losses.get(int(t), math.nan) for t in logged])
+def _rerun(x, y, spec, rates, seeds, logged):
+    """Plain GD on the chains w = W1 W2 of every grid point (rate, seed) side by side: with
+    r = x w - y and g = dL/dw = (1/n) x^T (|r|^(p-1) sign r), the factor gradients are
+    dL/dW1 = g W2^T and dL/dW2 = W1^T g. Returns the loss after each iteration of `logged`,
+    (logged, grid points), NaN from the step whose loss is non-finite or above BLOWUP x the
+    initial loss (as the engine marks divergence); a diverged point stops moving."""
+    p, rates = spec["p"], np.asarray(rates, dtype=np.float64)
+    chains = [_initial_chain(spec, seed, x.shape[1], y.shape[1]) for seed in seeds]
+    w1 = np.stack([c[0] for c in chains])  # (points, inputs, hidden)
+    w2 = np.stack([c[1] for c in chains])  # (points, hidden, 1)
+    bound = BLOWUP * _lp_losses(x, y, (w1 @ w2)[:, :, 0].T, p)
+    diverged = np.zeros(len(rates), dtype=bool)
+    losses, log_at = {}, {int(t) for t in logged}
+    with np.errstate(invalid="ignore", over="ignore"):  # a diverged point may overflow
+        for step in range(int(logged[-1]) + 1):
+            residual = x @ (w1 @ w2)[:, :, 0].T - y  # (examples, points)
+            loss = np.mean(np.abs(residual) ** p, axis=0) / p
+            diverged |= ~(loss <= bound)
+            if step in log_at:
+                losses[step] = np.where(diverged, math.nan, loss)
+            g = (x.T @ (np.abs(residual) ** (p - 1) * np.sign(residual)) / x.shape[0]).T[:, :, None]
+            moving = np.where(diverged, 0.0, rates)[:, None, None]
+            w1, w2 = w1 - moving * (g @ w2.transpose(0, 2, 1)), w2 - moving * (w1.transpose(0, 2, 1) @ g)
+    return np.stack([losses[int(t)] for t in logged])
 
 
 def test_numpy_rerun_matches_a_quick_run(gas_sensor_dir, tmp_path):
@@ -94,7 +98,7 @@ def test_numpy_rerun_matches_a_quick_run(gas_sensor_dir, tmp_path):
     assert spec["weight_decay"] == 0
     rates, seeds = record["grid"]["learning_rates"], record["grid"]["seeds"]
     assert len(set(seeds)) == 3 and logged[-1] == ITERATIONS
-    mine = np.stack([_rerun(x, y, spec, rate, seed, logged) for rate, seed in zip(rates, seeds)], axis=1)
+    mine = _rerun(x, y, spec, rates, seeds, logged)
 
     # float32 against float64 from the same float32 start: each step's gradient is a float32
     # sum over n examples, relative rounding about sqrt(n) u (u = 2^-24); gradient descent on
