@@ -9,7 +9,7 @@ import numpy as np
 from keras import ops
 
 from tf_overparam import backend
-from tf_overparam.kernel_groups import grouped_directions, grouped_preconditioners, slot_shapes
+from tf_overparam.kernel_groups import grouped_directions
 from tf_overparam.linear_maps import (
     LinearMap,
     is_preconditioned_by_default,
@@ -18,6 +18,7 @@ from tf_overparam.linear_maps import (
     shape_map,
 )
 from tf_overparam.preconditioning import apply_preconditioner
+from tf_overparam.refresh import KeptPreconditioners
 from tf_overparam.validation import (
     PACKAGE,
     check_depth,
@@ -90,7 +91,11 @@ class EndToEnd(keras.optimizers.Optimizer):
     per step (`tf_overparam.kernel_groups`). With `refresh_every=k` each kernel refreshes its
     preconditioner once every k steps, staggered: the i-th selected kernel (in the order of the
     model's trainable variables) at the steps t with t mod k = i mod k, and every kernel at
-    step 0, so that after the first step no step refreshes them all.
+    step 0, so that after the first step no step refreshes them all. At depth 2, with k >= 2,
+    a refresh by Newton-Schulz (a kernel of 256 columns or more under `method="auto"`) is
+    spread over the next steps of the kernel's window, a few Newton-Schulz steps in each, and
+    applied from the step it completes (`tf_overparam.refresh`), so no step after the first
+    pays a whole refresh of a large kernel.
 
     Inner optimizer options: `clipnorm`, `clipvalue`, `global_clipnorm`, `use_ema`, Keras'
     `weight_decay` and `gradient_accumulation_steps` act as usual, on the preconditioned
@@ -117,7 +122,9 @@ class EndToEnd(keras.optimizers.Optimizer):
             amortised, Shampoo-style. Each kernel's P(W) (eigenbasis and eigenvalues) is
             computed once every k steps (staggered, see above; counting calls of `apply`) and
             kept, so a step in between applies P(W_r) of the kernel's last refresh r to the new
-            gradient G_t: matmuls with G, no eigendecomposition. k = 1 is the exact rule.
+            gradient G_t: matmuls with G, no eigendecomposition. A spread refresh (see above)
+            applies P(W_r) from `tf_overparam.refresh.spread_steps(k)` steps after r on, for k
+            steps. k = 1 is the exact rule.
         variables: None (the default rule) or a list of `fnmatch` patterns on variable paths.
         method: "auto", "eigh" or "newton_schulz" (depth <= 2): how a step computes the direction
             and a refresh the preconditioner (`tf_overparam.preconditioning`).
@@ -226,32 +233,12 @@ class EndToEnd(keras.optimizers.Optimizer):
         self.inner_optimizer.build(var_list)
         super().build(var_list)
         self._selected, self._maps = selected, maps
-        self._preconditioners = [None] * len(var_list)
-        self._refresh_phase = {}
+        self._kept = None  # the kept preconditioners of the amortised rule and their refreshes
         if self.refresh_every is not None and self.depth > 1:
-            self._refresh_counter = self.add_variable(
-                (), dtype="int", initializer="zeros", aggregation="only_first_replica", name="refresh_counter"
+            chosen = [(index, var_list[index]) for index, s in enumerate(selected) if s]
+            self._kept = KeptPreconditioners(
+                self, chosen, {index: maps[index] for index, _ in chosen}, self.depth, self.method, self.refresh_every
             )
-            chosen = [i for i, s in enumerate(selected) if s]
-            self._refresh_phase = {index: rank % self.refresh_every for rank, index in enumerate(chosen)}
-            for index in chosen:
-                self._preconditioners[index] = self._preconditioner_slots(var_list[index], maps[index])
-
-    def _preconditioner_slots(self, variable, linear_map):
-        shapes = slot_shapes(linear_map, self.depth)
-        dtype = "float64" if keras.backend.standardize_dtype(variable.dtype) == "float64" else "float32"
-        return type(shapes)(
-            *(
-                self.add_variable(
-                    shape,
-                    dtype=dtype,
-                    initializer="zeros",
-                    aggregation="only_first_replica",
-                    name=f"{variable.path.replace('/', '_')}_{field}",
-                )
-                for shape, field in zip(shapes, shapes._fields)
-            )
-        )
 
     @staticmethod
     def _warn_about_zero_kernels(kernels):
@@ -269,32 +256,6 @@ class EndToEnd(keras.optimizers.Optimizer):
         return self._variables + self.inner_optimizer.variables
 
     # --- the step ---------------------------------------------------------------------------
-
-    def _refresh(self, kernels):
-        """Assigns P(W) of the current kernels due for a refresh (step 0, and the steps of their
-        phase) to their slots; the others keep their values. Each phase's branch only selects
-        values: assigning inside it would be a cross-replica synchronisation inside control
-        flow, which tf.distribute refuses."""
-        step = self._refresh_counter
-        phases = {}
-        for index, kernel in kernels:
-            phases.setdefault(self._refresh_phase[index], []).append((index, kernel))
-        for phase, members in sorted(phases.items()):
-            slots = [slot for index, _ in members for slot in self._preconditioners[index]]
-            due = ops.logical_or(ops.equal(step, 0), ops.equal(step % self.refresh_every, phase))
-            kept = [ops.convert_to_tensor(s) for s in slots]
-            values = ops.cond(
-                due, lambda members=members, slots=slots: self._computed(members, slots), lambda kept=kept: kept
-            )
-            for slot, value in zip(slots, values):
-                slot.assign(value)
-        self._refresh_counter.assign_add(1)
-
-    def _computed(self, members, slots):
-        """The preconditioners of `members` [(index, kernel)], shaped as their `slots`."""
-        kernels, maps = [kernel for _, kernel in members], [self._maps[index] for index, _ in members]
-        values = grouped_preconditioners(kernels, maps, self.depth, self.method)
-        return [ops.cast(v, slot.dtype) for v, slot in zip([v for value in values for v in value], slots)]
 
     def apply(self, grads, trainable_variables=None):
         grads = list(grads)
@@ -320,11 +281,8 @@ class EndToEnd(keras.optimizers.Optimizer):
             maps = [self._maps[index] for _, index, _, _ in work]
             work_grads = [grad for _, _, _, grad in work]
             if self.refresh_every is not None:
-                self._refresh([(index, kernel) for _, index, kernel, _ in work])
-                preconditioners = [
-                    type(slots)(*(ops.convert_to_tensor(s) for s in slots))
-                    for slots in (self._preconditioners[index] for _, index, _, _ in work)
-                ]
+                self._kept.refresh([(index, kernel) for _, index, kernel, _ in work])
+                preconditioners = self._kept.preconditioners([index for _, index, _, _ in work])
                 directions = grouped_directions(kernels, work_grads, maps, self.depth, preconditioners=preconditioners)
             else:
                 directions = grouped_directions(kernels, work_grads, maps, self.depth, method=self.method)

@@ -186,9 +186,38 @@ def square_roots(
     decline_below=None,
 ):
     """`newton_schulz_square_roots` without the argument checks, for callers that pass checked values."""
+    iteration = start_iteration(matrix, max_steps, tolerance, lanczos_steps, decline_below)
+    return finish_iteration(advance_iteration(iteration, max_steps + spare_steps, max_steps, spare_steps, tolerance))
+
+
+class Iteration(NamedTuple):
+    """The coupled Newton-Schulz iteration between two of its steps, so that it can run a few
+    steps at a time (`start_iteration`, `advance_iteration`, `finish_iteration`; `square_roots`
+    runs the three at once). Callers pass checked values.
+
+    Fields: `root` Y_k and `inverse_root` Z_k (..., b, b), the iterates for A / scale; `scale`
+    (..., 1, 1), the largest Ritz value of A (1 where it is not positive); `residual` a scalar,
+    the largest Frobenius norm of I - Z Y over the batch before the last step (inf before the
+    first, -inf when the iteration declined to start); `steps` an int32 scalar, the steps taken.
+    """
+
+    root: object
+    inverse_root: object
+    scale: object
+    residual: object
+    steps: object
+
+
+def _tolerance(dtype, tolerance):
+    return float(np.sqrt(np.finfo(dtype).eps)) if tolerance is None else float(tolerance)
+
+
+def start_iteration(matrix, max_steps=MAX_STEPS, tolerance=None, lanczos_steps=LANCZOS_STEPS, decline_below=None):
+    """The `Iteration` before its first step: Y_0 = A / s, Z_0 = I, s the largest Ritz value of
+    `matrix` A, or a declined one (residual -inf) where the smallest Ritz value predicts more than
+    `max_steps` steps (arguments as for `newton_schulz_square_roots`)."""
     dtype = keras.backend.standardize_dtype(matrix.dtype)
-    eye = ops.eye(matrix.shape[-1], dtype=dtype)
-    tolerance = float(np.sqrt(np.finfo(dtype).eps)) if tolerance is None else float(tolerance)
+    tolerance = _tolerance(dtype, tolerance)
     if decline_below is None:
         decline_below = slowest_converging_ratio(max_steps, tolerance)
     # A non-finite A (or one whose Ritz values overflow) is zeroed first: Ritz values 0, a decline.
@@ -197,23 +226,45 @@ def square_roots(
     smallest, scale = _lanczos_extremes(matrix, lanczos_steps)
     hopeful = ops.all(ops.logical_and(finite, smallest >= decline_below * scale))
     safe_scale = ops.where(scale > 0, scale, ops.ones_like(scale))
+    infinite = ops.convert_to_tensor(np.inf, dtype)
+    return Iteration(
+        matrix / safe_scale,
+        ops.broadcast_to(ops.eye(matrix.shape[-1], dtype=dtype), ops.shape(matrix)),
+        safe_scale,
+        ops.where(hopeful, infinite, -infinite),  # -inf: no step starts
+        ops.convert_to_tensor(0, "int32"),
+    )
+
+
+def advance_iteration(iteration, steps, max_steps=MAX_STEPS, spare_steps=SPARE_STEPS, tolerance=None):
+    """`iteration` after at most `steps` more steps (an int, or an int32 scalar tensor): fewer
+    where the residual before a step is at most `tolerance` or not finite, where the iteration
+    declined, or where `max_steps + spare_steps` steps have been taken in all."""
+    root, inverse_root, scale, residual, taken = iteration
+    dtype = keras.backend.standardize_dtype(root.dtype)
+    eye = ops.eye(root.shape[-1], dtype=dtype)
+    tolerance = _tolerance(dtype, tolerance)
+    stop = ops.minimum(taken + steps, max_steps + spare_steps)
 
     def step(k, root, inverse_root, residual):
         root, inverse_root, product = _step(root, inverse_root, eye)
         return k + 1, root, inverse_root, ops.sqrt(ops.max(ops.sum(ops.square(eye - product), axis=(-2, -1))))
 
     def going(k, root, inverse_root, residual):
-        return ops.logical_and(residual > tolerance, k < max_steps + spare_steps)
+        return ops.logical_and(residual > tolerance, k < stop)
 
-    infinite = ops.convert_to_tensor(np.inf, dtype)
-    start = (
-        ops.convert_to_tensor(0, "int32"),
-        matrix / safe_scale,
-        ops.broadcast_to(eye, ops.shape(matrix)),
-        ops.where(hopeful, infinite, -infinite),  # -inf: the loop does not start
-    )
-    steps, root, inverse_root, residual = ops.while_loop(going, step, start)
-    root_scale = ops.sqrt(safe_scale)
+    taken, root, inverse_root, residual = ops.while_loop(going, step, (taken, root, inverse_root, residual))
+    return Iteration(root, inverse_root, scale, residual, taken)
+
+
+def finish_iteration(iteration, tolerance=None):
+    """The `SquareRoots` of `iteration` as it stands: converged where its last residual is at most
+    `tolerance`."""
+    root, inverse_root, scale, residual, steps = iteration
+    tolerance = _tolerance(keras.backend.standardize_dtype(root.dtype), tolerance)
+    infinite = ops.convert_to_tensor(np.inf, residual.dtype)
+    hopeful = ops.not_equal(residual, -infinite)  # NaN (a diverged iteration) included
+    root_scale = ops.sqrt(scale)
     converged = ops.logical_and(hopeful, residual <= tolerance)
     residual = ops.where(hopeful, residual, infinite)
     return SquareRoots(root * root_scale, inverse_root / root_scale, converged, steps, residual)
