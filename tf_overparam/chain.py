@@ -17,6 +17,7 @@ from tf_overparam.validation import check_depth, check_hidden_widths, check_posi
 __all__ = [
     "apply_chain",
     "RandomRotation",
+    "balanced_chain",
     "balanced_factors",
     "balanced_factors_from_svd",
     "chain_gradients",
@@ -180,6 +181,70 @@ def balanced_factors(kernel, hidden_units, rotation_seed=None):
     if not len(hidden_units):
         return [kernel.copy()]
     return balanced_factors_from_svd(np.linalg.svd(kernel, full_matrices=False), hidden_units, rotation_seed)
+
+
+def balanced_chain(kernel, hidden_units, rotation_seed=None, dtype="float64"):
+    """`balanced_factors` of a 2-D kernel, and the kernel's `numerical_rank`.
+
+    A kernel whose singular values all lie well above rounding takes the Gram route: the
+    eigendecomposition of its smaller Gram matrix (K^T K = B diag(s^2) B^T for a tall K) gives
+    s and B, and the factor on the long side is K times a small matrix (K B diag(s^{1/N - 1}),
+    rotated), one product, so that the left singular vectors A = K B diag(1/s) are never formed.
+    The Gram matrix is formed in float64, whose eigenvalues are then off by at most about
+    rows * cols * eps * s_max^2; the route is taken only when every s^2 exceeds twice that, so
+    every s is far above `numerical_rank`'s tolerance, the rank is min(rows, cols) as the SVD
+    would give, and the product of the factors is K B B^T = K up to rounding. Any other kernel
+    (ill-conditioned, rank-deficient, zero, non-finite) takes `np.linalg.svd` in float64. The two
+    routes agree up to rounding and the signs of singular vector pairs, which the hidden-space
+    rotations absorb.
+
+    Args:
+        kernel: array of shape (inputs, units).
+        hidden_units: sequence of depth - 1 >= 1 positive ints, the hidden widths.
+        rotation_seed: int or None, seeds the hidden-space rotations.
+        dtype: the dtype of the returned factors. The product on the long side is taken in it.
+
+    Returns:
+        (a list of depth arrays of `dtype`, input side first; the rank of `kernel`).
+    """
+    matrix = np.asarray(kernel, dtype=np.float64)
+    if matrix.ndim != 2 or not len(hidden_units):
+        raise ValueError(f"`kernel` must be 2-D and `hidden_units` non-empty, got {matrix.shape} and {hidden_units!r}.")
+    dtype = np.dtype(dtype)
+    spectrum = _gram_spectrum(matrix)
+    if spectrum is None:
+        svd = np.linalg.svd(matrix, full_matrices=False)
+        factors = balanced_factors_from_svd(svd, hidden_units, rotation_seed)
+        return [f.astype(dtype, copy=False) for f in factors], numerical_rank(svd[1], matrix.shape)
+    singular_values, vectors = spectrum
+    scaled = vectors / singular_values
+    long_side = matrix.astype(dtype, copy=False)
+    if matrix.shape[0] >= matrix.shape[1]:
+        # K = (K B S^-1) S B^T: the factors of the n x n "kernel" (B S^-1) S B^T, then K times the first.
+        factors = balanced_factors_from_svd((scaled, singular_values, vectors.T), hidden_units, rotation_seed)
+        factors = [f.astype(dtype, copy=False) for f in factors]
+        factors[0] = long_side @ factors[0]
+    else:
+        # K = A S (S^-1 A^T K): the factors of A S (S^-1 A^T), then the last times K.
+        factors = balanced_factors_from_svd((vectors, singular_values, scaled.T), hidden_units, rotation_seed)
+        factors = [f.astype(dtype, copy=False) for f in factors]
+        factors[-1] = factors[-1] @ long_side
+    return factors, len(singular_values)
+
+
+def _gram_spectrum(matrix):
+    """(s descending, the smaller side's singular vectors as columns) of a float64 matrix from
+    its smaller Gram matrix, or None where its eigenvalues cannot be trusted to resolve every s
+    (see `balanced_chain`)."""
+    rows, cols = matrix.shape
+    if not matrix.size or not np.all(np.isfinite(matrix)):
+        return None
+    gram = matrix.T @ matrix if rows >= cols else matrix @ matrix.T
+    eigenvalues, vectors = np.linalg.eigh(gram)  # ascending
+    error = rows * cols * np.finfo(np.float64).eps * eigenvalues[-1]
+    if not eigenvalues[-1] > 0 or not eigenvalues[0] > 2.0 * error:
+        return None
+    return np.sqrt(eigenvalues[::-1]), vectors[:, ::-1]
 
 
 def numerical_rank(singular_values, shape):

@@ -5,11 +5,10 @@ import dataclasses
 import warnings
 
 import keras
-import numpy as np
 
 from tf_overparam import initializers as chain_initializers
 from tf_overparam._keras_compat import Functional
-from tf_overparam.chain import balanced_factors_from_svd, numerical_rank
+from tf_overparam.chain import balanced_chain
 from tf_overparam.layers import registry
 from tf_overparam.validation import check_depth
 
@@ -217,19 +216,20 @@ def _assign_balanced(old, new, seed):
             f"chain of factors shaped {[tuple(f.shape) for f in new.factors]}."
         )
     widths = [int(f.shape[1]) for f in new.factors[:-1]]
-    kernel = np.asarray(keras.ops.convert_to_numpy(registry.kernel_matrix(old.kernel)), dtype=np.float64)
+    kernel = keras.ops.convert_to_numpy(registry.kernel_matrix(old.kernel))
+    dtype = keras.backend.standardize_dtype(new.factors[0].dtype)
     if not widths:  # depth 1: the kernel itself
-        new.factors[0].assign(kernel.astype(new.factors[0].dtype))
+        new.factors[0].assign(kernel.astype(dtype))
         return
-    svd = np.linalg.svd(kernel, full_matrices=False)  # one SVD: the rank check and the factors
-    rank = numerical_rank(svd[1], kernel.shape)
+    # One decomposition gives both the rank check and the factors.
+    factors, rank = balanced_chain(kernel, widths, rotation_seed=seed, dtype=dtype)
     if min(widths) < rank:
         raise ValueError(
             f"`hidden_units` {widths} of layer {old.name!r} are narrower than the rank "
             f"{rank} of its kernel, so `preserve_function=True` cannot hold it; use wider hidden layers."
         )
-    for variable, value in zip(new.factors, balanced_factors_from_svd(svd, widths, rotation_seed=seed)):
-        variable.assign(value.astype(variable.dtype))
+    for variable, value in zip(new.factors, factors):
+        variable.assign(value)
 
 
 def _convert_model(model, convert, copy):
@@ -240,7 +240,19 @@ def _convert_model(model, convert, copy):
         )
     if not model.built:
         raise ValueError("`model` must be built (call it on data or give it an Input) before conversion.")
-    new_model = keras.models.clone_model(model, clone_function=convert, recursive=True)
+    # `clone_model` compiles the clone of a compiled model as the source and builds its optimizer
+    # on the new variables then, before any weight is copied: an optimizer that reads the weights
+    # when it is built (`EndToEnd` checks for zero kernels) would see the new layers' initial
+    # values, and one selected from the source model would not fit the converted one. The
+    # conversions return uncompiled models, so the source counts as uncompiled while it is cloned.
+    compiled = [m for m in (model, *model._flatten_layers(include_self=False)) if getattr(m, "compiled", False)]
+    for m in compiled:
+        m.compiled = False
+    try:
+        new_model = keras.models.clone_model(model, clone_function=convert, recursive=True)
+    finally:
+        for m in compiled:
+            m.compiled = True
     _copy_weights(model, new_model, copy)
     return new_model
 

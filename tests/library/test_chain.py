@@ -140,3 +140,48 @@ def test_numerical_rank_agrees_with_numpy_matrix_rank():
         matrix = rng.normal(size=(rows, rank)) @ rng.normal(size=(rank, cols))
         singular_values = np.linalg.svd(matrix, compute_uv=False)
         assert chain.numerical_rank(singular_values, matrix.shape) == np.linalg.matrix_rank(matrix) == rank
+
+
+def _kernel(rows, cols, singular_values, seed):
+    """A rows x cols matrix with these singular values (NumPy: random orthonormal bases)."""
+    rng = np.random.default_rng(seed)
+    rank = len(singular_values)
+    left = np.linalg.qr(rng.normal(size=(rows, rank)))[0]
+    right = np.linalg.qr(rng.normal(size=(cols, rank)))[0]
+    return (left * singular_values) @ right.T
+
+
+@pytest.mark.parametrize(
+    "rows, cols, singular_values, gram_route",
+    [
+        (40, 12, np.linspace(2.0, 0.2, 12), True),  # well-conditioned, tall
+        (12, 40, np.linspace(2.0, 0.2, 12), True),  # well-conditioned, wide
+        (30, 9, np.geomspace(1.0, 1e-9, 9), False),  # ill-conditioned, full rank
+        (9, 30, np.linspace(3.0, 1.0, 4), False),  # rank 4
+    ],
+)
+def test_balanced_chain_holds_the_kernel_and_gives_numpys_rank_by_either_route(rows, cols, singular_values, gram_route):
+    kernel = _kernel(rows, cols, singular_values, seed=rows + cols)
+    rank = np.linalg.matrix_rank(kernel)
+    assert rank == len(singular_values)
+    # The Gram route is taken only where its eigenvalues resolve every singular value.
+    assert (chain._gram_spectrum(kernel) is not None) == gram_route
+    for hidden in ([rank], [rank + 3, rank + 1]):
+        factors, found_rank = chain.balanced_chain(kernel, hidden, rotation_seed=3)
+        assert found_rank == rank
+        assert [f.shape for f in factors] == chain.chain_shapes(rows, hidden, cols)
+        product = factors[0]
+        for factor in factors[1:]:
+            product = product @ factor
+        np.testing.assert_allclose(product, kernel, atol=1e-13)
+        # Balanced: F_{j+1} F_{j+1}^T = F_j^T F_j, and the NumPy SVD route gives the same Gram matrices.
+        reference = chain.balanced_factors(kernel, hidden, rotation_seed=3)
+        for j in range(len(factors) - 1):
+            np.testing.assert_allclose(factors[j + 1] @ factors[j + 1].T, factors[j].T @ factors[j], atol=1e-12)
+        np.testing.assert_allclose(
+            np.linalg.eigvalsh(factors[0].T @ factors[0]), np.linalg.eigvalsh(reference[0].T @ reference[0]), atol=1e-12
+        )
+    # float32 factors: the product taken in float32 holds the kernel to float32 rounding.
+    factors, _ = chain.balanced_chain(kernel.astype(np.float32), [rank + 2], rotation_seed=0, dtype="float32")
+    assert all(f.dtype == np.float32 for f in factors)
+    np.testing.assert_allclose(factors[0] @ factors[1], kernel, atol=1e-5)

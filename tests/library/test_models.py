@@ -1,6 +1,7 @@
 """Tests for `overparameterize` and `collapse` (tf_overparam/conversion.py)."""
 
 import functools
+import warnings
 
 import keras
 import numpy as np
@@ -154,6 +155,34 @@ def test_collapse_of_a_trained_overparameterized_model_keeps_outputs(float64):
     np.testing.assert_allclose(_predict(flat, x), _predict(model, x), rtol=1e-10, atol=1e-10)
     # Parameter count drops to the plain architecture's.
     assert flat.count_params() == (4 * 3 + 3) + (3 * 2 + 2)
+
+
+def test_conversions_of_a_model_compiled_with_end_to_end_are_silent_uncompiled_and_keep_outputs():
+    # The clone is not compiled: `EndToEnd` built on it before the weights were copied would warn
+    # about its zero kernels, and its kernels read from the source would not fit the new model.
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(16, 4)).astype("float32"), rng.normal(size=(16, 2)).astype("float32")
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(5, activation="tanh"), to.OverparamDense(2, depth=2)]
+    )
+    model.compile(to.optimizers.EndToEnd(keras.optimizers.SGD(0.1), model=model), loss="mse")
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    with warnings.catch_warnings():
+        # UserWarning (the library's warnings): NumPy's DeprecationWarning about JAX arrays'
+        # `__array__` in Keras' `set_weights` is not this library's.
+        warnings.simplefilter("error", UserWarning)
+        flat = to.collapse(model)
+    assert model.compiled and not flat.compiled
+    assert [type(layer) for layer in flat.layers] == [keras.layers.Dense, keras.layers.Dense]
+    np.testing.assert_allclose(_predict(flat, x), _predict(model, x), rtol=1e-5, atol=1e-6)
+    # And back: the plain model trained with EndToEnd, then overparameterized.
+    flat.compile(to.optimizers.EndToEnd(keras.optimizers.SGD(0.1), model=flat), loss="mse")
+    flat.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        deep = to.overparameterize(flat, depth=3, preserve_function=True)
+    assert not deep.compiled
+    np.testing.assert_allclose(_predict(deep, x), _predict(flat, x), rtol=1e-4, atol=1e-5)
 
 
 def test_overparameterize_without_preserving_draws_new_chains_and_copies_the_rest():
