@@ -19,7 +19,17 @@ from experiments.common.run_folder import replace_atomic
 
 CHECKPOINT = "checkpoint.npz"
 GRIDS = "grids"
-_GRID_FIELDS = ("learning_rates", "seeds", "iterations", "losses", "diverged_at", "kernels")
+# The sharpness trace is optional: a grid file without its two fields loads with `GridResult` defaults.
+_GRID_FIELDS = (
+    "learning_rates",
+    "seeds",
+    "iterations",
+    "losses",
+    "diverged_at",
+    "kernels",
+    "sharpness_iterations",
+    "sharpness",
+)
 
 
 class Checkpoint(typing.NamedTuple):
@@ -79,9 +89,12 @@ def save_grid(run_dir, name, result):
 
 
 def load_grid(run_dir, name, grid_class):
-    """A finished configuration's `GridResult` (as `grid_class`), or None if not finished."""
+    """A finished configuration's `GridResult` (as `grid_class`), or None if not finished; the
+    fields a file written by an older version lacks take `grid_class`'s defaults."""
     path = _grid_path(run_dir, name)
-    return grid_class(**_load_npz(path)) if path.exists() else None
+    if not path.exists():
+        return None
+    return grid_class(**{k: v for k, v in _load_npz(path).items() if k in _GRID_FIELDS})
 
 
 def config_difference(saved, current, ignore=()):

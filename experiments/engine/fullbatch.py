@@ -21,12 +21,14 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from experiments.engine import sharpness as batched_sharpness
 from experiments.engine import update_rules
 from experiments.engine.update_rules import OPTIMIZERS
 from tf_overparam.chain import chain_gradients, chain_product, check_depth, resolve_hidden_units
 from tf_overparam.initializers import initialize_chain, seeded
 from tf_overparam.losses import check_p, lp_loss_slope, lp_loss_values
 from tf_overparam.preconditioning import end_to_end_direction
+from tf_overparam.validation import check_positive_int
 
 UNROLL = 4  # steps per iteration of the compiled loop: fewer loop round trips, short traces
 UPDATES = ("chain", "end_to_end")
@@ -73,6 +75,8 @@ class GridResult:
 
     `losses[t, g]` is grid point g's full-batch loss after `iterations[t]` steps (NaN once it
     diverged); `diverged_at[g]` is the iteration at which it diverged, or -1.
+    `sharpness[s, g]` is grid point g's `FullBatchTrainer.sharpness()` after
+    `sharpness_iterations[s]` steps (NaN where diverged); none by default, shape (0, grid).
     """
 
     learning_rates: np.ndarray
@@ -81,6 +85,14 @@ class GridResult:
     losses: np.ndarray
     diverged_at: np.ndarray
     kernels: np.ndarray
+    sharpness_iterations: np.ndarray = None
+    sharpness: np.ndarray = None
+
+    def __post_init__(self):
+        if self.sharpness_iterations is None:
+            self.sharpness_iterations = np.zeros(0, dtype=np.int64)
+        if self.sharpness is None or np.size(self.sharpness) == 0:
+            self.sharpness = np.zeros((0, np.size(self.learning_rates)))
 
 
 def log_schedule(iterations, points=400):
@@ -88,6 +100,16 @@ def log_schedule(iterations, points=400):
     geometric = np.unique(np.round(np.geomspace(1, iterations, points // 2)).astype(np.int64))
     linear = np.linspace(0, iterations, points // 2 + 1).astype(np.int64)
     return np.unique(np.concatenate([[0], geometric, linear]))
+
+
+def sharpness_schedule(schedule, every):
+    """The iterations of `schedule` at which to compute the sharpness: every `every`-th one from
+    the first, and the last. Computed from the whole schedule, it names the same iterations
+    for a run resumed with the rest of it (`FullBatchTrainer.run(sharpness_at=...)`)."""
+    if isinstance(every, bool) or not isinstance(every, int | np.integer) or every < 1:
+        raise ValueError(f"`sharpness_every` must be a positive int, got {every!r}.")
+    schedule = np.asarray(schedule, dtype=np.int64)
+    return np.unique(np.concatenate([schedule[::every], schedule[-1:]]))
 
 
 class FullBatchTrainer:
@@ -137,6 +159,8 @@ class FullBatchTrainer:
         self._diverged_at = tf.Variable(-tf.ones(self.grid, dtype=tf.int64))
         self.divergence_bound = tf.constant(blowup * self.loss().numpy(), dtype=self.dtype)
         self._run_chunk = tf.function(self._chunk)
+        self._hessian_product = None  # compiled at the first `sharpness()`
+        self.last_sharpness = None
 
     def _make_slots(self, factor):
         return tuple(tf.Variable(value) for value in update_rules.initial_slots(self.spec.optimizer, factor))
@@ -170,15 +194,21 @@ class FullBatchTrainer:
         """Current full-batch loss of every grid point, (grid,), as `LpLoss` computes it."""
         return self._grid_mean(lp_loss_values(self._residuals(self.kernel()), self.spec.p))
 
-    def _gradients(self, factors):
-        """Losses and factor gradients, by hand: two matmuls with the data for the end-to-end
-        gradient, then eq. 14 along the chain (fewer ops than autodiff in this hot loop)."""
+    def _loss_gradients(self, factors):
+        """Losses and the loss's gradients with respect to `factors`, by hand: two matmuls with
+        the data for the end-to-end gradient, then eq. 14 along the chain (fewer ops than
+        autodiff in this hot loop)."""
         p = self.spec.p
         residual = self._residuals(chain_product(factors))
         losses = self._grid_mean(lp_loss_values(residual, p))
         slope = lp_loss_slope(residual, p)
         kernel_gradient = self._from_rows(tf.matmul(slope, self._x_mean, transpose_a=True))
-        gradients = chain_gradients(factors, kernel_gradient)
+        return losses, chain_gradients(factors, kernel_gradient)
+
+    def _gradients(self, factors):
+        """Losses and the update directions: the loss's gradients, moved by eq. 24 for the
+        end-to-end rule, plus the weight decay."""
+        losses, gradients = self._loss_gradients(factors)
         decay = self.spec.weight_decay
         if self.spec.update == "end_to_end":
             direction = end_to_end_direction(factors[0], gradients[0], self.spec.depth)
@@ -237,20 +267,53 @@ class FullBatchTrainer:
     def iteration(self):
         return int(self._step_count.numpy())
 
-    def run(self, iterations, schedule=None, on_log=None):
+    def sharpness(self, iterations=20, seed=0):
+        """Every grid point's sharpness: the largest eigenvalue of the Hessian of its loss (the
+        one `loss()` reports, without weight decay, which adds lambda to every eigenvalue of a
+        chain) with respect to what it trains: all factors of its chain, or for "end_to_end" the
+        end-to-end matrix. For eq. 24 that is the plain Hessian, not the preconditioned one, so
+        2 / rate is not its stability bound; for GD on a chain, rate x sharpness < 2 is (the edge
+        of stability, Cohen et al., ICLR 2021). Batched Lanczos with full reorthogonalisation
+        (`experiments.engine.sharpness`): at most `iterations` Hessian-vector products for the
+        whole grid, no more than the dimension (exact then). Returns float64 (grid,), NaN where
+        a grid point diverged."""
+        iterations, seed = check_positive_int(iterations, "iterations"), check_positive_int(seed, "seed", minimum=0)
+        if self._hessian_product is None:
+            self._hessian_product = batched_sharpness.batched_hessian_product(
+                lambda factors: self._loss_gradients(factors)[1], self.factors
+            )
+        dimension = sum(math.prod(f.shape[1:]) for f in self.factors)
+        values = batched_sharpness.top_eigenvalues(self._hessian_product, self.grid, dimension, iterations, seed)
+        diverged = np.isnan(self._reported(self.loss(), self._diverged_at).numpy())
+        return np.where(diverged, np.nan, values)
+
+    def run(self, iterations, schedule=None, on_log=None, sharpness_every=None, sharpness_at=None):
         """Trains for `iterations` steps, logging at `schedule` (default `log_schedule`).
 
         `on_log(trainer, iteration, losses)` is called at each logged iteration (for progress
-        bars and TensorBoard). Returns a `GridResult`.
+        bars and TensorBoard). The sharpness (`sharpness()`) is computed at the logged
+        iterations in `sharpness_at`, or at every `sharpness_every`-th of `schedule` and its
+        last (`sharpness_schedule`; a resumed run passes `sharpness_at` computed from the whole
+        schedule); `last_sharpness` holds it during that log's `on_log`, else None.
+        Returns a `GridResult`.
         """
         schedule = log_schedule(iterations) if schedule is None else np.asarray(schedule)
-        logged = []
+        if sharpness_every is not None and sharpness_at is not None:
+            raise ValueError("Give `sharpness_every` or `sharpness_at`, not both.")
+        if sharpness_every is not None:
+            sharpness_at = sharpness_schedule(schedule, sharpness_every)
+        sharpness_at = set() if sharpness_at is None else {int(i) for i in np.ravel(sharpness_at)}
+        logged, sharp_iterations, sharp_values = [], [], []
         for target in schedule:
             if target > self.iteration:
                 losses = self.advance(int(target) - self.iteration)
             else:
                 losses = self._reported(self.loss(), self._diverged_at).numpy()
             logged.append(losses)
+            self.last_sharpness = self.sharpness() if int(target) in sharpness_at else None
+            if self.last_sharpness is not None:
+                sharp_iterations.append(int(target))
+                sharp_values.append(self.last_sharpness)
             if on_log is not None:
                 on_log(self, int(target), losses)
         return GridResult(
@@ -260,6 +323,8 @@ class FullBatchTrainer:
             losses=np.asarray(logged, dtype=np.float64),
             diverged_at=self._diverged_at.numpy(),
             kernels=self.kernel().numpy(),
+            sharpness_iterations=np.asarray(sharp_iterations, dtype=np.int64),
+            sharpness=np.asarray(sharp_values, dtype=np.float64).reshape(-1, self.grid),
         )
 
     # ------------------------------------------------------------------ checkpoint state
