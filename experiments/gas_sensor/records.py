@@ -9,7 +9,7 @@ import numpy as np
 from experiments import stability
 from experiments.common import rates as rate_rules
 from experiments.common.cli import lazy_import
-from experiments.gas_sensor import plan, stages
+from experiments.gas_sensor import plan, sensitivity, stages
 
 fullbatch = lazy_import("experiments.engine.fullbatch")
 initializers = lazy_import("tf_overparam.initializers")
@@ -106,10 +106,6 @@ def sensitivity_section(run_dir, config, views, results, summaries):
         if name in results and summaries.get(name, {}).get("best_learning_rate") is not None
     }
     if baseline is None or not others:
-        return None
-    try:
-        from experiments.gas_sensor import sensitivity
-    except ImportError:  # the table's module is not in this checkout
         return None
     table = sensitivity.sensitivity_table(baseline.raw, others, baseline.failures or None)
     sensitivity.plot_sensitivity(run_dir / "sensitivity.png", table, config.is_quick)

@@ -12,6 +12,7 @@ from experiments.common.cli import format_seconds, lazy_import
 from experiments.common.run_folder import write_json_atomic
 from experiments.gas_sensor import stages
 from experiments.gas_sensor.plan import TARGET_FACTORS
+from experiments.gas_sensor.sensitivity import stays_below_from
 
 keras = lazy_import("keras")
 
@@ -177,12 +178,9 @@ def preprocessing_shapes(results, summaries):
             continue
         shallow_curve = best_band(results[name], summaries[name])[0]
         deep_curve = best_band(results[deep], summaries[deep])[0]
-        iterations = results[name].iterations
-        above = np.flatnonzero(~(deep_curve < shallow_curve))
-        start = 0 if above.size == 0 else above[-1] + 1
         shapes[name.split("/")[1]] = {
             "final_ratio_depth1_over_depth2": float(shallow_curve[-1] / deep_curve[-1]),
-            "depth2_below_from": int(iterations[start]) if start < len(iterations) else None,
+            "depth2_below_from": stays_below_from(results[name].iterations, deep_curve, shallow_curve),
         }
     return shapes
 
