@@ -32,18 +32,44 @@ class GridTask:
     seeds: tuple
     schedule: np.ndarray
     diagnostics_every: int = 1
+    early_seeds: tuple = ()  # the early screen (`early_screen`), before the run; none if empty
+    early_iterations: int = 0
+    sharpness_every: int = None  # the sharpness at every n-th log (engines that compute it)
 
 
 @dataclasses.dataclass
 class GridOutcome:
     """What a task returns: its `experiments.engine.fullbatch.GridResult`, the chain at the
-    diagnostic logs (iteration -> `chain_state`) and its wall time."""
+    diagnostic logs (iteration -> `chain_state`), its wall time and its early screen's grid."""
 
     name: str
     result: object
     diagnostics: dict
     seconds: float
     depth: int = 1
+    early: object = None
+
+
+def early_screen(x, y, spec, learning_rates, seeds, iterations):
+    """Every rate x seed for the first `iterations` iterations in one engine run: a `GridResult`
+    logged at 0 and `iterations`, with no kernels (`diverged_at` >= 0: the seed blew up)."""
+    from experiments.engine.fullbatch import FullBatchTrainer
+
+    trainer = FullBatchTrainer(x, y, spec, learning_rates, seeds=seeds)
+    result = trainer.run(iterations, schedule=np.array([0, iterations]))
+    return dataclasses.replace(result, kernels=np.zeros(0))
+
+
+def sharpness_arguments(trainer_class, schedule, every):
+    """`run`'s keyword arguments for the sharpness at every `every`-th log of `schedule`, {} if
+    `every` is None or the engine does not compute it."""
+    import inspect
+
+    from experiments.engine import fullbatch
+
+    if every is None or "sharpness_at" not in inspect.signature(trainer_class.run).parameters:
+        return {}
+    return {"sharpness_at": fullbatch.sharpness_schedule(schedule, every)}
 
 
 def chain_state(trainer):
@@ -66,6 +92,9 @@ def train_grid(task):
     from experiments.engine.fullbatch import FullBatchTrainer  # TensorFlow loads here, not at import (--help)
 
     start = time.perf_counter()
+    early = None
+    if task.early_iterations:
+        early = early_screen(task.x, task.y, task.spec, task.learning_rates, task.early_seeds, task.early_iterations)
     trainer = FullBatchTrainer(task.x, task.y, task.spec, task.learning_rates, seeds=task.seeds)
     diagnostics, calls = {}, [0]
 
@@ -75,13 +104,15 @@ def train_grid(task):
         calls[0] += 1
 
     schedule = np.asarray(task.schedule)
-    result = trainer.run(int(schedule[-1]), schedule=schedule, on_log=on_log)
-    return GridOutcome(task.name, result, diagnostics, time.perf_counter() - start, task.spec.depth)
+    sharpness = sharpness_arguments(FullBatchTrainer, schedule, task.sharpness_every)
+    result = trainer.run(int(schedule[-1]), schedule=schedule, on_log=on_log, **sharpness)
+    return GridOutcome(task.name, result, diagnostics, time.perf_counter() - start, task.spec.depth, early)
 
 
-def write_log_point(writers, learning_rates, iteration, losses, factors=None, depth=1):
-    """Writes one logged iteration to TensorBoard, one writer per grid point: the loss, and
-    with `factors` (a `chain_state`) the chain's summaries (`write_chain_state`). A grid
+def write_log_point(writers, learning_rates, iteration, losses, factors=None, depth=1, sharpness=None):
+    """Writes one logged iteration to TensorBoard, one writer per grid point: the loss, with
+    `factors` (a `chain_state`) the chain's summaries (`write_chain_state`), and with
+    `sharpness` (per grid point) the rate x sharpness `lr_x_sharpness` (stable below 2). A grid
     point whose loss is not finite (diverged) is skipped."""
     import tensorflow as tf
 
@@ -90,6 +121,8 @@ def write_log_point(writers, learning_rates, iteration, losses, factors=None, de
             continue
         with writer.as_default(step=int(iteration)):
             tf.summary.scalar("loss", losses[g])
+            if sharpness is not None and math.isfinite(sharpness[g]):
+                tf.summary.scalar("lr_x_sharpness", float(learning_rates[g]) * float(sharpness[g]))
             if factors is not None:
                 write_chain_state([f[g] for f in factors], int(iteration), float(learning_rates[g]), depth)
 
@@ -104,12 +137,16 @@ def tensorboard_writers(root, name, learning_rates, seeds):
     ]
 
 
-def write_tensorboard(root, outcome):
+def write_tensorboard(root, outcome, folder=None):
     """Writes a finished task's logs (`write_log_point` at each logged iteration), as the
-    driver does after a Ray task."""
+    driver does after a Ray task, under root/`folder` (default the task's name)."""
     result = outcome.result
-    writers = tensorboard_writers(root, outcome.name, result.learning_rates, result.seeds)
+    writers = tensorboard_writers(root, folder or outcome.name, result.learning_rates, result.seeds)
+    sharp_iterations = [int(i) for i in getattr(result, "sharpness_iterations", ())]
     for t, iteration in enumerate(result.iterations):
+        sharpness = None
+        if int(iteration) in sharp_iterations:
+            sharpness = result.sharpness[sharp_iterations.index(int(iteration))]
         write_log_point(
             writers,
             result.learning_rates,
@@ -117,6 +154,7 @@ def write_tensorboard(root, outcome):
             result.losses[t],
             outcome.diagnostics.get(int(iteration)),
             outcome.depth,
+            sharpness,
         )
     for writer in writers:
         writer.close()

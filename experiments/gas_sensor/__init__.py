@@ -12,23 +12,32 @@ Figures (Arora, Cohen & Hazan 2018, Section 8 and the authors' blog):
               `experiments.data.gas_sensor.PREPROCESSINGS`, without and with a bias feature.
 
 All runs are full-batch, no bias (features and target are z-scored), and train every point of
-the learning-rate grid together (`experiments.engine.fullbatch`). Each configuration runs in two
-stages, one after the other:
+the learning-rate grid together (`experiments.engine.fullbatch`). Each configuration runs in
+stages (`experiments.gas_sensor.stages`), each one after the last:
 1. screen: the coarse log grid (`grid_points` rates), seed 0, for `screen_fraction` of the
    horizon (default all of it: a deep chain's effective rate grows with its end-to-end norm,
-   eq. 27, so a rate stable early can diverge late); its best rate is the fastest to the
-   hardest target it reaches, else the unflagged one with the lowest final loss;
-2. final: that rate and `refine_points` log-even rates inside each interval to its grid
-   neighbours (one grid step beyond an edge), with every seed (`headline_seeds` for the
-   headline configurations, `seeds` for the rest), for the whole horizon.
+   eq. 27, so a rate stable early can diverge late);
+2. final: the screen's best rate and `refine_points` log-even rates inside each interval to its
+   grid neighbours (one grid step beyond an edge), with every seed (`headline_seeds` for the
+   headline configurations, `seeds` for the rest), for the whole horizon;
+3. below: only if every final rate is flagged, a round one coarse grid step below;
+4. edge: for the headline configurations, rounds of 3 rates bisecting the stability edge until
+   it is known to 2%; then the sensitivity of the headline to depth 1's rate (l4 GD depth 1 at
+   6 rates from 0.002 to its edge).
+Every stage also runs an early screen: its rates x 200 seeds for 300 iterations. A rate that
+blows up early for at least 5% of the draws is flagged; below that, a seed of a full run that
+blew up early is that seed's failure, left out of the medians and listed in results.json.
 The headline configurations run first, l4 GD depth 1 first of all (every target and speedup
-is measured against it). After each configuration, results.json, its TensorBoard runs and the
-figures that hold it are written, so the first figure exists within minutes.
+is measured against it). After a configuration's final stage, and once it is done, results.json,
+its TensorBoard runs and the figures that hold it are written.
 
-Per target, the best rate is the one with the smallest median over seeds of the sustained
-iterations-to-target (`experiments.common.curves`), among rates none of whose seeds is flagged
-(diverged, stalled above its best, oscillating). Speedups are ratios of medians, with the range
-of the per-seed ratios.
+A best rate is chosen among the unflagged rates whose median final losses lie within 1% of the
+lowest: the one fastest to the hardest target reached (targets: multiples of l4 GD depth 1's
+best final loss; its own screen, before any target exists, takes the lowest final loss), and
+for a headline configuration only up to its stability edge. Per target, the best rate is the
+one with the smallest median over seeds of the sustained iterations-to-target
+(`experiments.common.curves`). Speedups are ratios of medians, with the range of the per-seed
+ratios.
 
 The run folder (`--out`, default runs/gas_sensor/<UTC time>) holds config.json (with the data
 files' sha256), sessions.json and results.json (the wall time of every session and their sum),

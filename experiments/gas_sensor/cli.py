@@ -40,8 +40,9 @@ def build_parser():
     parser.add_argument(
         "--iterations",
         type=int,
-        help="full-batch iterations per run (default 1e6: all figures take about 2 hours in-process by the "
-        "cost model, about 1 hour with --workers 2 on 2 CPU cores)",
+        help="full-batch iterations per run (default 1e6: all figures, with the early screens, the headline's "
+        "stability edges and its sensitivity stage, take about 2.6 hours in-process by the cost model, about 1.3 "
+        "hours with --workers 2 on 2 CPU cores)",
     )
     parser.add_argument(
         "--seeds",
@@ -142,8 +143,9 @@ def header(config, runs, executor, estimate):
     return (
         f"{len(runs)} configurations x {config.iterations:,} iterations: screen {config.grid_points} rates x 1 seed "
         f"x {config.screen_fraction:g} of the horizon, then {plan.final_rate_count(config)} rates x "
-        f"{len(config.seeds)} seeds ({len(config.headline_seeds)} for {', '.join(HEADLINE)}); running "
-        f"{executor.description}; estimated time {format_seconds(estimate)}"
+        f"{len(config.seeds)} seeds ({len(config.headline_seeds)} for {', '.join(HEADLINE)}, then their stability "
+        f"edges); every stage's rates also x {config.screen_seeds} seeds x {config.early_iterations} iterations "
+        f"for early blow-ups; running {executor.description}; estimated time {format_seconds(estimate)}"
     )
 
 

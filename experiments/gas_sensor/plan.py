@@ -1,6 +1,6 @@
-"""The protocol: what a gas sensor run trains (`Config`, the configurations of each figure), in
-which stages (the rate screen, then the final stage around its best rate), in which order, and
-what it costs (the cost model behind the time estimate and the progress bar)."""
+"""The protocol: what a gas sensor run trains (`Config`, the configurations of each figure), its
+stages (`Stage`; which stage comes next is `experiments.gas_sensor.stages.next_stage`), in which
+order, and what it costs (the cost model behind the time estimate and the progress bar)."""
 
 import dataclasses
 import math
@@ -9,8 +9,8 @@ import numpy as np
 
 from experiments.common import rates as rate_rules
 from experiments.common.cli import lazy_import, user_errors
-from experiments.common.curves import curve_report
 from experiments.data import gas_sensor as gas_data
+from experiments.stability import LATE_SEEDS, SCREEN_SEEDS
 
 # TensorFlow loads at first use: --help and argument errors return at once.
 initializers = lazy_import("tf_overparam.initializers")
@@ -20,6 +20,16 @@ FIGURES = ("depth", "lr-grid", "optimizers", "init")
 EXTRA_FIGURES = ("preprocessing",)  # run only when asked for
 HEADLINE = ("l4/gd-d1", "l4/gd-d2-w1", "l4/e2e-d2")  # configurations run with `headline_seeds`
 TARGET_FACTORS = (4.0, 2.0, 1.0)  # targets: these multiples of depth-1 GD's best final loss
+# The early screen's horizon. Depth-1 GD on the l4 loss blows up within its first 2-10 iterations
+# where the initial draw's curvature times the rate exceeds 2, and a deep chain's early blow-ups
+# (a draw's first steps overshooting) come as soon; 300 iterations hold them with a margin of 30x
+# and cost 200 seeds x 300 = 6 x 10^4 point-steps, under a tenth of a full run of one point.
+EARLY_ITERATIONS = 300
+# The sensitivity of the headline to depth 1's rate: SENSITIVITY_POINTS log-even rates from
+# SENSITIVITY_LOW (on the z-scored data; moved with the grid elsewhere) to depth 1's edge.
+SENSITIVITY_LOW = 0.002
+SENSITIVITY_POINTS = 6
+EDGE_ROUNDS_PLANNED = 3  # the cost model's edge rounds per headline configuration
 
 # Cost model of one engine step in this process, a + b x grid points, plus a setup cost per
 # stage (tracing), fitted to the stage wall times of a full default run. It is the unit of the
@@ -53,6 +63,12 @@ class Config:
     wide_units: int = 16
     init_stddev: float = 0.01
     log_points: int = 600
+    screen_seeds: int = SCREEN_SEEDS  # seeds of each stage's early screen
+    early_iterations: int = EARLY_ITERATIONS
+    late_seeds: int = LATE_SEEDS  # full-horizon seeds of an edge round
+    sensitivity_points: int = SENSITIVITY_POINTS
+    edge_configurations: tuple = HEADLINE  # whose stability edge is searched
+    edge_points: int = rate_rules.POINTS_PER_ROUND  # rates per round of the edge's bisection
     data_dir: str = None
     out: str = None
 
@@ -69,6 +85,13 @@ class Config:
             log_points=40,
             seeds=(0,),
             headline_seeds=(0, 1, 2),
+            screen_seeds=20,
+            early_iterations=50,
+            late_seeds=3,
+            sensitivity_points=3,
+            # CI scale: one edge (depth 1's, which the sensitivity stage needs) in two rounds.
+            edge_configurations=HEADLINE[:1],
+            edge_points=15,
         )
         return cls(**{**quick, **overrides})
 
@@ -99,23 +122,38 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One engine run of a configuration: the screen (coarse grid, one seed) or the final stage
-    (refined rates, every seed, the whole horizon)."""
+    """One engine run of a configuration, with its early screen (`learning_rates` x
+    `early_seeds` for `early_iterations`): the screen (coarse grid, one seed), the final stage
+    (refined rates, every seed), the round `below` a fully flagged final stage, the rounds
+    `edge` (numbered by `round`) of the stability edge's bisection, or the `sensitivity` of the
+    headline to depth 1's rate; all but the screen over the whole horizon."""
 
     run: RunConfig
     kind: str
     learning_rates: tuple
     seeds: tuple
     iterations: int
+    round: int = 0
+    early_seeds: tuple = ()
+    early_iterations: int = 0
 
     @property
     def name(self):
-        return self.run.name if self.kind == "final" else f"{self.run.name}.screen"
+        """Unique within a run and stable across sessions: the files of its grids are named by it."""
+        if self.kind == "final":
+            return self.run.name
+        return f"{self.run.name}.{self.kind}{self.round if self.kind == 'edge' else ''}"
 
     @property
     def work(self):
-        """The stage's cost by the cost model (`stage_cost`)."""
-        return stage_cost(len(self.learning_rates) * len(self.seeds), self.iterations)
+        """The stage's cost by the cost model (`stage_cost`), early screen included."""
+        return stage_cost(len(self.learning_rates) * len(self.seeds), self.iterations) + self.early_work
+
+    @property
+    def early_work(self):
+        if not self.early_iterations:
+            return 0.0
+        return stage_cost(len(self.learning_rates) * len(self.early_seeds), self.early_iterations)
 
 
 def stage_cost(points, iterations):
@@ -128,10 +166,25 @@ def seeds_for(config, name):
     return config.headline_seeds if name in HEADLINE else config.seeds
 
 
+def make_stage(config, run, kind, rates, seeds, iterations=None, round=0):
+    """A `Stage` of `run` with the early screen of `config` (seeds 0 .. screen_seeds - 1)."""
+    return Stage(
+        run,
+        kind,
+        tuple(float(r) for r in rates),
+        tuple(int(s) for s in seeds),
+        config.iterations if iterations is None else iterations,
+        round=round,
+        early_seeds=tuple(range(config.screen_seeds)),
+        early_iterations=min(config.early_iterations, config.iterations),
+    )
+
+
 def screen_stage(config, run):
     """The screen of a configuration: the coarse grid, seed 0, `screen_fraction` of the horizon."""
-    rates = tuple(config.learning_rates(run.spec, run.rate_shift))
-    return Stage(run, "screen", rates, (config.seeds[0],), max(1, round(config.iterations * config.screen_fraction)))
+    rates = config.learning_rates(run.spec, run.rate_shift)
+    iterations = max(1, round(config.iterations * config.screen_fraction))
+    return make_stage(config, run, "screen", rates, (config.seeds[0],), iterations)
 
 
 def final_rate_count(config):
@@ -140,21 +193,18 @@ def final_rate_count(config):
 
 
 def planned_work(config, run):
-    """The modelled cost of a configuration's two stages, before its screen has run."""
-    screen = screen_stage(config, run)
-    points = final_rate_count(config) * len(seeds_for(config, run.name))
-    return screen.work + stage_cost(points, config.iterations)
-
-
-def final_stage(config, run, screen):
-    """The final stage after `screen` (a `GridResult`): the screen's best rate (unflagged,
-    lowest final loss) and `refine_points` rates on each side of it, with every seed."""
-    reports = [curve_report(screen.iterations, screen.losses[:, g], []) for g in range(screen.losses.shape[1])]
-    coarse = np.unique(screen.learning_rates)
-    best = rate_rules.headline_rate(screen.learning_rates, screen.seeds, reports, screen.losses[-1])
-    best = coarse[0] if best is None else best  # all flagged: refine below the smallest rate
-    rates = np.sort(np.append(rate_rules.refine_around(coarse, best, config.refine_points), best))
-    return Stage(run, "final", tuple(float(r) for r in rates), tuple(seeds_for(config, run.name)), config.iterations)
+    """The modelled cost of a configuration's stages, before its screen has run: the screen,
+    the final stage, EDGE_ROUNDS_PLANNED edge rounds for a headline configuration, and the
+    sensitivity stage for `l4/gd-d1` (a round below a flagged final stage is not planned)."""
+    seeds = seeds_for(config, run.name)
+    work = screen_stage(config, run).work
+    work += make_stage(config, run, "final", range(final_rate_count(config)), seeds).work
+    if run.name in config.edge_configurations:
+        edge = make_stage(config, run, "edge", range(config.edge_points), seeds[: config.late_seeds])
+        work += EDGE_ROUNDS_PLANNED * edge.work
+    if run.name == HEADLINE[0]:
+        work += make_stage(config, run, "sensitivity", range(config.sensitivity_points), seeds).work
+    return work
 
 
 def configurations(config):

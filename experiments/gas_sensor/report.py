@@ -10,7 +10,9 @@ from experiments.common import curves
 from experiments.common import rates as rate_rules
 from experiments.common.cli import format_seconds, lazy_import
 from experiments.common.run_folder import write_json_atomic
+from experiments.gas_sensor import stages
 from experiments.gas_sensor.plan import TARGET_FACTORS
+from experiments.gas_sensor.sensitivity import stays_below_from
 
 keras = lazy_import("keras")
 
@@ -31,15 +33,16 @@ def best_band(result, summary):
     return np.median(losses, axis=1), np.min(losses, axis=1), np.max(losses, axis=1)
 
 
-def summarize(result, targets):
-    """Per-configuration summary of a final stage's `GridResult` under the counting rules of
+def summarize(result, targets, excluded=()):
+    """Per-configuration summary of its full-horizon `GridResult` under the counting rules of
     `experiments.common.curves`: per target the best rate by the median over seeds
-    (`rates.choose_rates`), the configuration's best rate (the one of the hardest target
-    reached, else the unflagged rate with the lowest median final loss), its median final loss
-    and range, and per grid point the flags and recovered spikes."""
-    reports = [
-        curves.curve_report(result.iterations, result.losses[:, g], targets) for g in range(result.losses.shape[1])
-    ]
+    (`rates.choose_rates`), the configuration's best rate (`stages.best_rate`: among the rates
+    whose median final losses are equal within FINAL_LOSS_TOLERANCE, the fastest to the hardest
+    target reached), its median final loss and range, and per grid point the flags and
+    recovered spikes. Rates in `excluded` (unusable by the blow-up rule, or above the stability
+    edge) count as flagged."""
+    excluded = {float(r) for r in excluded}
+    reports = stages.reports(result, targets, excluded)
     finals = result.losses[-1]
     flags = {
         "diverged_at": [r["diverged_at"] for r in reports],
@@ -49,10 +52,11 @@ def summarize(result, targets):
         "oscillating": [r["oscillating"] for r in reports],
     }
     choices = rate_rules.choose_rates(result.learning_rates, result.seeds, reports, len(targets), finals)
-    best = rate_rules.headline_rate(result.learning_rates, result.seeds, reports, finals)
+    best = stages.best_rate(result, targets, excluded)
     if best is None:
         return {
             "diverged": all(r["diverged_at"] is not None for r in reports),
+            "excluded_rates": sorted(excluded),
             "best_learning_rate": None,
             "final_loss": None,
             "iterations_to_target": {},
@@ -64,6 +68,7 @@ def summarize(result, targets):
         "diverged": False,
         "best_learning_rate": float(best),
         "best_on_edge": rate_rules.on_edge(result.learning_rates, best),
+        "excluded_rates": sorted(excluded),
         "final_loss": float(np.median(finals[points])),
         "final_loss_range": [float(finals[points].min()), float(finals[points].max())],
         "spikes_at_best": int(sum(reports[g]["spikes"] for g in points)),
@@ -83,16 +88,25 @@ def grid_table(result):
     }
 
 
-def configuration_record(run, final, screen, seconds):
-    """What results.json holds of one finished configuration before its summary."""
+def configuration_record(run, view, seconds):
+    """What results.json holds of one configuration (`records.configuration_view`) before its
+    summary: its full-horizon grid (final, below and edge rounds, early failures left out),
+    the screen, every stage's rates, seeds and blow-up estimates, the early failures by seed,
+    the unusable rates, the stability edge and the rate x sharpness."""
+    screen = view["screen"]
     return {
         "label": run.label,
         "loss_p": run.spec.p,
         "spec": jsonable(run.spec),
         "data": run.data_key,
         "rate_shift_decades": run.rate_shift,
-        "grid": grid_table(final),
+        "grid": grid_table(view["grid"]),
         "screen": {**grid_table(screen), "iterations": int(screen.iterations[-1])},
+        "stages": view["stages"],
+        "early_failures": view["failures"],
+        "unusable_rates": view["unusable"],
+        "stability_edge": view["edge"],
+        "lr_x_sharpness": view["sharpness"],
         "seconds": seconds,
     }
 
@@ -109,13 +123,15 @@ def target_groups(runs):
     return groups
 
 
-def add_targets_and_ratios(summaries, results, groups):
-    """Shared targets per group (`target_groups`: multiples of its depth-1 GD's best final
-    loss, the lowest median over seeds among its rates with no diverged seed) and every
-    configuration's speedup over that depth 1 per target: the ratio of the medians of the
-    iterations-to-target (each at its own best rate for that target), with the range of the
-    per-seed ratios (common seeds). Returns {group: targets}."""
-    table = {}
+def add_targets_and_ratios(summaries, results, groups, given=None, excluded=None):
+    """Shared targets per group (`target_groups`; `given` {group: targets} where known, as the
+    stage machine ranks with them, `stages.ranking_targets`; else multiples of its depth-1 GD's
+    best final loss, the lowest median over seeds among its rates with no diverged seed) and
+    every configuration's summary (`summarize`, with the rates `excluded[name]`) and speedup
+    over that depth 1 per target: the ratio of the medians of the iterations-to-target (each
+    at its own best rate for that target), with the range of the per-seed ratios (common
+    seeds). Returns {group: targets}."""
+    table, given, excluded = {}, given or {}, excluded or {}
     for group, (baseline, runs) in groups.items():
         runs = [r for r in runs if r.name in results]
         if baseline not in results:
@@ -126,11 +142,13 @@ def add_targets_and_ratios(summaries, results, groups):
             points = points_at(base, rate)
             if all(curves.diverged_at(base.iterations, base.losses[:, g]) is None for g in points):
                 medians.append(float(np.median(base.losses[-1, points])))
-        if not medians:
-            continue
-        targets = [factor * float(min(medians)) for factor in TARGET_FACTORS]
+        targets = given.get(group)
+        if targets is None:
+            if not medians:
+                continue
+            targets = [factor * float(min(medians)) for factor in TARGET_FACTORS]
         for run in runs:
-            summaries[run.name].update(summarize(results[run.name], targets))
+            summaries[run.name].update(summarize(results[run.name], targets, excluded.get(run.name, ())))
         base_targets = summaries[baseline]["per_target"]
         for run in runs:
             own = summaries[run.name]["per_target"]
@@ -160,12 +178,9 @@ def preprocessing_shapes(results, summaries):
             continue
         shallow_curve = best_band(results[name], summaries[name])[0]
         deep_curve = best_band(results[deep], summaries[deep])[0]
-        iterations = results[name].iterations
-        above = np.flatnonzero(~(deep_curve < shallow_curve))
-        start = 0 if above.size == 0 else above[-1] + 1
         shapes[name.split("/")[1]] = {
             "final_ratio_depth1_over_depth2": float(shallow_curve[-1] / deep_curve[-1]),
-            "depth2_below_from": int(iterations[start]) if start < len(iterations) else None,
+            "depth2_below_from": stays_below_from(results[name].iterations, deep_curve, shallow_curve),
         }
     return shapes
 
@@ -183,10 +198,10 @@ def counting_rules():
     return {name.lower(): getattr(curves, name) for name in names}
 
 
-def write_results(path, data, config, summaries, targets, results, sessions):
-    """Writes results.json atomically: the summaries, targets, best curves and rules, and the
-    wall time of every session of the run (`sessions`, list of {"started", "seconds"}) with
-    their sum as `seconds`."""
+def write_results(path, data, config, summaries, targets, results, sessions, extra=None):
+    """Writes results.json atomically: the summaries, targets, best curves and rules, the wall
+    time of every session of the run (`sessions`, list of {"started", "seconds"}) with their
+    sum as `seconds`, and the sections of `extra`."""
     best_curves = {}
     for name, summary in summaries.items():
         if summary.get("best_learning_rate") is not None:
@@ -211,6 +226,7 @@ def write_results(path, data, config, summaries, targets, results, sessions):
             "configurations": summaries,
             "best_curves": best_curves,
             "preprocessing": preprocessing_shapes(results, summaries),
+            **(extra or {}),
         },
     )
 

@@ -1,112 +1,29 @@
-"""Run state and resume: trains the plan configuration by configuration (its screen, then its
-final stage), keeps every finished grid and the checkpoint of the stage in progress in the run
-folder, and after every configuration rewrites results.json and the figures that hold it.
+"""Run state and resume: trains the stages the machine of `experiments.gas_sensor.stages` asks
+for, in run order (in this process one at a time, on Ray one per CPU), keeps every finished grid
+and the checkpoint of the stage in progress in the run folder, and after a configuration's final
+stage and once it is done rewrites results.json and the figures that hold it. A resumed run
+replays the machine from the saved grids.
 
 A run folder holds config.json, sessions.json (the wall time of every session), results.json,
-one PNG per figure, TensorBoard logs (`tensorboard/`), the finished grids (`grids/*.npz`) and
-the engine checkpoint of the stage in progress (`checkpoint.npz`, `experiments.common.runstate`).
+one PNG per figure, TensorBoard logs (`tensorboard/`), the finished grids (`grids/*.npz`), the
+early screens (`early/*.npz`) and the engine checkpoint of the stage in progress
+(`checkpoint.npz`, `experiments.common.runstate`).
 """
 
-import dataclasses
 import datetime
 import json
 import time
 
-import numpy as np
-
 from experiments.common import runstate, sweep
 from experiments.common.cli import check_interrupt, lazy_import
 from experiments.common.run_folder import write_json_atomic
-from experiments.gas_sensor import plan, plots, report
+from experiments.gas_sensor import plan, plots, records, report, stages, training
 from experiments.gas_sensor.progress import Progress
+from experiments.gas_sensor.training import diagnostics_every, train_stage  # noqa: F401 (the runner's names)
 
 fullbatch = lazy_import("experiments.engine.fullbatch")
 
 SESSIONS = "sessions.json"
-
-
-class TensorBoardLogger:
-    """Writes one TensorBoard run per grid point as training goes (`sweep.write_log_point`:
-    the loss and, every `diagnostics_every` logs, the chain's state through
-    `tf_overparam.callbacks.write_chain_summaries`), the events a Ray task's driver writes."""
-
-    def __init__(self, root, name, learning_rates, seeds, diagnostics_every):
-        self.writers = sweep.tensorboard_writers(root, name, learning_rates, seeds)
-        self.learning_rates = learning_rates
-        self.diagnostics_every = diagnostics_every
-        self.calls = 0
-
-    def __call__(self, trainer, iteration, losses):
-        with_diagnostics = self.calls % self.diagnostics_every == 0
-        self.calls += 1
-        factors = sweep.chain_state(trainer) if with_diagnostics else None
-        sweep.write_log_point(self.writers, self.learning_rates, iteration, losses, factors, trainer.spec.depth)
-
-    def close(self):
-        for writer in self.writers:
-            writer.close()
-
-
-def diagnostics_every(schedule):
-    """Diagnostics (SVD, balancedness) at every n-th log point: about 50 per run."""
-    return max(1, len(schedule) // 50)
-
-
-class StageTrainer:
-    """Trains one `Stage` in this process, checkpointing the engine state (atomically) at every
-    log point; only final stages log to TensorBoard. `checkpoint` (a `runstate.Checkpoint` of
-    this stage) continues a half-done one; `on_progress(fraction)` hears each log point."""
-
-    def __init__(self, stage, data, config, run_dir, checkpoint=None, on_progress=None):
-        self.stage, self.run_dir = stage, run_dir
-        self.on_progress = on_progress
-        self.trainer = fullbatch.FullBatchTrainer(data.x, data.y, stage.run.spec, stage.learning_rates, stage.seeds)
-        self.schedule = fullbatch.log_schedule(stage.iterations, config.log_points)
-        self.logger = None
-        if stage.kind == "final":
-            self.logger = TensorBoardLogger(
-                run_dir / "tensorboard",
-                stage.run.name,
-                self.trainer.learning_rates,
-                self.trainer.seeds,
-                diagnostics_every(self.schedule),
-            )
-        self.logged = []
-        if checkpoint is not None:
-            self.trainer.set_state(checkpoint.state)
-            self.logged = list(checkpoint.losses)
-            if self.logger is not None:
-                self.logger.calls = len(self.logged)  # diagnostics where an uninterrupted run has them
-        self.last = self.trainer.iteration
-
-    def _on_log(self, trainer, iteration, losses):
-        self.logged.append(losses)
-        # Checkpoint first: an interruption before TensorBoard's write loses that step rather
-        # than writing it twice on resume.
-        schedule = self.schedule[: len(self.logged)]
-        runstate.save_checkpoint(self.run_dir, self.stage.name, trainer.get_state(), schedule, self.logged)
-        if self.logger is not None:
-            self.logger(trainer, iteration, losses)
-        if self.on_progress is not None:
-            self.on_progress((iteration - self.last) / self.stage.iterations)
-        self.last = iteration
-        check_interrupt()
-
-    def run(self):
-        """Trains to the end; returns the `GridResult` of the whole stage."""
-        try:
-            result = self.trainer.run(
-                self.stage.iterations, schedule=self.schedule[len(self.logged) :], on_log=self._on_log
-            )
-        finally:
-            if self.logger is not None:
-                self.logger.close()
-        return dataclasses.replace(result, iterations=self.schedule, losses=np.asarray(self.logged, np.float64))
-
-
-def train_stage(stage, data, config, run_dir, checkpoint=None, on_progress=None):
-    """`StageTrainer(...).run()`: one stage in this process; returns its `GridResult`."""
-    return StageTrainer(stage, data, config, run_dir, checkpoint, on_progress).run()
 
 
 class GasSensorRun:
@@ -124,22 +41,53 @@ class GasSensorRun:
         self.run_dir, self.config, self.datas = run_dir, config, datas
         self.figures, self.runs = figures, runs
         self.executor = executor or sweep.Executor()
-        self.grids = {}  # stage name -> GridResult, finished
-        self.results, self.summaries, self.targets = {}, {}, {}
+        self.grids, self.earlies = {}, {}  # stage name -> GridResult, finished (full run, early screen)
+        self.results, self.summaries, self.targets, self.views = {}, {}, {}, {}
         self.groups = report.target_groups(runs)
-        self.replanned = set()
+        names = {run.name: run for run in runs}
+        self.groups_by_run = {
+            run.name: names.get(baseline) for baseline, members in self.groups.values() for run in members
+        }
+        self.planned = {run.name: plan.planned_work(config, run) for run in runs}
+        self.spent, self.accounted, self.closed, self.finished, self.stage_seconds = {}, set(), set(), set(), {}
         self.checkpoint = runstate.load_checkpoint(run_dir)
         self.saved_seconds = self._load_saved_seconds()
         self.sessions = self._load_sessions()
         self.session_started = time.monotonic()
         self.sessions.append({"started": datetime.datetime.now(datetime.timezone.utc).isoformat(), "seconds": 0.0})
-        self.progress = Progress(
-            sum(plan.planned_work(config, run) for run in runs),
-            parallel=self.executor.capacity,
-        )
+        self.progress = Progress(sum(self.planned.values()), parallel=self.executor.capacity)
         self._count_finished_work()
 
-    # ------------------------------------------------------------------ what is already done
+    # ------------------------------------------------------------------ the stage machine
+
+    def get(self, name):
+        """A finished stage's `GridResult` (loaded from the run folder once), or None."""
+        if name not in self.grids:
+            grid = runstate.load_grid(self.run_dir, name, fullbatch.GridResult)
+            if grid is None:
+                return None
+            self.grids[name] = grid
+        return self.grids[name]
+
+    def early(self, name):
+        """A stage's early-screen `GridResult`, or None."""
+        if name not in self.earlies:
+            grid = training.load_early(self.run_dir, name)
+            if grid is None:
+                return None
+            self.earlies[name] = grid
+        return self.earlies[name]
+
+    def targets_for(self, run):
+        """The ranking targets of `run`'s group: [] for its baseline or a group without one in
+        this run (the final-loss rule), None while the baseline's final stage is not done."""
+        baseline = self.groups_by_run[run.name]
+        if baseline is None or baseline.name == run.name:
+            return []
+        return stages.ranking_targets(self.config, baseline, self)
+
+    def machine(self, run):
+        return stages.machine(self.config, run, self, self.targets_for(run))
 
     def _load_saved_seconds(self):
         path = self.run_dir / "results.json"
@@ -150,41 +98,46 @@ class GasSensorRun:
         path = self.run_dir / SESSIONS
         return json.loads(path.read_text())["sessions"] if path.exists() else []
 
-    def _grid(self, stage):
-        if stage.name not in self.grids:
-            grid = runstate.load_grid(self.run_dir, stage.name, fullbatch.GridResult)
-            if grid is not None:
-                self.grids[stage.name] = grid
-        return self.grids.get(stage.name)
-
     def _count_finished_work(self):
-        """Puts the work of earlier sessions on the bar: finished stages, and the finished part
-        of the checkpointed one."""
-        done = 0.0
+        """Puts the work of earlier sessions on the bar: the finished stages (replayed by the
+        machine), and the finished part of the checkpointed one."""
         for run in self.runs:
-            screen = plan.screen_stage(self.config, run)
-            screen_grid = self._grid(screen)
-            if screen_grid is None:
-                done += self._checkpointed_work(screen)
-                continue
-            done += screen.work
-            final = plan.final_stage(self.config, run, screen_grid)
-            self._replan(run, final)
-            done += final.work if self._grid(final) is not None else self._checkpointed_work(final)
-        self.progress.done = done
+            state = self.machine(run)
+            for stage in state.finished:
+                self._account(stage)
+                self.progress.done += stage.work
+            if isinstance(state.next, plan.Stage):
+                self._account(state.next)
+                if self.early(state.next.name) is not None:
+                    self.progress.done += state.next.early_work
+                self.progress.done += self._checkpointed_work(state.next)
+            elif state.next is None:
+                self._close_account(run)
 
     def _checkpointed_work(self, stage):
         if self.checkpoint is None or self.checkpoint.name != stage.name:
             return 0.0
-        return stage.work * float(self.checkpoint.iterations[-1]) / stage.iterations
+        return (stage.work - stage.early_work) * float(self.checkpoint.iterations[-1]) / stage.iterations
 
-    def _replan(self, run, final):
-        """Counts `final`'s actual work in place of the planned one (once per configuration)."""
-        if run.name in self.replanned:
+    def _account(self, stage):
+        """Counts `stage`'s work against its configuration's plan; replans once a configuration
+        costs more than planned (a round below, a rate beyond the grid, more edge rounds)."""
+        name = stage.run.name
+        if stage.name in self.accounted:
             return
-        self.replanned.add(run.name)
-        planned = plan.planned_work(self.config, run) - plan.screen_stage(self.config, run).work
-        self.progress.replan(planned, final.work)
+        self.accounted.add(stage.name)
+        self.spent[name] = self.spent.get(name, 0.0) + stage.work
+        if self.spent[name] > self.planned[name]:
+            self.progress.replan(self.planned[name], self.spent[name])
+            self.planned[name] = self.spent[name]
+
+    def _close_account(self, run):
+        """A finished configuration: its plan becomes what it cost."""
+        if run.name in self.closed:
+            return
+        self.closed.add(run.name)
+        self.progress.replan(self.planned[run.name], self.spent.get(run.name, 0.0))
+        self.planned[run.name] = self.spent.get(run.name, 0.0)
 
     def estimate_seconds(self):
         """The time left, as the bar shows it."""
@@ -196,55 +149,91 @@ class GasSensorRun:
         """Trains every stage not yet finished; returns the run folder."""
         self.progress.start()
         try:
-            if self.executor.ray is None:
-                self._train_in_process()
-            else:
-                self._train_on_ray()
+            self._train()
         finally:
             self.progress.close()
             self._save_sessions()
         report.print_summary(self.summaries, self.targets, self.total_seconds())
         return self.run_dir
 
-    def _kept_configurations(self):
-        """Adds the configurations finished in earlier sessions to the results (and writes them
-        once); returns the configurations left."""
-        left = []
+    def _ready(self, busy):
+        """The next stage to start: the first configuration in run order, not in `busy`, with a
+        stage ready (not waiting for its group's targets); None if there is none. Configurations
+        found done are finished on the way."""
         for run in self.runs:
-            screen = self._grid(plan.screen_stage(self.config, run))
-            if screen is not None and self._grid(plan.final_stage(self.config, run, screen)) is not None:
-                self.finish_configuration(run, self.saved_seconds.get(run.name), write=False)
-            else:
-                left.append(run)
+            if run.name in busy or run.name in self.finished:
+                continue
+            stage = self.machine(run).next
+            if stage is None:
+                seconds = self.stage_seconds.get(run.name, self.saved_seconds.get(run.name))
+                self.finish_configuration(run, seconds, done=True)
+            elif stage is not stages.WAIT:
+                return stage
+        return None
+
+    def _train(self):
+        """Stages in run order, a configuration's next one as soon as its previous one is done:
+        in this process one at a time, on Ray up to one per CPU (other configurations' stages
+        fill a CPU while one waits for its group's targets)."""
+        self._finish_kept()
+        if self.executor.ray is None:
+            while (stage := self._ready(())) is not None:
+                self._account(stage)
+                self._train_here(stage)
+            return
+        pending = {}
+        while True:
+            while len(pending) < self.executor.capacity:
+                stage = self._ready({s.run.name for s in pending.values()})
+                if stage is None:
+                    break
+                self._account(stage)
+                task = training.stage_task(stage, self.datas[stage.run.data_key], self.config)
+                pending[self.executor.submit(task)] = stage
+            if not pending:
+                break
+            outcome, handle = self.executor.next_finished(list(pending))
+            stage = pending.pop(handle)
+            self.progress.advance(stage.work)
+            self._record(stage, outcome.result, outcome.early)
+            if stage.kind != "screen":
+                sweep.write_tensorboard(self.run_dir / "tensorboard", outcome, folder=stage.run.name)
+            self._after(stage, outcome.seconds)
+
+    def _finish_kept(self):
+        """Adds the configurations finished or past their final stage in earlier sessions to the
+        results (and writes them once)."""
+        for run in self.runs:
+            state = self.machine(run)
+            if state.parts:
+                self.finish_configuration(run, self.saved_seconds.get(run.name), write=False, done=state.next is None)
         if self.results:
             self.write()
-        return left
 
-    def _train_in_process(self):
-        for run in self._kept_configurations():
-            screen = plan.screen_stage(self.config, run)
-            screen_grid = self._grid(screen)
-            if screen_grid is None:
-                screen_grid = self._train(screen)
-            final = plan.final_stage(self.config, run, screen_grid)
-            self._replan(run, final)
-            start = time.monotonic()
-            self._train(final)
-            self.finish_configuration(run, time.monotonic() - start)
-
-    def _train(self, stage):
+    def _train_here(self, stage):
         self.progress.describe(stage.name)
+        data = self.datas[stage.run.data_key]
+        start = time.monotonic()
+        early = self.early(stage.name)
+        if early is None:
+            early = training.train_early(stage, data)
+            training.save_early(self.run_dir, stage.name, early)
+            self.earlies[stage.name] = early
+            self.progress.advance(stage.early_work)
+            check_interrupt()
         checkpoint = self.checkpoint if self.checkpoint is not None and self.checkpoint.name == stage.name else None
-        work = stage.work
+        work = stage.work - stage.early_work
 
         def advance(fraction):
             self.progress.advance(work * fraction)
 
-        grid = train_stage(stage, self.datas[stage.run.data_key], self.config, self.run_dir, checkpoint, advance)
-        self._record(stage, grid)
-        return grid
+        grid = train_stage(stage, data, self.config, self.run_dir, checkpoint, advance)
+        self._record(stage, grid, early)
+        self._after(stage, time.monotonic() - start)
 
-    def _record(self, stage, grid):
+    def _record(self, stage, grid, early):
+        training.save_early(self.run_dir, stage.name, early)
+        self.earlies[stage.name] = early
         runstate.save_grid(self.run_dir, stage.name, grid)
         self.grids[stage.name] = grid
         if self.checkpoint is None or self.checkpoint.name == stage.name:  # the half-done one is finished
@@ -252,60 +241,30 @@ class GasSensorRun:
             self.checkpoint = None
         self.progress.stage_finished()
 
-    def _task(self, stage):
-        data = self.datas[stage.run.data_key]
-        schedule = fullbatch.log_schedule(stage.iterations, self.config.log_points)
-        return sweep.GridTask(
-            stage.name,
-            data.x,
-            data.y,
-            stage.run.spec,
-            stage.learning_rates,
-            stage.seeds,
-            schedule,
-            diagnostics_every(schedule),
-        )
-
-    def _train_on_ray(self):
-        """Stages as Ray tasks, at most one per CPU at a time; a configuration's final stage
-        is submitted as soon as its screen returns, before any later configuration's screen."""
-        order = {run.name: i for i, run in enumerate(self.runs)}
-        queue = []
-        for run in self._kept_configurations():
-            screen = plan.screen_stage(self.config, run)
-            if self._grid(screen) is None:
-                queue.append(screen)
-            else:
-                final = plan.final_stage(self.config, run, self._grid(screen))
-                self._replan(run, final)
-                queue.append(final)
-        pending = {}
-        while queue or pending:
-            queue.sort(key=lambda s: (s.kind != "final", order[s.run.name]))
-            while queue and len(pending) < self.executor.capacity:
-                stage = queue.pop(0)
-                pending[self.executor.submit(self._task(stage))] = stage
-            outcome, handle = self.executor.next_finished(list(pending))
-            stage = pending.pop(handle)
-            self.progress.advance(stage.work)
-            self._record(stage, outcome.result)
-            if stage.kind == "screen":
-                final = plan.final_stage(self.config, stage.run, outcome.result)
-                self._replan(stage.run, final)
-                queue.append(final)
-            else:
-                sweep.write_tensorboard(self.run_dir / "tensorboard", outcome)
-                self.finish_configuration(stage.run, outcome.seconds)
+    def _after(self, stage, seconds):
+        """After a stage: its configuration's results are written once its final (and below)
+        stage is done, and again when it is done."""
+        name = stage.run.name
+        self.stage_seconds[name] = (self.stage_seconds.get(name, self.saved_seconds.get(name)) or 0.0) + seconds
+        if stage.kind == "screen":
+            return
+        state = self.machine(stage.run)
+        if state.parts and (stage.kind in ("final", "below") or state.next is None):
+            self.finish_configuration(stage.run, self.stage_seconds[name], done=state.next is None)
 
     # ------------------------------------------------------------------ results as they come
 
-    def finish_configuration(self, run, seconds, write=True):
-        """Adds a configuration whose final stage is done to the results; with `write`,
-        rewrites results.json and the figures that hold it."""
-        screen = self.grids[plan.screen_stage(self.config, run).name]
-        final = self.grids[run.name]
-        self.results[run.name] = final
-        self.summaries[run.name] = report.configuration_record(run, final, screen, seconds)
+    def finish_configuration(self, run, seconds, write=True, done=False):
+        """Adds a configuration past its final stage to the results (`done`: all its stages);
+        with `write`, rewrites results.json and the figures that hold it."""
+        state = self.machine(run)
+        view = records.configuration_view(self.config, run, state)
+        self.views[run.name] = view
+        self.results[run.name] = view["grid"]
+        self.summaries[run.name] = report.configuration_record(run, view, seconds)
+        if done:
+            self.finished.add(run.name)
+            self._close_account(run)
         if write:
             self.write(only=run.name)
         check_interrupt()
@@ -320,8 +279,16 @@ class GasSensorRun:
 
     def write(self, only=None):
         """results.json (atomically) and the figures (those holding `only`, else all)."""
-        self.targets = report.add_targets_and_ratios(self.summaries, self.results, self.groups)
+        ranking = {}
+        for group, (baseline, _) in self.groups.items():
+            run = self.groups_by_run.get(baseline)
+            if run is not None and baseline in self.results:
+                ranking[group] = stages.ranking_targets(self.config, run, self)
+        excluded = {name: view["excluded"] for name, view in self.views.items()}
+        self.targets = report.add_targets_and_ratios(self.summaries, self.results, self.groups, ranking, excluded)
         self._save_sessions()
+        sensitivity = records.sensitivity_section(self.run_dir, self.config, self.views, self.results, self.summaries)
+        rerun = records.rerun_info(self.config, self.datas, self.views, report.counting_rules())
         report.write_results(
             self.run_dir / "results.json",
             self.datas["default"],
@@ -330,6 +297,7 @@ class GasSensorRun:
             self.targets,
             self.results,
             self.sessions,
+            extra={"sensitivity": sensitivity, "rerun": rerun},
         )
         plots.plot_figures(self.run_dir, self.config, self.figures, self.results, self.summaries, only=only)
 

@@ -33,10 +33,11 @@ def test_a_target_counts_only_when_the_loss_stays_below_it():
     assert summary["per_target"]["1"]["rate"] == 0.01 and summary["iterations_to_target"] == {"1": 20}
 
 
-def test_best_rate_is_fastest_to_the_hardest_reached_target_and_skips_diverged():
+def test_best_rate_among_equal_finals_is_fastest_to_the_hardest_reached_target_and_skips_diverged():
     # Three rates; the last diverges. Rate 0.1 reaches 1.0 first (iteration 20), rate 0.01
-    # ends lower but only reaches 1.0 at 30: the fastest to the hardest reachable target wins.
-    losses = [[4.0, 4.0, 4.0], [3.0, 2.0, np.nan], [2.0, 0.9, np.nan], [0.8, 0.85, np.nan]]
+    # ends lower by less than FINAL_LOSS_TOLERANCE but only reaches 1.0 at 30: the fastest to
+    # the hardest reachable target wins.
+    losses = [[4.0, 4.0, 4.0], [3.0, 2.0, np.nan], [2.0, 0.9, np.nan], [0.845, 0.85, np.nan]]
     summary = gas_sensor.summarize(_grid(losses, [0.01, 0.1, 1.0]), targets=[2.0, 1.0])
     assert summary["best_learning_rate"] == 0.1
     assert summary["final_loss"] == 0.85
@@ -63,7 +64,11 @@ def test_quick_run_writes_consistent_results(gas_sensor_dir, tmp_path):
         assert screen["iterations"] == round(2000 * gas_sensor.Config.quick().screen_fraction) and set(
             screen["seeds"]
         ) == {0}
-        assert len(set(rates)) in (3, 4)  # the screen's best and one rate on each side (+1 beyond an edge)
+        final_rates = summary["stages"][name]["learning_rates"]
+        assert len(final_rates) in (3, 4)  # the screen's best and one rate on each side (+1 beyond an edge)
+        assert set(final_rates) <= set(rates)
+        for rate, failed in summary["early_failures"].items():  # left out of the grid summarised
+            assert not set(failed) & set(seeds[np.isclose(rates, float(rate), rtol=1e-9)])
         if summary["best_learning_rate"] is None:
             continue
         at_best = finals[rates == summary["best_learning_rate"]]
@@ -78,8 +83,15 @@ def test_quick_run_writes_consistent_results(gas_sensor_dir, tmp_path):
     # own best median final loss, which its median seed reaches (3 seeds).
     baseline = configurations["l4/gd-d1"]
     assert all(r["ratio"] == 1.0 for r in baseline["acceleration_vs_depth1"].values() if r["ratio"] is not None)
+    # The targets come from its final (and below) stage, as they rank the other configurations.
+    ranked = {
+        r for name in ("l4/gd-d1", "l4/gd-d1.below") for r in baseline["stages"].get(name, {}).get("learning_rates", [])
+    }
+    ranked -= set(baseline["unusable_rates"])
     rates, finals = (np.array(baseline["grid"][k], dtype=float) for k in ("learning_rates", "final_losses"))
-    medians = [np.median(finals[rates == r]) for r in np.unique(rates) if np.isfinite(finals[rates == r]).all()]
+    medians = [
+        np.median(finals[rates == r]) for r in ranked if np.isfinite(finals[rates == r]).all() and np.any(rates == r)
+    ]
     assert results["targets"]["l4"][-1] == pytest.approx(min(medians))
     assert baseline["per_target"][f"{results['targets']['l4'][-1]:.6g}"]["rate"] is not None
     for figure in ("depth", "lr_grid", "optimizers", "init"):
@@ -88,6 +100,49 @@ def test_quick_run_writes_consistent_results(gas_sensor_dir, tmp_path):
     assert len(results["sessions"]) == 1 and results["seconds"] == results["sessions"][0]["seconds"] > 0
     events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     assert len(events) >= len(configurations)
+    _check_protocol(run_dir, results, gas_sensor.Config.quick())
+
+
+def _check_protocol(run_dir, results, config):
+    """The blow-up estimates of every stage rate (against the saved early grids), the edges of
+    the headline configurations, the sensitivity stage and the rerun information."""
+    from experiments.gas_sensor import training
+
+    configurations, rerun = results["configurations"], results["rerun"]
+    constants = rerun["constants"]
+    assert constants["blowup_threshold"] == 0.05 and constants["edge_rel_tol"] == 0.02
+    assert (constants["screen_seeds"], constants["early_iterations"]) == (config.screen_seeds, config.early_iterations)
+    assert constants["final_loss_tolerance"] == 0.01 and constants["divergence_bound_factor"] == 1e6
+    for summary in configurations.values():
+        for stage_name, stage in summary["stages"].items():
+            assert rerun["stages"][stage_name]["learning_rates"] == stage["learning_rates"]
+            early = training.load_early(run_dir, stage_name)
+            estimates = stage["early"]["estimates"]
+            assert [e["rate"] for e in estimates] == stage["learning_rates"]
+            for estimate in estimates:
+                points = early.learning_rates == estimate["rate"]
+                assert estimate["seeds"] == np.sum(points) == config.screen_seeds
+                blown = np.sum(early.diverged_at[points] >= 0)
+                assert estimate["probability"] == blown / config.screen_seeds
+                assert (estimate["rate"] in stage["unusable_rates"]) == (blown / config.screen_seeds >= 0.05)
+    assert config.edge_configurations == ("l4/gd-d1",)  # CI scale: one edge, the sensitivity stage's
+    for name in config.edge_configurations:
+        summary = configurations[name]
+        edge = summary["stability_edge"]
+        assert edge["reason"] is not None or edge["unstable"] / edge["stable"] <= 1.02, (name, edge)
+        if edge["stable"] is not None and summary["best_learning_rate"] is not None:
+            assert summary["best_learning_rate"] <= edge["stable"]
+        verdicts = {v["rate"]: v["stable"] for v in edge["verdicts"]}
+        assert edge["reason"] is not None or (verdicts[edge["stable"]] and not verdicts[edge["unstable"]])
+    edge = configurations["l4/gd-d1"]["stability_edge"]
+    sensitivity = configurations["l4/gd-d1"]["stages"].get("l4/gd-d1.sensitivity")
+    if edge["stable"] is not None and edge["stable"] > plan.SENSITIVITY_LOW:
+        assert sensitivity["learning_rates"] == pytest.approx(
+            np.geomspace(plan.SENSITIVITY_LOW, edge["stable"], config.sensitivity_points)
+        )
+        assert sensitivity["seeds"] == list(config.headline_seeds)
+    assert rerun["init_stddev"] == config.init_stddev and rerun["initializer"]["config"]["stddev"] == config.init_stddev
+    assert rerun["rows"] == 1316 and all(len(f["sha256"]) == 64 and f["rows"] > 0 for f in rerun["data_files"].values())
 
 
 def test_bad_cli_arguments_exit_with_a_message(capsys):

@@ -91,28 +91,21 @@ def test_gas_sensor_in_process_stage_writes_what_a_ray_task_driver_writes(tmp_pa
     # The in-process path (train_stage: checkpoints, TensorBoard while training) and the
     # Ray path (a task, then the driver's write_tensorboard) give the same grid and events.
     from experiments import gas_sensor
-    from experiments.gas_sensor import runner
+    from experiments.gas_sensor import plan, runner, training
 
     task = _tasks()[1]
     config = gas_sensor.Config.quick(log_points=20)
     run = gas_sensor.RunConfig("l4/gd-d2-w1", "GD depth 2", task.spec)
-    stage = gas_sensor.Stage(run, "final", task.learning_rates, task.seeds, 300)
+    stage = plan.make_stage(config, run, "final", task.learning_rates, task.seeds, 300)
     data = type("Data", (), {"x": task.x, "y": task.y})
     (tmp_path / "local").mkdir()
     local = runner.train_stage(stage, data, config, tmp_path / "local")
-    schedule = log_schedule(300, 20)
-    task = sweep.GridTask(
-        run.name,
-        task.x,
-        task.y,
-        task.spec,
-        task.learning_rates,
-        task.seeds,
-        schedule,
-        runner.diagnostics_every(schedule),
-    )
+    task = training.stage_task(stage, data, config)
+    assert task.early_seeds == tuple(range(config.screen_seeds)) and task.early_iterations == config.early_iterations
     outcome = sweep.train_grid(task)
-    sweep.write_tensorboard(tmp_path / "task" / "tensorboard", outcome)
+    sweep.write_tensorboard(tmp_path / "task" / "tensorboard", outcome, folder=run.name)
+    early = sweep.early_screen(task.x, task.y, task.spec, task.learning_rates, task.early_seeds, task.early_iterations)
+    np.testing.assert_array_equal(early.diverged_at, outcome.early.diverged_at)
     np.testing.assert_array_equal(local.losses, outcome.result.losses)
     np.testing.assert_array_equal(local.iterations, outcome.result.iterations)
     local_events = _events(tmp_path / "local" / "tensorboard" / "l4")
@@ -141,4 +134,4 @@ def test_gas_sensor_on_ray_gives_the_in_process_results(tmp_path):
         return {k: v for k, v in results.items() if k not in ("seconds", "sessions")}
 
     assert numbers(remote) == numbers(local)
-    assert sorted(p.name for p in remote.glob("*.png")) == ["init.png"]
+    assert sorted(p.name for p in remote.glob("*.png")) == ["init.png", "sensitivity.png"]
