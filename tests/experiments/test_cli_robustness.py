@@ -139,10 +139,11 @@ def test_interrupted_run_resumes_to_the_uninterrupted_results(data_dir, tmp_path
 
     # TensorBoard: every logged step of the interrupted configuration once, none twice.
     schedule = log_schedule(3000, gas_sensor.Config.quick().log_points)
-    losses = np.asarray(got["configurations"][name]["grid"]["final_losses"], dtype=float)
+    configuration = name.split(".")[0]  # the checkpointed stage may be an edge round, "<name>.edge1"
+    losses = np.asarray(got["configurations"][configuration]["grid"]["final_losses"], dtype=float)
     point = int(np.flatnonzero(np.isfinite(losses))[0])
-    rate = got["configurations"][name]["grid"]["learning_rates"][point]
-    steps = tensorboard_steps(interrupted / "tensorboard" / name / f"lr_{rate:.3g}_seed_0", "loss")
+    rate = got["configurations"][configuration]["grid"]["learning_rates"][point]
+    steps = tensorboard_steps(interrupted / "tensorboard" / configuration / f"lr_{rate:.3g}_seed_0", "loss")
     assert len(steps) == len(set(steps)), "a step was written twice"
     assert set(steps) <= set(schedule.tolist()) and len(steps) >= len(schedule) - 1
 
@@ -421,8 +422,9 @@ def test_results_and_first_figure_exist_before_the_second_configuration(data_dir
 
     monkeypatch.setattr(runner, "train_stage", recording)
     gas_sensor.main([*SHORT, "--data-dir", str(data_dir), "--out", str(tmp_path / "run")])
-    # l4/gd-d1 first, its screen and then its final stage, before anything else.
-    assert [name for name, _, _ in seen[:3]] == ["l4/gd-d1.screen", "l4/gd-d1", "l4/gd-d2-w1.screen"]
+    # l4/gd-d1 first, its screen, its final stage and its first stability-edge round, before
+    # anything else; results.json and the figure that holds it are written after the final stage.
+    assert [name for name, _, _ in seen[:3]] == ["l4/gd-d1.screen", "l4/gd-d1", "l4/gd-d1.edge1"]
     assert seen[1][1:] == ([], [])
     assert seen[2][1:] == (["l4/gd-d1"], ["init.png"])
 
