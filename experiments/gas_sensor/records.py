@@ -3,6 +3,7 @@ grid it is summarised on, the blow-up estimates, the early failures, the edge, t
 sharpness), the sensitivity of the headline to depth 1's rate, and what a rerun needs."""
 
 import inspect
+import warnings
 
 import numpy as np
 
@@ -54,7 +55,9 @@ def lr_x_sharpness(parts):
         for rate in np.unique(grid.learning_rates):
             scaled = float(rate) * np.asarray(values)[:, grid.learning_rates == rate]
             finite = np.where(np.isfinite(scaled), scaled, np.nan)
-            with np.errstate(all="ignore"):
+            # A log where every seed had diverged is all NaN: NaN is its answer, not a warning.
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
                 median, top = np.nanmedian(finite, axis=1), np.nanmax(finite, axis=1)
             table[rate_key(rate)] = {
                 "iterations": [int(i) for i in grid.sharpness_iterations],
