@@ -36,7 +36,7 @@ def _shared_data_dir(name, env_var):
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def gas_sensor_dir():
     return _shared_data_dir("gas_sensor", "TF_OVERPARAM_GAS_SENSOR_DIR")
 

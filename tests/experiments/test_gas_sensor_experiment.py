@@ -49,8 +49,8 @@ def test_all_diverged_is_recorded_not_raised():
     assert summary["diverged"] and summary["best_learning_rate"] is None
 
 
-def test_quick_run_writes_consistent_results(gas_sensor_dir, tmp_path):
-    run_dir = gas_sensor.main(["--quick", "--data-dir", str(gas_sensor_dir), "--out", str(tmp_path)])
+def test_quick_run_writes_consistent_results(quick_gas_sensor_run):
+    run_dir = quick_gas_sensor_run
     results = json.loads((run_dir / "results.json").read_text())
     assert results["rows"] == 1316 and "missing batch7, batch10" in results["data"]
     configurations = results["configurations"]

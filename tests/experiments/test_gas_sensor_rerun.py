@@ -14,7 +14,6 @@ import math
 import numpy as np
 import pytest
 
-from experiments import gas_sensor
 from experiments.data import gas_sensor as gas_data
 from tf_overparam.initializers import initialize_chain, seeded
 
@@ -68,12 +67,8 @@ def _rerun(x, y, spec, rates, seeds, logged):
     return np.stack([losses[int(t)] for t in logged])
 
 
-def test_numpy_rerun_matches_a_quick_run(gas_sensor_dir, tmp_path):
-    # The smallest figure that holds depth-2 GD: l4 GD depth 1, depth 2 and depth 2 from the
-    # identity; 3 seeds for the headline configurations.
-    argv = ["--quick", "--figure", "init", "--seeds", "1", "--headline-seeds", "3"]
-    argv += ["--iterations", str(ITERATIONS), "--data-dir", str(gas_sensor_dir), "--out", str(tmp_path)]
-    run_dir = gas_sensor.main(argv)
+def test_numpy_rerun_matches_a_quick_run(quick_gas_sensor_run, gas_sensor_dir):
+    run_dir = quick_gas_sensor_run  # `--quick`: 2000 iterations, 3 seeds for the headline configurations
     config = json.loads((run_dir / "config.json").read_text())
     results = json.loads((run_dir / "results.json").read_text())
     record = results["configurations"][NAME]
