@@ -161,6 +161,7 @@ def write_tensorboard(root, outcome, folder=None):
 
 
 CONNECT_TIMEOUT = 20.0  # seconds, --connect-timeout
+POLL_SECONDS = 1.0  # how often a driver waiting for Ray tasks checks for Ctrl-C
 
 
 def check_reachable(address, timeout):
@@ -240,10 +241,18 @@ class Executor:
         """Starts `task` as a Ray task; returns its handle (for `next_finished`)."""
         return self._remote.remote(task)
 
-    def next_finished(self, handles):
-        """Waits for the first of `handles` to finish; returns (its `GridOutcome`, its handle)."""
-        done, _ = self.ray.wait(handles, num_returns=1)
-        return self.ray.get(done[0]), done[0]
+    def next_finished(self, handles, poll_seconds=POLL_SECONDS):
+        """Waits for the first of `handles` to finish; returns (its `GridOutcome`, its handle).
+
+        It waits `poll_seconds` at a time and checks for Ctrl-C in between (a task may run for
+        many minutes, and the CLI defers the interrupt to `check_interrupt`)."""
+        from experiments.common.cli import check_interrupt
+
+        while True:
+            done, _ = self.ray.wait(handles, num_returns=1, timeout=poll_seconds)
+            if done:
+                return self.ray.get(done[0]), done[0]
+            check_interrupt()
 
     def map(self, tasks):
         """Yields each task's `GridOutcome` as it finishes (in order in-process)."""
