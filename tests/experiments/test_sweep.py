@@ -135,3 +135,25 @@ def test_gas_sensor_on_ray_gives_the_in_process_results(tmp_path):
 
     assert numbers(remote) == numbers(local)
     assert sorted(p.name for p in remote.glob("*.png")) == ["init.png", "sensitivity.png"]
+
+
+def test_a_driver_waiting_for_ray_tasks_answers_ctrl_c_between_polls():
+    # Ray's own wait is replaced by one that never finishes a task: the driver must still return
+    # to check for Ctrl-C (the CLI's handler only sets the request) instead of blocking until a
+    # task ends.
+    from experiments.common import cli as common_cli
+
+    calls = []
+
+    class NothingFinishes:
+        def wait(self, handles, num_returns, timeout):
+            calls.append(timeout)
+            if len(calls) == 3:
+                common_cli._Interrupt.requested = True  # as the SIGINT handler does
+            return [], handles
+
+    executor = sweep.Executor()
+    executor.ray = NothingFinishes()
+    with pytest.raises(KeyboardInterrupt):
+        executor.next_finished(["a task"], poll_seconds=0.01)
+    assert calls == [0.01, 0.01, 0.01] and not common_cli._Interrupt.requested
