@@ -10,7 +10,7 @@ import numpy as np
 from experiments import stability
 from experiments.common import rates as rate_rules
 from experiments.common.cli import lazy_import
-from experiments.gas_sensor import plan, sensitivity, stages
+from experiments.gas_sensor import plan, sensitivity, sharpness_plots, stages
 
 fullbatch = lazy_import("experiments.engine.fullbatch")
 initializers = lazy_import("tf_overparam.initializers")
@@ -113,6 +113,17 @@ def sensitivity_section(run_dir, config, views, results, summaries):
     table = sensitivity.sensitivity_table(baseline.raw, others, baseline.failures or None)
     sensitivity.plot_sensitivity(run_dir / "sensitivity.png", table, config.is_quick)
     return table
+
+
+SHARPNESS_FIGURE = ("l4/gd-d1", "l4/gd-d2-w1")  # GD chains: there 2 / rate bounds the sharpness
+
+
+def sharpness_section(run_dir, config, summaries):
+    """sharpness.png (`experiments.gas_sensor.sharpness_plots`) of the configurations of
+    SHARPNESS_FIGURE that have rate x sharpness traces; nothing before the first has."""
+    traced = {name: summaries[name] for name in SHARPNESS_FIGURE if summaries.get(name, {}).get("lr_x_sharpness")}
+    if traced:
+        sharpness_plots.plot_sharpness(run_dir / "sharpness.png", traced, config.is_quick)
 
 
 def constants(config):

@@ -288,6 +288,7 @@ class GasSensorRun:
         self.targets = report.add_targets_and_ratios(self.summaries, self.results, self.groups, ranking, excluded)
         self._save_sessions()
         sensitivity = records.sensitivity_section(self.run_dir, self.config, self.views, self.results, self.summaries)
+        records.sharpness_section(self.run_dir, self.config, self.summaries)
         rerun = records.rerun_info(self.config, self.datas, self.views, report.counting_rules())
         report.write_results(
             self.run_dir / "results.json",

@@ -426,7 +426,7 @@ def test_results_and_first_figure_exist_before_the_second_configuration(data_dir
     # anything else; results.json and the figure that holds it are written after the final stage.
     assert [name for name, _, _ in seen[:3]] == ["l4/gd-d1.screen", "l4/gd-d1", "l4/gd-d1.edge1"]
     assert seen[1][1:] == ([], [])
-    assert seen[2][1:] == (["l4/gd-d1"], ["init.png"])
+    assert seen[2][1:] == (["l4/gd-d1"], ["init.png", "sharpness.png"])
 
 
 def test_ctrl_c_inside_a_garbage_collector_callback_is_raised_at_the_next_check():

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from _figures import check_png
 
 from experiments import gas_sensor
 from experiments.common.cli import lazy_pyplot
@@ -97,6 +98,7 @@ def test_quick_run_writes_consistent_results(quick_gas_sensor_run):
     for figure in ("depth", "lr_grid", "optimizers", "init"):
         assert (run_dir / f"{figure}.png").stat().st_size > 10_000
         assert plt.imread(run_dir / f"{figure}.png").shape[1] <= 2000
+    check_png(run_dir / "sharpness.png")  # rate x sharpness of the headline GD chains
     assert len(results["sessions"]) == 1 and results["seconds"] == results["sessions"][0]["seconds"] > 0
     events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     assert len(events) >= len(configurations)

@@ -143,3 +143,33 @@ def test_format_table_has_one_row_per_rate():
     assert columns == {3 + 3 * 2 + 1}  # rate, final loss, seeds, then 3 per configuration
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["0.001", "0.002", "0.004"]
     assert "1.67x [0.75-1.67]" in lines[2] and "4.00x" in lines[2] and "3 (1 excluded)" in lines[3]
+
+
+def test_sharpness_figure_marks_each_diverged_rate_once_at_its_first_divergence():
+    from experiments.gas_sensor import sharpness_plots
+
+    def summary(depth, traces, rates, diverged_at):
+        return {
+            "label": f"GD depth {depth}",
+            "spec": {"depth": depth},
+            "grid": {"learning_rates": rates, "diverged_at": diverged_at},
+            "lr_x_sharpness": traces,
+        }
+
+    shallow = summary(
+        1, {"0.001": {"iterations": [0, 10, 100], "median": [1.5, 0.8, 0.3], "max": [1.6, 0.9, 0.3]}}, [0.001], [None]
+    )
+    deep_traces = {
+        "0.001": {"iterations": [0, 50, 100], "median": [0.1, 1.2, 1.6], "max": [0.1, 1.3, 1.7]},
+        "0.002": {"iterations": [0, 50, 100], "median": [0.2, 1.9, None], "max": [0.2, 2.0, None]},
+    }
+    # Two seeds at 0.002 diverged, at 80 and 70: the mark goes at 70, at the last finite median.
+    deep = summary(2, deep_traces, [0.001, 0.002, 0.001, 0.002], [None, 80, None, 70])
+    assert sharpness_plots.first_divergences(deep["grid"]) == {0.002: 70}
+    fig = sharpness_plots.sharpness_figure({"l4/gd-d1": shallow, "l4/gd-d2-w1": deep})
+    left, right = check_figure(fig, title_contains=("Rate x sharpness",))
+    marks = [line for line in right.lines if line.get_marker() == "x"]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [70] and list(marks[0].get_ydata()) == [1.9]
+    assert not [line for line in left.lines if line.get_marker() == "x"]
+    assert any(list(line.get_ydata()) == [2.0, 2.0] for line in right.lines)  # the bound
+    assert left.get_xscale() == "symlog" and right.get_xscale() == "linear"

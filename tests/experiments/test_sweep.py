@@ -134,7 +134,7 @@ def test_gas_sensor_on_ray_gives_the_in_process_results(tmp_path):
         return {k: v for k, v in results.items() if k not in ("seconds", "sessions")}
 
     assert numbers(remote) == numbers(local)
-    assert sorted(p.name for p in remote.glob("*.png")) == ["init.png", "sensitivity.png"]
+    assert sorted(p.name for p in remote.glob("*.png")) == ["init.png", "sensitivity.png", "sharpness.png"]
 
 
 def test_a_driver_waiting_for_ray_tasks_answers_ctrl_c_between_polls():
