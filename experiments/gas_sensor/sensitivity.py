@@ -223,21 +223,29 @@ def sensitivity_figure(table, quick=False):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     title = "Sensitivity of the headline to depth 1's learning rate (deeper at its own best rate)"
-    horizon = f"{table['horizon']:,} iterations"
-    note = f"quick run (short horizon): {horizon}, not the paper's" if quick else horizon
-    fig.suptitle(f"{title}\n{note}")
+    fig.suptitle(f"{title}\n{horizon_note(table['horizon'], quick)}")
     fig.tight_layout()
     return fig
 
 
-def plot_sensitivity(path, table, quick=False):
-    """Writes `sensitivity_figure(table, quick)` to the PNG file `path` atomically; returns `path`."""
-    fig = sensitivity_figure(table, quick)
+def horizon_note(horizon, quick):
+    """A figure's second title line: the horizon, and whether it is a quick run's."""
+    horizon = f"{horizon:,} iterations"
+    return f"quick run (short horizon): {horizon}, not the paper's" if quick else horizon
+
+
+def write_png(fig, path):
+    """Writes `fig` to the PNG file `path` atomically and closes it; returns `path`."""
     try:
         replace_atomic(path, lambda file: fig.savefig(file, format="png", dpi=DPI), binary=True)
     finally:
         plt.close(fig)
     return path
+
+
+def plot_sensitivity(path, table, quick=False):
+    """Writes `sensitivity_figure(table, quick)` to the PNG file `path` atomically; returns `path`."""
+    return write_png(sensitivity_figure(table, quick), path)
 
 
 def _number(value, spec):

@@ -10,12 +10,11 @@ import math
 import numpy as np
 
 from experiments.common.cli import lazy_pyplot
-from experiments.common.run_folder import replace_atomic
+from experiments.gas_sensor.sensitivity import horizon_note, write_png
 
 plt = lazy_pyplot()
 
 PANEL_INCHES = (6.0, 4.5)
-DPI = 80  # as the run's other figures
 BOUND = 2.0  # GD's stability bound on rate x sharpness
 
 
@@ -65,17 +64,13 @@ def sharpness_figure(summaries, quick=False):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
     horizon = max(max(t["iterations"]) for s in summaries.values() for t in s["lr_x_sharpness"].values())
-    note = f"quick run (short horizon): {horizon:,} iterations, not the paper's" if quick else f"{horizon:,} iterations"
-    fig.suptitle(f"Rate x sharpness along the run (x: where a rate's first seed diverged)\n{note}")
+    fig.suptitle(
+        f"Rate x sharpness along the run (x: where a rate's first seed diverged)\n{horizon_note(horizon, quick)}"
+    )
     fig.tight_layout()
     return fig
 
 
 def plot_sharpness(path, summaries, quick=False):
     """Writes `sharpness_figure(summaries, quick)` to the PNG file `path` atomically; returns `path`."""
-    fig = sharpness_figure(summaries, quick)
-    try:
-        replace_atomic(path, lambda file: fig.savefig(file, format="png", dpi=DPI), binary=True)
-    finally:
-        plt.close(fig)
-    return path
+    return write_png(sharpness_figure(summaries, quick), path)
