@@ -245,7 +245,7 @@ def _convert_model(model, convert, copy):
     # when it is built (`EndToEnd` checks for zero kernels) would see the new layers' initial
     # values, and one selected from the source model would not fit the converted one. The
     # conversions return uncompiled models, so the source counts as uncompiled while it is cloned.
-    compiled = [m for m in (model, *model._flatten_layers(include_self=False)) if getattr(m, "compiled", False)]
+    compiled = [m for m in _models(model) if getattr(m, "compiled", False)]
     for m in compiled:
         m.compiled = False
     try:
@@ -255,6 +255,14 @@ def _convert_model(model, convert, copy):
             m.compiled = True
     _copy_weights(model, new_model, copy)
     return new_model
+
+
+def _models(model):
+    """`model` and every model nested in it, through the public `Model.layers`."""
+    yield model
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _models(layer)
 
 
 def _copy_weights(old_model, new_model, copy):
