@@ -42,7 +42,9 @@ class Checkpoint(typing.NamedTuple):
     losses: np.ndarray
 
 
-def _save_npz(path, arrays):
+def save_npz(path, arrays):
+    """Atomically writes the NumPy `arrays` ({name: array}) to the .npz file `path`."""
+
     def write(file):
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
@@ -52,7 +54,8 @@ def _save_npz(path, arrays):
     replace_atomic(path, write, binary=True)
 
 
-def _load_npz(path):
+def load_npz(path):
+    """The arrays of the .npz file `path`, {name: array}."""
     with np.load(path, allow_pickle=False) as loaded:
         return {key: loaded[key] for key in loaded.files}
 
@@ -62,7 +65,7 @@ def save_checkpoint(run_dir, name, state, iterations, losses):
     logged at `iterations` so far."""
     arrays = {f"state/{k}": v for k, v in state.items()}
     arrays.update(name=np.asarray(name), iterations=np.asarray(iterations, np.int64), losses=np.asarray(losses))
-    _save_npz(pathlib.Path(run_dir) / CHECKPOINT, arrays)
+    save_npz(pathlib.Path(run_dir) / CHECKPOINT, arrays)
 
 
 def load_checkpoint(run_dir):
@@ -70,7 +73,7 @@ def load_checkpoint(run_dir):
     path = pathlib.Path(run_dir) / CHECKPOINT
     if not path.exists():
         return None
-    arrays = _load_npz(path)
+    arrays = load_npz(path)
     state = {k.removeprefix("state/"): v for k, v in arrays.items() if k.startswith("state/")}
     return Checkpoint(str(arrays["name"]), state, arrays["iterations"], arrays["losses"])
 
@@ -85,7 +88,7 @@ def _grid_path(run_dir, name):
 
 def save_grid(run_dir, name, result):
     """Atomically writes a finished configuration's `GridResult`."""
-    _save_npz(_grid_path(run_dir, name), {f: np.asarray(getattr(result, f)) for f in _GRID_FIELDS})
+    save_npz(_grid_path(run_dir, name), {f: np.asarray(getattr(result, f)) for f in _GRID_FIELDS})
 
 
 def load_grid(run_dir, name, grid_class):
@@ -94,7 +97,7 @@ def load_grid(run_dir, name, grid_class):
     path = _grid_path(run_dir, name)
     if not path.exists():
         return None
-    return grid_class(**{k: v for k, v in _load_npz(path).items() if k in _GRID_FIELDS})
+    return grid_class(**{k: v for k, v in load_npz(path).items() if k in _GRID_FIELDS})
 
 
 def config_difference(saved, current, ignore=()):

@@ -3,14 +3,12 @@ as it goes) or as a Ray task (`stage_task`); each stage's early screen (`train_e
 beside the finished grids as `early/<stage>.npz` (no kernels)."""
 
 import dataclasses
-import io
 import pathlib
 
 import numpy as np
 
 from experiments.common import runstate, sweep
 from experiments.common.cli import check_interrupt, lazy_import
-from experiments.common.run_folder import replace_atomic
 
 fullbatch = lazy_import("experiments.engine.fullbatch")
 
@@ -39,15 +37,7 @@ def _early_path(run_dir, name):
 
 def save_early(run_dir, name, grid):
     """Atomically writes a stage's early-screen grid."""
-    path = _early_path(run_dir, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(file):
-        buffer = io.BytesIO()
-        np.savez(buffer, **{f: np.asarray(getattr(grid, f)) for f in _EARLY_FIELDS})
-        file.write(buffer.getvalue())
-
-    replace_atomic(path, write, binary=True)
+    runstate.save_npz(_early_path(run_dir, name), {f: np.asarray(getattr(grid, f)) for f in _EARLY_FIELDS})
 
 
 def load_early(run_dir, name):
@@ -55,8 +45,8 @@ def load_early(run_dir, name):
     path = _early_path(run_dir, name)
     if not path.exists():
         return None
-    with np.load(path, allow_pickle=False) as loaded:
-        return fullbatch.GridResult(**{f: loaded[f] for f in _EARLY_FIELDS}, kernels=np.zeros(0))
+    loaded = runstate.load_npz(path)
+    return fullbatch.GridResult(**{f: loaded[f] for f in _EARLY_FIELDS}, kernels=np.zeros(0))
 
 
 def train_early(stage, data):
