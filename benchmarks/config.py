@@ -3,7 +3,7 @@ that `python -m benchmarks.run --help` and argument errors answer at once."""
 
 import dataclasses
 
-SECTIONS = ("fullbatch", "layer", "update_rule", "side_by_side")
+SECTIONS = ("fullbatch", "layer", "update_rule", "side_by_side", "ns_threshold", "distributed")
 DATA_SECTIONS = ("fullbatch",)  # the sections that need the gas sensor data
 
 
@@ -52,6 +52,47 @@ class SideBySide:
 
 
 @dataclasses.dataclass(frozen=True)
+class NsThreshold:
+    """Where Newton-Schulz pays at depth 2 (`benchmarks.ns_threshold`): per model of `models`
+    (names of `benchmarks.models.side_by_side_model`), each group of its selected kernels of one
+    matrix shape, its preconditioner by the eigh and by Newton-Schulz; `target_s`, `repeats`: as
+    for `measure`."""
+
+    models: tuple = ("tutorial CNN", "ResNet50", "MobileNetV2")
+    image_size: int = 32
+    classes: int = 10
+    target_s: float = 0.2
+    repeats: int = 9
+
+    @classmethod
+    def quick(cls):
+        """The tiny CNN's three kernels: seconds."""
+        return cls(models=("tiny CNN",), target_s=0.005, repeats=3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """`tf.distribute.MirroredStrategy` on `replicas` logical CPU devices against one device, at the
+    same global `batch` (`benchmarks.distributed`): SGD and `EndToEnd(SGD)` exact and with
+    `refresh_every`, on `model` (a name of `benchmarks.models.side_by_side_model`); `target_s`,
+    `repeats`: as for `measure`; `timeout_s`: the subprocess' limit."""
+
+    model: str = "tutorial CNN"
+    batch: int = 64
+    replicas: int = 2
+    refresh_every: int = 10
+    learning_rate: float = 1e-3
+    target_s: float = 1.0
+    repeats: int = 9
+    timeout_s: float = 3600.0
+
+    @classmethod
+    def quick(cls):
+        """The tiny CNN at batch 8, k = 2: seconds (most of them the subprocess' TensorFlow import)."""
+        return cls(model="tiny CNN", batch=8, refresh_every=2, target_s=0.01, repeats=2, timeout_s=600.0)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """What to time. `target_s`: seconds per timed call; `repeats`: interleaved rounds;
     `fit_epochs`: epochs per naive `fit` call, which amortise its per-call set-up; `sections`:
@@ -69,6 +110,8 @@ class Config:
     # (rows, cols, cond(W)): log-spaced singular values, where depth 2 declines Newton-Schulz
     conditioned_kernels: tuple = ((3136, 512, 1e3),)
     side_by_side: SideBySide = SideBySide()
+    ns_threshold: NsThreshold = NsThreshold()
+    distributed: Distributed = Distributed()
     sections: tuple = SECTIONS
     data_dir: str = None
     out: str = None
@@ -77,7 +120,7 @@ class Config:
     @classmethod
     def quick(cls, **overrides):
         """CI scale: short calls, 3 rounds, a 3-point grid, the small kernels only, a tiny
-        side-by-side."""
+        side-by-side, the tiny CNN's Newton-Schulz threshold and distributed steps."""
         quick = dict(
             scale="quick",
             target_s=0.02,
@@ -89,5 +132,7 @@ class Config:
             kernels=((1, 128), (128, 1), (128, 128)),
             conditioned_kernels=((300, 128, 1e3),),
             side_by_side=SideBySide.quick(),
+            ns_threshold=NsThreshold.quick(),
+            distributed=Distributed.quick(),
         )
         return cls(**{**quick, **overrides})

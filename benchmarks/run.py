@@ -17,6 +17,14 @@ side by side on real models.
    ratios to SGD next to the floor of the end-to-end products; the batch at which the amortised
    step costs at most 1.2x SGD; `overparameterize(preserve_function=True)` of ResNet50 against
    `clone_model` (`benchmarks.side_by_side`).
+5. ns_threshold: at depth 2, per group of one matrix shape of the kernels `EndToEnd` selects in
+   those models, the preconditioner by the eigh and by Newton-Schulz, whether Newton-Schulz
+   converged and what method="auto" picks; the column count from which Newton-Schulz is faster
+   (`benchmarks.ns_threshold`).
+6. distributed: the tutorial CNN's step (batch 64) under SGD and `EndToEnd(SGD)` exact and with
+   refresh_every=10, on one device and under `tf.distribute.MirroredStrategy` on 2 logical CPU
+   devices (a subprocess): how much of the preconditioner's work the replicas repeat
+   (`benchmarks.distributed`).
 
 Every number is a median over interleaved repeats (`benchmarks.timing.measure`); the first
 call (tracing) is reported apart. Ratios are taken within one run, so that a shared machine's
@@ -35,7 +43,14 @@ import datetime
 import os
 import sys
 
-from benchmarks.config import DATA_SECTIONS, SECTIONS, Config, SideBySide  # noqa: F401 - re-exported
+from benchmarks.config import (  # noqa: F401 - re-exported
+    DATA_SECTIONS,
+    SECTIONS,
+    Config,
+    Distributed,
+    NsThreshold,
+    SideBySide,
+)
 from experiments.common.cli import UserError, add_common_arguments, cli, quiet_tensorflow
 from experiments.common.run_folder import make_run_dir, replace_atomic, write_json_atomic
 from experiments.data import gas_sensor
@@ -139,6 +154,14 @@ def run_section(name, config, write):
         from benchmarks.update_rule import update_rule_section
 
         return update_rule_section(config)
+    if name == "ns_threshold":
+        from benchmarks.ns_threshold import ns_threshold_section
+
+        return ns_threshold_section(config.ns_threshold, write)
+    if name == "distributed":
+        from benchmarks.distributed import distributed_section
+
+        return distributed_section(config.distributed)
     from benchmarks.side_by_side import side_by_side_section
 
     return side_by_side_section(config.side_by_side, write)

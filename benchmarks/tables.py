@@ -188,11 +188,64 @@ def _precision(precision):
     return lines
 
 
+def _ns_threshold(section):
+    lines = [
+        f"Newton-Schulz against the eigh, depth {section['depth']}: the preconditioner of each group of selected "
+        "kernels of one matrix shape (oriented tall), batched as `EndToEnd` does, one compiled call (ms; NS / eigh: "
+        f'the medians\' quotient; auto: what method="auto" runs, Newton-Schulz tried from '
+        f"{section['auto_min_columns']} columns):",
+        "",
+        "| model | rows x cols | group size | eigh (ms) | Newton-Schulz (ms) | NS / eigh | NS converged | auto |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for name, model in section["models"].items():
+        for g in model["groups"]:
+            lines.append(
+                f"| {name} | {g['rows']} x {g['cols']} | {g['group_size']} | {1e3 * g['eigh_s']:.3f} | "
+                f"{1e3 * g['newton_schulz_s']:.3f} | {g['newton_schulz_over_eigh']:.2f} | "
+                f"{'yes' if g['converged'] else 'no'} | {g['auto_method']} |"
+            )
+    smallest, from_on = section["smallest_faster_columns"], section["faster_from_columns"]
+    if smallest is None:
+        summary = "Newton-Schulz was faster on no group."
+    else:
+        summary = f"Newton-Schulz was faster on a group of {smallest} columns at the fewest; " + (
+            "it was slower on a group of the most columns."
+            if from_on is None
+            else f"on every group of {from_on} columns or more."
+        )
+    return lines + ["", summary]
+
+
+def _distributed(section):
+    counts = [str(r) for r in section["replicas"]]
+    lines = [
+        f"`tf.distribute.MirroredStrategy` on {counts[1]} logical CPU devices sharing the cores, {section['model']}, "
+        f"global batch {section['batch']} (ms per step, `model.train_function`; extra: step minus SGD's step with "
+        f"the same replicas; extra ratio: the extra on {counts[1]} replicas over the extra on 1):",
+        "",
+        "| optimizer | " + " | ".join(f"{r} replica(s): step | x SGD | extra" for r in counts) + " | extra ratio |",
+        "| --- |" + " ---: | ---: | ---: |" * len(counts) + " ---: |",
+    ]
+    for optimizer, steps in section["steps"].items():
+        row = section["optimizers"].get(optimizer)
+        cells = [
+            f"{1e3 * steps[r]:.2f} | "
+            + ("1.00x | -" if row is None else f"{row['vs_sgd'][r]:.2f}x | {1e3 * row['extra_s'][r]:.2f}")
+            for r in counts
+        ]
+        ratio = "-" if row is None else f"{row['extra_ratio']:.2f}"
+        lines.append(f"| {optimizer} | {' | '.join(cells)} | {ratio} |")
+    return lines
+
+
 SECTION_TABLES = {
     "fullbatch": _fullbatch,
     "layer": lambda layer: _cnn(layer, "MNIST tutorial CNN"),
     "update_rule": _update_rule,
     "side_by_side": _side_by_side,
+    "ns_threshold": _ns_threshold,
+    "distributed": _distributed,
     "cnn": lambda layer: _cnn(layer, "CNN"),
     "direction": _direction,
     "precision": _precision,

@@ -323,3 +323,130 @@ def test_a_data_dir_without_data_is_a_one_line_error(tmp_path):
     done = _command(["--quick", "--data-dir", str(tmp_path), "--out", "out"], tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1 and "holds no gas sensor" in done.stderr
+
+
+# ----------------------------------------------------------------------------- Newton-Schulz threshold, distributed
+
+
+def _tall_kernel_shapes(model):
+    """The matrix shapes (rows >= cols) of the kernels the default rule selects, counted from the
+    model's layers: Conv and Dense kernels as (prod(shape[:-1]), shape[-1]), depthwise left out."""
+    import collections
+
+    import keras
+
+    shapes = collections.Counter()
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) and not isinstance(
+            layer, keras.layers.DepthwiseConv2D
+        ):
+            shape = tuple(layer.kernel.shape)
+            rows, cols = int(np.prod(shape[:-1])), shape[-1]
+            shapes[max(rows, cols), min(rows, cols)] += 1
+    return shapes
+
+
+def test_ns_threshold_groups_are_the_selected_kernels_oriented_tall_without_depthwise():
+    import keras
+
+    from benchmarks.ns_threshold import shape_groups
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 3)),
+            keras.layers.Conv2D(4, 3),  # 27 x 4
+            keras.layers.DepthwiseConv2D(3),  # one 9 x 1 map per channel: not selected
+            keras.layers.Flatten(),  # 2 x 2 x 4 = 16
+            keras.layers.Dense(40),  # 16 x 40, wide: read as 40 x 16
+            keras.layers.Dense(16),  # 40 x 16
+        ]
+    )
+    groups = shape_groups(model)
+    assert {s.shape[1:]: s.shape[0] for s in groups} == dict(_tall_kernel_shapes(model)) == {(27, 4): 1, (40, 16): 2}
+    stack = next(s for s in groups if s.shape[1:] == (40, 16))
+    kernels = [layer.kernel.numpy() for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    np.testing.assert_array_equal(stack[0], kernels[0].T)  # the wide kernel transposed
+    np.testing.assert_array_equal(stack[1], kernels[1])
+
+
+def test_ns_threshold_is_the_smallest_width_from_which_newton_schulz_always_won():
+    from benchmarks.ns_threshold import thresholds
+
+    def groups(*faster_by_cols):
+        return [{"cols": c, "newton_schulz_faster": f} for c, f in faster_by_cols]
+
+    assert thresholds(groups((8, False), (16, True), (64, False), (128, True), (512, True))) == (16, 128)
+    assert thresholds(groups((8, True), (300, False))) == (8, None)
+    assert thresholds(groups((8, False), (300, False))) == (None, None)
+    assert thresholds(groups((300, True), (8, True))) == (8, 8)
+
+
+def test_quick_ns_threshold_and_distributed_sections(tmp_path, capsys):
+    import keras
+
+    from benchmarks.distributed import optimizer_names
+    from benchmarks.models import tiny_cnn
+    from tf_overparam.preconditioning import NEWTON_SCHULZ_MIN_COLUMNS
+
+    path = run.main(["--quick", "--out", str(tmp_path), "--sections", "ns_threshold", "distributed"])
+    results = json.loads(path.read_text())
+    out = capsys.readouterr().out
+
+    section = results["ns_threshold"]
+    quick = run.NsThreshold.quick()
+    assert list(section["models"]) == list(quick.models) == ["tiny CNN"]
+    model = section["models"]["tiny CNN"]
+    keras.utils.set_random_seed(0)
+    counted = _tall_kernel_shapes(tiny_cnn())  # conv 9 x 8, fc1 200 x 16, fc2 16 x 10
+    assert {(g["rows"], g["cols"]): g["group_size"] for g in model["groups"]} == dict(counted)
+    assert model["selected_kernels"] == sum(counted.values()) == 3 and model["closed_form_kernels"] == 0
+    for g in model["groups"]:
+        seconds = {}
+        for method in ("eigh", "newton_schulz"):
+            timing = g["timings"][method]
+            assert len(timing["seconds"]) == quick.repeats
+            assert timing["seconds_per_step"] == pytest.approx(statistics.median(timing["seconds"]) / timing["steps"])
+            seconds[method] = timing["seconds_per_step"]
+            assert g[f"{method}_s"] == seconds[method]
+        assert g["newton_schulz_over_eigh"] == pytest.approx(seconds["newton_schulz"] / seconds["eigh"])
+        assert g["newton_schulz_faster"] == (seconds["newton_schulz"] < seconds["eigh"])
+        # Below the threshold "auto" takes the eigh without trying Newton-Schulz.
+        assert g["cols"] < NEWTON_SCHULZ_MIN_COLUMNS and not g["auto_tries_newton_schulz"]
+        assert g["auto_method"] == "eigh"
+        assert f"| tiny CNN | {g['rows']} x {g['cols']} | 1 |" in out
+    # Convergence as the iteration itself reports it on the Gram matrix of the model's kernel.
+    keras.utils.set_random_seed(0)
+    kernels = {}
+    for layer in tiny_cnn().layers:
+        if hasattr(layer, "kernel"):
+            matrix = layer.kernel.numpy().reshape(-1, layer.kernel.shape[-1])
+            kernels[max(matrix.shape), min(matrix.shape)] = matrix
+    for g in model["groups"]:
+        w = kernels[g["rows"], g["cols"]]
+        gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+        assert g["converged"] == bool(newton_schulz_square_roots(tf.constant(gram)).converged)
+    faster = [g["cols"] for g in model["groups"] if g["newton_schulz_faster"]]
+    assert section["smallest_faster_columns"] == min(faster, default=None)
+
+    section = results["distributed"]
+    quick = run.Distributed.quick()
+    names = optimizer_names(quick)
+    assert section["replicas"] == [1, 2] and section["num_replicas_in_sync"] == {"1": 1, "2": 2}
+    assert len(section["devices"]) == 2 and section["batch"] == quick.batch
+    assert list(section["steps"]) == list(names) and list(section["optimizers"]) == list(names[1:])
+    for name in names:
+        for replicas in ("1", "2"):
+            timing = section["timings"][f"{name} / {replicas}"]
+            assert len(timing["seconds"]) == quick.repeats
+            assert section["steps"][name][replicas] == timing["seconds_per_step"]
+            assert section["finite"][name][replicas]
+            if "refresh_every" in name:
+                assert timing["steps"] % quick.refresh_every == 0  # whole k-step windows per call
+    steps = section["steps"]
+    for name, row in section["optimizers"].items():
+        for replicas in ("1", "2"):
+            assert row["vs_sgd"][replicas] == pytest.approx(steps[name][replicas] / steps["SGD"][replicas])
+            assert row["extra_s"][replicas] == pytest.approx(steps[name][replicas] - steps["SGD"][replicas])
+        assert row["extra_ratio"] == pytest.approx(row["extra_s"]["2"] / row["extra_s"]["1"])
+        assert f"| {name} | {1e3 * steps[name]['1']:.2f} |" in out
