@@ -29,6 +29,26 @@ def replicas_in_sync():
     return 1
 
 
+def once_per_step(compute):
+    """The result of `compute()`, computed once for all replicas: under a `tf.distribute`
+    strategy of several replicas in sync, called in replica context, one `merge_call` runs it
+    in cross-replica context (where a mirrored variable reads as its primary copy) and hands
+    its result to every replica; elsewhere (no strategy, other backends) it is `compute()`.
+
+    For work that reads only mirrored variables, the same on every replica. The replicas wait
+    at the call for one another (one synchronisation), and one computes while the others wait;
+    across workers (`MultiWorkerMirroredStrategy`) each worker computes once for its own
+    replicas. `compute` must not synchronise (assigning a variable in cross-replica context does
+    not)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            return context.merge_call(lambda strategy: compute())
+    return compute()
+
+
 def current_value(variable):
     """The variable's value as a NumPy array, also while a function is being traced (TF reads it
     outside the graph); None where it has no concrete value (a JAX tracer)."""

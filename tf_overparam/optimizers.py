@@ -9,7 +9,7 @@ import numpy as np
 from keras import ops
 
 from tf_overparam import backend
-from tf_overparam.kernel_groups import grouped_directions
+from tf_overparam.kernel_groups import grouped_directions, grouped_preconditioners
 from tf_overparam.linear_maps import (
     LinearMap,
     is_preconditioned_by_default,
@@ -108,8 +108,9 @@ class EndToEnd(keras.optimizers.Optimizer):
     host devices). `ModelParallel` is not tested: the step is plain `keras.ops`, so
     the compiler gathers a sharded kernel where its Gram matrix and eigendecomposition need it. Under a `tf.distribute`
     strategy each replica preconditions its own gradient (linear, so the sum is right) and adds
-    its share, 1/replicas, of the decay term: every replica computes P(W) of the same W, so
-    the preconditioner work is done once per replica, not once per step. With
+    its share, 1/replicas, of the decay term; P(W) of the replicas' common W (or, with
+    `refresh_every`, the refresh) is computed once per step for all local replicas
+    (`backend.once_per_step`), at the cost of one synchronisation. With
     `MultiWorkerMirroredStrategy`, Keras 3's own `fit` fails before the first step
     (keras-team/keras#20585; the same error with a plain SGD, Keras 3.15): use a custom training
     loop (`strategy.run` of a step calling `optimizer.apply`), which matches a single worker.
@@ -280,12 +281,21 @@ class EndToEnd(keras.optimizers.Optimizer):
             kernels = [kernel for _, _, kernel, _ in work]
             maps = [self._maps[index] for _, index, _, _ in work]
             work_grads = [grad for _, _, _, grad in work]
+            # Under a tf.distribute strategy every replica holds the same kernels: P(W) (or the
+            # refresh of the kept P) is computed once for all, and each replica applies it to its
+            # own gradient.
             if self.refresh_every is not None:
-                self._kept.refresh([(index, kernel) for _, index, kernel, _ in work])
+                backend.once_per_step(lambda: self._kept.refresh([(index, kernel) for _, index, kernel, _ in work]))
                 preconditioners = self._kept.preconditioners([index for _, index, _, _ in work])
-                directions = grouped_directions(kernels, work_grads, maps, self.depth, preconditioners=preconditioners)
+            elif backend.replicas_in_sync() > 1:
+                preconditioners = backend.once_per_step(
+                    lambda: grouped_preconditioners(kernels, maps, self.depth, method=self.method)
+                )
             else:
-                directions = grouped_directions(kernels, work_grads, maps, self.depth, method=self.method)
+                preconditioners = None
+            directions = grouped_directions(
+                kernels, work_grads, maps, self.depth, method=self.method, preconditioners=preconditioners
+            )
         else:
             directions = [grad for _, _, _, grad in work]
         for (position, _, kernel, grad), direction in zip(work, directions):

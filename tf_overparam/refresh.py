@@ -26,7 +26,9 @@ So the steps s + d, ..., s + d + k - 1 apply P(W_s), and no step pays a whole re
 kernel but step 0. Kernels refreshed by the eigh (and every kernel at other depths, or at k = 1)
 refresh in one step. Every branch only selects values and the slots are assigned outside it:
 assigning inside would be a cross-replica synchronisation inside control flow, which
-tf.distribute refuses.
+tf.distribute refuses. (Under a strategy of several replicas `EndToEnd` runs `refresh` once for
+all of them, in cross-replica context, through `backend.once_per_step`: the slots are mirrored,
+and an assignment there writes every replica's copy.)
 """
 
 from typing import NamedTuple

@@ -395,6 +395,82 @@ def test_multi_worker_custom_loop_matches_a_single_worker(tmp_path):
                 np.testing.assert_allclose(out[f"arr_{i}"], expected[f"arr_{i}"], rtol=1e-12, atol=1e-13)
 
 
+_COUNTED = textwrap.dedent(
+    """
+    import sys
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras, numpy as np
+    from tf_overparam.optimizers import EndToEnd
+
+    keras.backend.set_floatx("float64")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 4)); y = x @ rng.normal(size=(4, 2))
+    init = [rng.normal(size=s) * 0.5 for s in [(4, 3), (3,), (3, 2), (2,)]]
+
+    def run(strategy, depth, refresh_every):
+        with strategy.scope():
+            inputs = keras.Input((4,))
+            model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Dense(3, activation="tanh")(inputs)))
+            model.set_weights(init)
+            optimizer = EndToEnd(
+                keras.optimizers.SGD(0.05), depth=depth, weight_decay=0.1, refresh_every=refresh_every, method="eigh"
+            )
+            optimizer.build(model.trainable_variables)
+
+        @tf.function
+        def step(xb, yb):
+            def replica_step(xb, yb):
+                with tf.GradientTape() as tape:  # every replica takes the whole batch: its share of the loss
+                    loss = tf.reduce_mean((model(xb) - yb) ** 2) / strategy.num_replicas_in_sync
+                optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+
+            strategy.run(replica_step, args=(xb, yb))
+
+        graph = step.get_concrete_function(tf.constant(x), tf.constant(y)).graph.as_graph_def()
+        nodes = list(graph.node) + [node for function in graph.library.function for node in function.node_def]
+        for _ in range(3):
+            step(tf.constant(x), tf.constant(y))
+        return sum(node.op == "SelfAdjointEigV2" for node in nodes), [v.numpy() for v in model.trainable_variables]
+
+    depth, refresh_every = int(sys.argv[2]), None if sys.argv[3] == "none" else int(sys.argv[3])
+    single = run(tf.distribute.get_strategy(), depth, refresh_every)
+    mirrored = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), depth, refresh_every)
+    np.savez(sys.argv[1], eighs=[single[0], mirrored[0]], *[w for pair in zip(single[1], mirrored[1]) for w in pair])
+    """
+)
+
+
+@pytest.mark.tf_only("tf.distribute.MirroredStrategy")
+@pytest.mark.parametrize("depth, refresh_every", [(3, "none"), (2, "2")])
+def test_mirrored_replicas_compute_the_preconditioner_once_per_step(tmp_path, depth, refresh_every):
+    # Two replicas hold the same kernels: the traced step holds the eighs of one device, one per
+    # kernel shape, (4, 3) and (3, 2) (the exact rule; with refresh_every=2 one per staggered
+    # refresh), not one per replica; and 3 steps still match one device to float64 rounding.
+    script = tmp_path / "counted.py"
+    script.write_text(_COUNTED)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    out = tmp_path / "out.npz"
+    result = subprocess.run(
+        [sys.executable, str(script), str(out), str(depth), refresh_every],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = np.load(out)
+    assert out["eighs"].tolist() == [2, 2]
+    for i in range(4):
+        np.testing.assert_allclose(out[f"arr_{2 * i + 1}"], out[f"arr_{2 * i}"], rtol=1e-12, atol=1e-13)
+
+
 def test_inner_gradient_accumulation_gives_one_step_of_the_mean_gradient(float64):
     # Two half batches accumulated (mean) are one full-batch step: the direction is linear in G
     # and W does not change in between.
