@@ -1,9 +1,10 @@
-"""`EndToEnd` under `tf.distribute.MirroredStrategy`: how much of the preconditioner's work every
-replica repeats.
+"""`EndToEnd` under `tf.distribute.MirroredStrategy`: how much of the preconditioner's work the
+replicas repeat.
 
 Under a `tf.distribute` strategy `EndToEnd.apply` runs in each replica, on that replica's own
 gradient (eq. 24 is linear in G, so the replicas' directions sum to the direction of the summed
-gradient), and each replica computes P(W) of the same mirrored W. The section times, in a
+gradient); P(W) of the replicas' common W is computed once per step for all of them
+(`backend.once_per_step`), and each replica applies it to its own gradient. The section times, in a
 subprocess that splits the CPU into `replicas` logical devices before TensorFlow starts (so that
 the main run's TensorFlow keeps one device), a training step (`model.train_function`, what `fit`
 calls per step) of SGD, `EndToEnd(SGD)` exact and `EndToEnd(SGD, refresh_every=k)` on one device
@@ -13,8 +14,8 @@ batch (each replica gets its share), all interleaved (`benchmarks.timing.measure
 Reported per `EndToEnd` variant: its extra time over SGD's step on one device and on the
 replicas, and their ratio, `extra_ratio`. The logical devices share the machine's cores: the
 replicas' forward and backward passes split one batch, so SGD's step changes little, while every
-replica repeats the preconditioner. A ratio near `replicas` means the repeated work runs one
-replica after the other; near 1, that the cores were idle enough to absorb it.
+replica repeats only the products with its own gradient. A ratio near 1 means the
+preconditioner's work is not repeated; near `replicas`, that it is.
 
     python -m benchmarks.distributed CONFIG_JSON OUT_JSON   (the subprocess; benchmarks.run starts it)
 """

@@ -305,6 +305,14 @@ def test_float32_direction_of_a_condition_1e3_kernel_is_within_the_bounds(shape)
             assert direction.dtype == "float32"
             error = np.linalg.norm(np.asarray(direction) - expected) / np.linalg.norm(expected)
             assert error <= bound, (shape, depth, method, error)
+            # The same bound for P(W) computed once and then applied (EndToEnd's path under a
+            # tf.distribute strategy, where the replicas share one P(W)).
+            applied = apply_preconditioner(
+                compute_preconditioner(ops.convert_to_tensor(w, "float32"), depth, method=method),
+                ops.convert_to_tensor(g, "float32"),
+            )
+            error = np.linalg.norm(np.asarray(applied) - expected) / np.linalg.norm(expected)
+            assert error <= bound, (shape, depth, method, "applied", error)
 
 
 def test_float64_direction_of_a_condition_1e3_kernel_is_exact():
