@@ -190,8 +190,7 @@ def balanced_chain(kernel, hidden_units, rotation_seed=None, dtype="float64"):
     eigendecomposition of its smaller Gram matrix (K^T K = B diag(s^2) B^T for a tall K) gives
     s and B, and the factor on the long side is K times a small matrix (K B diag(s^{1/N - 1}),
     rotated), one product, so that the left singular vectors A = K B diag(1/s) are never formed
-    (`_gram_chain`).
-    The Gram matrix is formed in float64, whose eigenvalues are then off by at most about
+    (`_gram_chain`). The Gram matrix is formed in float64, whose eigenvalues are then off by at most about
     rows * cols * eps * s_max^2; the route is taken only when every s^2 exceeds twice that, so
     every s is far above `numerical_rank`'s tolerance, the rank is min(rows, cols) as the SVD
     would give, and the product of the factors is K B B^T = K up to rounding. Any other kernel
@@ -231,10 +230,10 @@ def _gram_chain(long_side, singular_values, vectors, hidden_units, rotation_seed
     A^T K.
 
     The factor on K's long side is the one large product, taken in `long_side`'s dtype (K in the
-    factors' dtype): where its hidden
-    width equals the rank, K times the rotated small matrix; where it is wider (zero-padded), K
-    times the unpadded small matrix, then padded and rotated, which skips the products with the
-    padding. The wide case computes its transposed factors directly, so every factor is C-ordered.
+    factors' dtype): where its hidden width equals the rank, K times the rotated small matrix;
+    where it is wider (zero-padded), K times the unpadded small matrix, then padded and rotated,
+    which skips the products with the padding. A wide K's factors are computed in their own
+    orientation, so every factor comes out C-ordered.
     """
     dtype = long_side.dtype
     tall = long_side.shape[0] >= long_side.shape[1]
