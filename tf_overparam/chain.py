@@ -189,8 +189,8 @@ def balanced_chain(kernel, hidden_units, rotation_seed=None, dtype="float64"):
     A kernel whose singular values all lie well above rounding takes the Gram route: the
     eigendecomposition of its smaller Gram matrix (K^T K = B diag(s^2) B^T for a tall K) gives
     s and B, and the factor on the long side is K times a small matrix (K B diag(s^{1/N - 1}),
-    rotated), one product, so that the left singular vectors A = K B diag(1/s) are never formed.
-    The Gram matrix is formed in float64, whose eigenvalues are then off by at most about
+    rotated), one product, so that the left singular vectors A = K B diag(1/s) are never formed
+    (`_gram_chain`). The Gram matrix is formed in float64, whose eigenvalues are then off by at most about
     rows * cols * eps * s_max^2; the route is taken only when every s^2 exceeds twice that, so
     every s is far above `numerical_rank`'s tolerance, the rank is min(rows, cols) as the SVD
     would give, and the product of the factors is K B B^T = K up to rounding. Any other kernel
@@ -217,19 +217,56 @@ def balanced_chain(kernel, hidden_units, rotation_seed=None, dtype="float64"):
         factors = balanced_factors_from_svd(svd, hidden_units, rotation_seed)
         return [f.astype(dtype, copy=False) for f in factors], numerical_rank(svd[1], matrix.shape)
     singular_values, vectors = spectrum
-    scaled = vectors / singular_values
-    long_side = matrix.astype(dtype, copy=False)
-    if matrix.shape[0] >= matrix.shape[1]:
-        # K = (K B S^-1) S B^T: the factors of the n x n "kernel" (B S^-1) S B^T, then K times the first.
-        factors = balanced_factors_from_svd((scaled, singular_values, vectors.T), hidden_units, rotation_seed)
-        factors = [f.astype(dtype, copy=False) for f in factors]
-        factors[0] = long_side @ factors[0]
+    hidden_units = [int(h) for h in hidden_units]
+    original = np.asarray(kernel)
+    long_side = original if original.dtype == dtype else matrix.astype(dtype, copy=False)
+    return _gram_chain(long_side, singular_values, vectors, hidden_units, rotation_seed), len(singular_values)
+
+
+def _gram_chain(long_side, singular_values, vectors, hidden_units, rotation_seed):
+    """The factors of `balanced_factors_from_svd` for K = A S B^T given s and the smaller side's
+    singular vectors only. For a tall K (rows >= cols): F_1 = K B S^{1/N - 1} = A S^{1/N}, so A is
+    never formed. A wide K's chain is the transposed, reversed chain of K^T, with F_N = S^{1/N - 1}
+    A^T K.
+
+    The factor on K's long side is the one large product, taken in `long_side`'s dtype (K in the
+    factors' dtype): where its hidden width equals the rank, K times the rotated small matrix;
+    where it is wider (zero-padded), K times the unpadded small matrix, then padded and rotated,
+    which skips the products with the padding. A wide K's factors are computed in their own
+    orientation, so every factor comes out C-ordered.
+    """
+    dtype = long_side.dtype
+    tall = long_side.shape[0] >= long_side.shape[1]
+    long_rows = max(long_side.shape)
+    widths = [long_rows, *(hidden_units if tall else hidden_units[::-1]), len(singular_values)]
+    depth = len(widths) - 1
+    rank = min(len(singular_values), *widths[1:-1])
+    root = singular_values[:rank] ** (1.0 / depth)
+    rng = np.random.default_rng(rotation_seed)
+    rotations = [RandomRotation(width, rng) for width in widths[1:-1]]  # drawn in `balanced_factors_from_svd`'s order
+    first = vectors[:, :rank] * (root / singular_values[:rank])  # (K B S^{1/N - 1} = K times this)
+    if widths[1] == rank:
+        small = rotations[0].right_multiply(first).astype(dtype, copy=False)
+        long_factor = long_side @ small if tall else small.T @ long_side
+    elif tall:
+        long_factor = rotations[0].right_multiply(_embed(long_side @ first.astype(dtype), (long_rows, widths[1])))
     else:
-        # K = A S (S^-1 A^T K): the factors of A S (S^-1 A^T), then the last times K.
-        factors = balanced_factors_from_svd((vectors, singular_values, scaled.T), hidden_units, rotation_seed)
-        factors = [f.astype(dtype, copy=False) for f in factors]
-        factors[-1] = factors[-1] @ long_side
-    return factors, len(singular_values)
+        long_factor = rotations[0].transpose_left_multiply(_embed(first.T.astype(dtype) @ long_side, widths[1::-1]))
+    factors = []
+    for j in range(1, depth - 1):
+        middle = rotations[j - 1].transpose_left_multiply(_embed(np.diag(root), (widths[j], widths[j + 1])))
+        factors.append(rotations[j].right_multiply(middle))
+    factors.append(rotations[-1].transpose_left_multiply(_embed(root[:, None] * vectors[:, :rank].T, widths[-2:])))
+    if tall:
+        return [long_factor, *(f.astype(dtype, copy=False) for f in factors)]
+    return [*(np.ascontiguousarray(f.T, dtype=dtype) for f in reversed(factors)), long_factor]
+
+
+def _embed(block, shape):
+    """`block` in the top-left corner of a zero matrix of `shape` (its dtype)."""
+    padded = np.zeros(shape, dtype=block.dtype)
+    padded[: block.shape[0], : block.shape[1]] = block
+    return padded
 
 
 def _gram_spectrum(matrix):
@@ -267,15 +304,10 @@ def balanced_factors_from_svd(svd, hidden_units, rotation_seed=None):
     rank = min(len(singular_values), *widths[1:-1])
     root = singular_values[:rank] ** (1.0 / depth)
 
-    def embed(block, shape):
-        padded = np.zeros(shape)
-        padded[: block.shape[0], : block.shape[1]] = block
-        return padded
-
-    factors = [embed(left[:, :rank] * root, (widths[0], widths[1]))]
+    factors = [_embed(left[:, :rank] * root, (widths[0], widths[1]))]
     for j in range(1, depth - 1):
-        factors.append(embed(np.diag(root), (widths[j], widths[j + 1])))
-    factors.append(embed(root[:, None] * right_t[:rank], (widths[-2], widths[-1])))
+        factors.append(_embed(np.diag(root), (widths[j], widths[j + 1])))
+    factors.append(_embed(root[:, None] * right_t[:rank], (widths[-2], widths[-1])))
 
     rng = np.random.default_rng(rotation_seed)
     for j in range(1, depth):
@@ -303,19 +335,30 @@ class RandomRotation:
         self.signs = rng.choice(np.array([-1.0, 1.0]), size=size)
         vectors = rng.standard_normal((reflections, size))
         self.vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), np.finfo(float).tiny)
+        # Compact WY form H_1 ... H_k = I - V T V^T (V = the v_i as columns, T upper triangular): the
+        # reflections are applied as two thin products, one pass over the matrix instead of 3k.
+        gram = self.vectors @ self.vectors.T
+        self._wy = np.zeros((reflections, reflections))
+        for i in range(reflections):
+            self._wy[:i, i] = -2.0 * self._wy[:i, :i] @ gram[:i, i]
+            self._wy[i, i] = 2.0
 
     def right_multiply(self, matrix):
-        """X Q, for X of shape (m, n)."""
-        result = matrix[:, self.permutation] * self.signs
-        for v in self.vectors:
-            result -= 2.0 * np.outer(result @ v, v)
+        """X Q, for X of shape (m, n), in X's float dtype."""
+        result = np.take(matrix, self.permutation, axis=1)
+        result *= self.signs.astype(result.dtype)
+        if len(self.vectors):
+            v, t = self.vectors.astype(result.dtype), self._wy.astype(result.dtype)
+            result -= ((result @ v.T) @ t) @ v
         return result
 
     def transpose_left_multiply(self, matrix):
-        """Q^T Y, for Y of shape (n, m)."""
-        result = matrix[self.permutation, :] * self.signs[:, None]
-        for v in self.vectors:
-            result -= 2.0 * np.outer(v, v @ result)
+        """Q^T Y, for Y of shape (n, m), in Y's float dtype."""
+        result = np.take(matrix, self.permutation, axis=0)
+        result *= self.signs.astype(result.dtype)[:, None]
+        if len(self.vectors):
+            v, t = self.vectors.astype(result.dtype), self._wy.astype(result.dtype)
+            result -= v.T @ (t.T @ (v @ result))
         return result
 
     def matrix(self):

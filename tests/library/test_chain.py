@@ -128,6 +128,11 @@ def test_random_rotation_is_orthogonal_and_is_its_factors_multiplied_out():
     x, y = rng.normal(size=(4, 7)), rng.normal(size=(7, 3))
     np.testing.assert_allclose(rotation.right_multiply(x), x @ q, atol=1e-14)
     np.testing.assert_allclose(rotation.transpose_left_multiply(y), q.T @ y, atol=1e-14)
+    # A float32 matrix is turned in float32 (the long side of a float32 chain is never widened).
+    x32, y32 = x.astype(np.float32), y.astype(np.float32)
+    assert rotation.right_multiply(x32).dtype == rotation.transpose_left_multiply(y32).dtype == np.float32
+    np.testing.assert_allclose(rotation.right_multiply(x32), x32.astype(np.float64) @ q, atol=1e-5)
+    np.testing.assert_allclose(rotation.transpose_left_multiply(y32), q.T @ y32.astype(np.float64), atol=1e-5)
     # Seeded: the same seed, the same rotation; a zero column does not stay zero.
     np.testing.assert_array_equal(chain.RandomRotation(7, np.random.default_rng(5), reflections=3).matrix(), q)
     padded = np.hstack([rng.normal(size=(4, 2)), np.zeros((4, 5))])
