@@ -346,18 +346,23 @@ def _free_ports(count):
     return ports
 
 
+def _subprocess_env():
+    """The environment of a TensorFlow subprocess test: this checkout first, quiet, CPU only."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+
+
 @pytest.mark.tf_only("tf.distribute.MultiWorkerMirroredStrategy")
 def test_multi_worker_custom_loop_matches_a_single_worker(tmp_path):
     # Keras 3's fit under MultiWorkerMirroredStrategy is reported broken (keras-team/keras#20585):
     # the optimizer is checked in a custom training loop, two worker processes on localhost.
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
+    env = _subprocess_env()
     for refresh_every in ["none", "2"]:
         single = tmp_path / f"single_{refresh_every}.npz"
         result = subprocess.run(
@@ -450,12 +455,7 @@ def test_mirrored_replicas_compute_the_preconditioner_once_per_step(tmp_path, de
     # refresh), not one per replica; and 3 steps still match one device to float64 rounding.
     script = tmp_path / "counted.py"
     script.write_text(_COUNTED)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
+    env = _subprocess_env()
     out = tmp_path / "out.npz"
     result = subprocess.run(
         [sys.executable, str(script), str(out), str(depth), refresh_every],
