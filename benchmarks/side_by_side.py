@@ -22,13 +22,12 @@ Keras' `Muon` hands every non-2-D variable (all convolution kernels) to AdamW: i
 peer only on dense kernels.
 """
 
-import time
 import warnings
 
 import keras
 import numpy as np
 
-from benchmarks import floor
+from benchmarks import floor, timing
 from benchmarks.models import DEPTH, compiled, side_by_side_model
 from benchmarks.timing import StepClock, measure
 
@@ -177,23 +176,24 @@ def crossover(config, models, refresh_every, batch, rng, input_shape, classes, r
 
 
 def conversion_result(config):
-    """`overparameterize(preserve_function=True)` against `clone_model` of the same model,
-    each the median of `conversion_repeats` calls after a first (which builds caches)."""
+    """`overparameterize(preserve_function=True)` against `clone_model` of the same model: a first
+    call of each (which builds caches), then `conversion_repeats` rounds of one call each,
+    interleaved as `measure` does; each the median over the rounds."""
     build, _, _ = side_by_side_model(config.conversion_model, config.image_size, config.classes)
     keras.utils.set_random_seed(0)
     model = build()
     _, _, convert = end_to_end_api()
-    seconds = {}
-    for name, call in (
-        ("clone_model", lambda: keras.models.clone_model(model)),
-        ("overparameterize", lambda: convert(model)),
-    ):
-        times = []
-        for _ in range(config.conversion_repeats + 1):
-            started = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - started)
-        seconds[name] = {"first_call_s": times[0], "seconds": times[1:], "median_s": float(np.median(times[1:]))}
+    calls = {"clone_model": lambda: keras.models.clone_model(model), "overparameterize": lambda: convert(model)}
+    first = {name: timing.clock(call) for name, call in calls.items()}
+    times = {name: [] for name in calls}
+    names = list(calls)
+    for round_ in range(config.conversion_repeats):
+        for name in names[round_ % 2 :] + names[: round_ % 2]:
+            times[name].append(timing.clock(calls[name]))
+    seconds = {
+        name: {"first_call_s": first[name], "seconds": times[name], "median_s": float(np.median(times[name]))}
+        for name in calls
+    }
     return {
         "model": config.conversion_model,
         **seconds,

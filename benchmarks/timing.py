@@ -6,12 +6,15 @@ iterations, batches), each worth `steps_per_unit` steps. `measure` times the fir
 unit, tracing included) on its own, sizes every case so that one call lasts about `target_s`,
 then times `repeats` rounds in which every case runs once (each round starting one case
 later), so that a change of the machine's load hits all cases alike; a case's time is the
-median over the rounds.
+median over the rounds. Python's cyclic garbage collector runs between timed calls, not
+inside them (as `timeit` does).
 
 Nothing here imports TensorFlow or Keras at module level: `benchmarks.run --help` stays fast.
 """
 
+import contextlib
 import dataclasses
+import gc
 import math
 import os
 import platform
@@ -74,10 +77,26 @@ def model_cases(models, x, y):
     return cases
 
 
-def _clock(run, units):
-    started = time.perf_counter()
-    run(units)
-    return time.perf_counter() - started
+@contextlib.contextmanager
+def collector_paused():
+    """Collects garbage, then keeps Python's cyclic collector off inside the block: a collection
+    lands on whichever call crosses its allocation threshold, a spike that belongs to no case."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def clock(call, *args):
+    """Seconds of one `call(*args)`, the collector paused."""
+    with collector_paused():
+        started = time.perf_counter()
+        call(*args)
+        return time.perf_counter() - started
 
 
 def _units_for(run, target_s):
@@ -89,7 +108,7 @@ def _units_for(run, target_s):
     """
     units, per_unit = 1, math.inf
     while True:
-        per_unit = min(per_unit, _clock(run, units) / units)
+        per_unit = min(per_unit, clock(run, units) / units)
         sized = max(1, round(target_s / per_unit))
         if sized <= 1.25 * units:
             return sized
@@ -103,13 +122,13 @@ def measure(cases, target_s, repeats):
     that unit), `steps` per timed call, `seconds` (every timed call) and `seconds_per_step`
     (the median call over `steps`).
     """
-    first = {name: _clock(case.run, 1) for name, case in cases.items()}
+    first = {name: clock(case.run, 1) for name, case in cases.items()}
     units = {name: _units_for(case.run, target_s) for name, case in cases.items()}
     seconds = {name: [] for name in cases}
     names = list(cases)
     for round_ in range(repeats):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-            seconds[name].append(_clock(cases[name].run, units[name]))
+            seconds[name].append(clock(cases[name].run, units[name]))
     timings = {}
     for name, case in cases.items():
         steps = units[name] * case.steps_per_unit

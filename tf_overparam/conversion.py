@@ -1,6 +1,7 @@
 """Whole-model conversion over the layer registry: plain layers to their overparameterized
 layers (`overparameterize`) and back (`collapse`)."""
 
+import concurrent.futures
 import dataclasses
 import warnings
 
@@ -126,6 +127,8 @@ def overparameterize(
                 f"{layer.name!r} ({error}); return only arguments of {overparam_class.__name__}."
             ) from error
         converted.append((layer.name, type(layer).__name__, overparam_class.__name__))
+        if preserve_function:
+            balanced[id(layer)] = _start_balanced(pool, layer, new, seed)
         return new
 
     def copy(old, new):
@@ -133,11 +136,19 @@ def overparameterize(
             new.set_weights(old.get_weights())
             return
         if preserve_function:
-            _assign_balanced(old, new, seed)
+            _assign_balanced(old, new, balanced.pop(id(old)))
         if old.use_bias:
             new.bias.assign(keras.ops.copy(old.bias))  # a copy: JAX's fit donates (frees) the old buffer
 
-    new_model = _convert_model(model, convert, copy)
+    # The balanced factors are NumPy/LAPACK work, which releases the GIL; `clone_model` is Python
+    # work. Each layer's decomposition starts on a worker thread as soon as the clone reaches the
+    # layer, so the two overlap; `copy` waits for it.
+    balanced = {}
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="balanced_chain")
+    try:
+        new_model = _convert_model(model, convert, copy)
+    finally:
+        pool.shutdown(cancel_futures=True)
     report = ConversionReport(converted=tuple(converted), left=tuple(left))
     new_model.conversion_report = report
     if left:
@@ -209,20 +220,30 @@ def _not_converted_reason(layer, layers):
     return f"no overparameterized layer is registered for {type(layer).__name__}"
 
 
-def _assign_balanced(old, new, seed):
+def _start_balanced(pool, old, new, seed):
+    """The balanced factors of `old`'s kernel for the hidden widths of the unbuilt `new`, started on
+    `pool`: a future of (factors, rank), or the kernel itself at depth 1."""
+    widths = [int(w) for w in getattr(new, type(new).hidden_argument)]
+    kernel = keras.ops.convert_to_numpy(registry.kernel_matrix(old.kernel))
+    if not widths:
+        return kernel
+    dtype = keras.backend.standardize_dtype(new.variable_dtype)
+    return pool.submit(balanced_chain, kernel, widths, rotation_seed=seed, dtype=dtype)
+
+
+def _assign_balanced(old, new, balanced):
+    """Assigns `new` the factors `_start_balanced` computes, after checking that they fit it."""
     if any(len(f.shape) != 2 for f in new.factors):
         raise ValueError(
             f"`preserve_function=True` needs a chain of matrices; layer {old.name!r} became a "
             f"chain of factors shaped {[tuple(f.shape) for f in new.factors]}."
         )
-    widths = [int(f.shape[1]) for f in new.factors[:-1]]
-    kernel = keras.ops.convert_to_numpy(registry.kernel_matrix(old.kernel))
-    dtype = keras.backend.standardize_dtype(new.factors[0].dtype)
-    if not widths:  # depth 1: the kernel itself
-        new.factors[0].assign(kernel.astype(dtype))
+    if not isinstance(balanced, concurrent.futures.Future):  # depth 1: the kernel itself
+        new.factors[0].assign(balanced.astype(keras.backend.standardize_dtype(new.factors[0].dtype)))
         return
+    widths = [int(f.shape[1]) for f in new.factors[:-1]]
     # One decomposition gives both the rank check and the factors.
-    factors, rank = balanced_chain(kernel, widths, rotation_seed=seed, dtype=dtype)
+    factors, rank = balanced.result()
     if min(widths) < rank:
         raise ValueError(
             f"`hidden_units` {widths} of layer {old.name!r} are narrower than the rank "

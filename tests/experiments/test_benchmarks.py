@@ -3,6 +3,7 @@ quotients of the raw timings; the FLOP counts, the floor's products and the timi
 bookkeeping by hand or against NumPy; the command line's start (help without TensorFlow, a
 skipped data section, no TensorFlow log lines). No assertion depends on how fast the machine is."""
 
+import gc
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from _reference import reference_direction  # tests/ is on sys.path (rootdir-rel
 from benchmarks import floor, run
 from benchmarks.fullbatch import step_flops
 from benchmarks.models import benchmark_kernel
-from benchmarks.timing import Case, StepClock, measure
+from benchmarks.timing import Case, StepClock, clock, measure
 from benchmarks.update_rule import takes_newton_schulz
 from tf_overparam.preconditioning import newton_schulz_square_roots
 
@@ -187,6 +188,19 @@ def test_measure_warms_up_on_one_unit_then_times_equal_calls_in_rotating_rounds(
     for timing in timings.values():
         assert timing["steps"] == 3 and len(timing["seconds"]) == 2
         assert timing["seconds_per_step"] == pytest.approx(statistics.median(timing["seconds"]) / 3)
+
+
+def test_a_timed_call_runs_with_the_collector_off_and_restores_it():
+    seen = []
+    assert gc.isenabled()
+    clock(lambda: seen.append(gc.isenabled()))
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:  # a collector the caller turned off stays off
+        clock(lambda: seen.append(gc.isenabled()))
+        assert seen == [False, False] and not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 # ----------------------------------------------------------------------------- the floor

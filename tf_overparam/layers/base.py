@@ -55,7 +55,8 @@ class OverparamLayer(OwnLossesMixin, keras.layers.Layer):
     - `chain_only_keys` (class attribute): its config keys the plain layer does not have;
     - `hidden_argument` (class attribute): the name of its hidden-width argument
       ("hidden_units"; a convolution might say "hidden_filters"), which `overparameterize`
-      fills from its own `hidden_units`;
+      fills from its own `hidden_units`; the attribute of that name holds the depth - 1
+      resolved widths (`tf_overparam.chain.resolve_hidden_units`) from construction on;
     - `factor_shapes(input_shape)`: the factor shapes, input side first (2-D for a matrix
       chain, see `tf_overparam.chain.chain_shapes`);
     - `kernel_shape(input_shape)`: the plain layer's kernel shape; the matrix view is
