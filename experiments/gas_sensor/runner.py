@@ -4,7 +4,7 @@ and the checkpoint of the stage in progress in the run folder, and after a confi
 stage and once it is done rewrites results.json and the figures that hold it. A resumed run
 replays the machine from the saved grids.
 
-A run folder holds config.json, sessions.json (the wall time of every session), results.json,
+A run folder holds config.json, sessions.json (the wall time and provenance of every session), results.json,
 one PNG per figure, TensorBoard logs (`tensorboard/`), the finished grids (`grids/*.npz`), the
 early screens (`early/*.npz`) and the engine checkpoint of the stage in progress
 (`checkpoint.npz`, `experiments.common.runstate`).
@@ -16,7 +16,7 @@ import time
 
 from experiments.common import runstate, sweep
 from experiments.common.cli import check_interrupt, lazy_import
-from experiments.common.run_folder import write_json_atomic
+from experiments.common.run_folder import provenance, write_json_atomic
 from experiments.gas_sensor import plan, plots, records, report, stages, training
 from experiments.gas_sensor.progress import Progress
 from experiments.gas_sensor.training import diagnostics_every, train_stage  # noqa: F401 (the runner's names)
@@ -54,7 +54,9 @@ class GasSensorRun:
         self.saved_seconds = self._load_saved_seconds()
         self.sessions = self._load_sessions()
         self.session_started = time.monotonic()
-        self.sessions.append({"started": datetime.datetime.now(datetime.timezone.utc).isoformat(), "seconds": 0.0})
+        # Each session's own provenance: a resumed run may continue on another commit than config.json's.
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        self.sessions.append({"started": started, "seconds": 0.0, "provenance": provenance()})
         self.progress = Progress(sum(self.planned.values()), parallel=self.executor.capacity)
         self._count_finished_work()
 

@@ -134,6 +134,9 @@ def test_interrupted_run_resumes_to_the_uninterrupted_results(data_dir, tmp_path
     assert len(got["sessions"]) == 2 and all(session["seconds"] > 0 for session in got["sessions"])
     assert got["seconds"] == pytest.approx(sum(session["seconds"] for session in got["sessions"]))
     assert len(want["sessions"]) == 1 and want["seconds"] == want["sessions"][0]["seconds"]
+    # Each session records what ran it, as config.json records what started the run.
+    config = json.loads((resumed / "config.json").read_text())
+    assert [session["provenance"] for session in got["sessions"]] == [config["provenance"]] * 2
     # The bar was closed before the interruption's line: its last line ends.
     assert stdout.endswith("\n")
 
