@@ -25,8 +25,9 @@ The forms, one module each:
 `method` chooses: "eigh"; "newton_schulz" (depth 2 only) tries the iteration and falls back to
 the eigh where it does not converge; "auto" tries it at depth 2 where `auto_tries_newton_schulz`
 says it pays (kernels whose smaller side is at least `NEWTON_SCHULZ_MIN_COLUMNS`, computed on an
-accelerator), and takes the eigh otherwise. With `return_info=True` the method that ran is returned too (`PreconditioningInfo`),
-as a tensor: the fallback is decided at run time, inside a compiled function.
+accelerator), and takes the eigh otherwise. With `return_info=True` the method that ran is
+returned too (`PreconditioningInfo`), as a tensor: the fallback is decided at run time, inside a
+compiled function.
 
 Amortised use (Shampoo-style): keep the preconditioner of a kernel W_r for k steps
 (`compute_preconditioner`) and apply it to each new gradient (`apply_preconditioner`),
