@@ -10,8 +10,9 @@ method="eigh" and method="newton_schulz", each in one compiled loop, the two int
 1e-30 times a sum of the roots, which leaves them unchanged in float32 but keeps the work from
 being hoisted out of the loop. Newton-Schulz falls back to the eigh where it does not converge
 (within the same call, so its time then holds both); `converged` says whether it did, from
-`return_info`. `auto_method` is the method `method="auto"` runs on the group today: the eigh
-below `NEWTON_SCHULZ_MIN_COLUMNS` columns, Newton-Schulz (or its fallback) from there on.
+`return_info`. `auto_method` is the method `method="auto"` runs on the group on this machine:
+Newton-Schulz (or its fallback) where `preconditioning.auto_tries_newton_schulz` says so (from
+`NEWTON_SCHULZ_MIN_COLUMNS` columns on, on an accelerator), the eigh otherwise.
 
 The summary gives the smallest column count at which Newton-Schulz was faster, and the smallest
 column count from which it was faster for every group with at least that many columns: the
@@ -57,7 +58,7 @@ def method_run(stack, method):
 
 def group_result(config, stack):
     """One group's row: shape, size, both timings, their ratio, convergence, `auto`'s pick."""
-    from tf_overparam.preconditioning import NEWTON_SCHULZ_MIN_COLUMNS
+    from tf_overparam.preconditioning import auto_tries_newton_schulz
 
     count, rows, cols = stack.shape
     timings = measure({m: preconditioner_case(stack, m) for m in METHODS}, config.target_s, config.repeats)
@@ -72,7 +73,7 @@ def group_result(config, stack):
         "newton_schulz_over_eigh": seconds["newton_schulz"] / seconds["eigh"],
         "newton_schulz_faster": seconds["newton_schulz"] < seconds["eigh"],
         "converged": method_run(stack, "newton_schulz") == "newton_schulz",
-        "auto_tries_newton_schulz": cols >= NEWTON_SCHULZ_MIN_COLUMNS,
+        "auto_tries_newton_schulz": auto_tries_newton_schulz(cols),
         "auto_method": method_run(stack, "auto"),
     }
 
@@ -90,9 +91,15 @@ def thresholds(groups):
 def ns_threshold_section(config, write=None):
     """Every model of `config.models`; `write(section)` after each, so that a long run leaves its
     finished models on disk."""
-    from tf_overparam.preconditioning import NEWTON_SCHULZ_MIN_COLUMNS
+    from tf_overparam.preconditioning import NEWTON_SCHULZ_MIN_COLUMNS, auto_tries_newton_schulz
 
-    section = {"depth": DEPTH, "auto_min_columns": NEWTON_SCHULZ_MIN_COLUMNS, "models": {}}
+    section = {
+        "depth": DEPTH,
+        "auto_min_columns": NEWTON_SCHULZ_MIN_COLUMNS,
+        # Whether "auto" tries Newton-Schulz at all on this machine (on an accelerator only).
+        "auto_tries_newton_schulz_here": auto_tries_newton_schulz(NEWTON_SCHULZ_MIN_COLUMNS),
+        "models": {},
+    }
     for name in config.models:
         build, input_shape, _ = side_by_side_model(name, config.image_size, config.classes)
         keras.utils.set_random_seed(0)

@@ -5,8 +5,9 @@ interleaved rounds, a `train_on_batch` step under SGD, Adam, Keras' `Muon`, `End
 exact and `EndToEnd(SGD, refresh_every=k)`, and the floor of the end-to-end step for the kernels
 `EndToEnd` selects (`benchmarks.floor`: the products alone in one compiled loop, kernels of one
 shape batched; exact: a refresh, through the `eigh`, and an apply every step; amortised: the
-apply plus 1/k of a refresh). The library's exact step may take Newton-Schulz instead of the
-`eigh` on wide kernels, so it can come in under this floor. A call of an amortised case
+apply plus 1/k of a refresh). On an accelerator the library's exact step may take
+Newton-Schulz instead of the `eigh` on wide kernels, and an amortised step's spread refresh
+takes it on any device, so either can come in under this floor. A call of an amortised case
 is a whole number of k-step windows, so every call holds its share of refreshes. Reported:
 
 - `vs_sgd`: the median step over SGD's;

@@ -192,8 +192,10 @@ def _ns_threshold(section):
     lines = [
         f"Newton-Schulz against the eigh, depth {section['depth']}: the preconditioner of each group of selected "
         "kernels of one matrix shape (oriented tall), batched as `EndToEnd` does, one compiled call (ms; NS / eigh: "
-        f'the medians\' quotient; auto: what method="auto" runs, Newton-Schulz tried from '
-        f"{section['auto_min_columns']} columns):",
+        f'the medians\' quotient; auto: what method="auto" runs here, Newton-Schulz tried from '
+        f"{section['auto_min_columns']} columns on an accelerator"
+        + ("" if section.get("auto_tries_newton_schulz_here", True) else ", the eigh on this CPU")
+        + "):",
         "",
         "| model | rows x cols | group size | eigh (ms) | Newton-Schulz (ms) | NS / eigh | NS converged | auto |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |",

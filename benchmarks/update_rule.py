@@ -10,8 +10,8 @@ from benchmarks.models import DEPTH, benchmark_kernel
 from benchmarks.timing import compiled_loop, measure
 from experiments.engine.fullbatch import UNROLL
 from tf_overparam.preconditioning import (
-    NEWTON_SCHULZ_MIN_COLUMNS,
     apply_preconditioner,
+    auto_tries_newton_schulz,
     compute_preconditioner,
     end_to_end_direction,
     newton_schulz_square_roots,
@@ -38,7 +38,7 @@ def _gram_eigh_step(w, g):
 def takes_newton_schulz(kernel):
     """Whether the exact depth-2 direction of `kernel` goes through Newton-Schulz."""
     oriented = kernel if kernel.shape[0] >= kernel.shape[1] else tf.transpose(kernel)
-    return min(kernel.shape) >= NEWTON_SCHULZ_MIN_COLUMNS and bool(
+    return auto_tries_newton_schulz(min(kernel.shape)) and bool(
         newton_schulz_square_roots(tf.matmul(oriented, oriented, transpose_a=True)).converged
     )
 
@@ -53,14 +53,15 @@ def update_rule_section(config):
     and its float32 `eigh`, the part of `exact` no rearrangement of products saves; its input
     changes every step, as in training), `refresh` (d = P(W) G with P(W) computed at the current
     W, `compute_preconditioner` then `apply_preconditioner`: the amortised rule's step at a
-    refresh, which eigendecomposes also where the exact direction takes Newton-Schulz) and, for
+    refresh done in one step, by the method of `exact`) and, for
     kernels with both sides above 1, `floor` (d = `benchmarks.floor.floor_direction`, the exact
     depth-2 direction through the eigh with nothing but its unavoidable products). One matmul is
     half the `matmuls` step; the amortised rule with refresh_every = k costs
     between_refreshes + (refresh - between_refreshes) / k on average. Kernels: Gaussian
     N(0, 0.01) of `config.kernels` and `config.conditioned_kernels` with log-spaced singular
     values (where depth 2 declines Newton-Schulz); `newton_schulz` says which path the exact
-    direction takes for the kernel the loop starts from.
+    direction takes for the kernel the loop starts from (the eigh on a CPU,
+    `preconditioning.auto_tries_newton_schulz`).
     """
     rng = np.random.default_rng(0)
     cases, shapes = {}, {}

@@ -92,10 +92,13 @@ class EndToEnd(keras.optimizers.Optimizer):
     preconditioner once every k steps, staggered: the i-th selected kernel (in the order of the
     model's trainable variables) at the steps t with t mod k = i mod k, and every kernel at
     step 0, so that after the first step no step refreshes them all. At depth 2, with k >= 2,
-    a refresh by Newton-Schulz (a kernel of 256 columns or more under `method="auto"`) is
-    spread over the next steps of the kernel's window, a few Newton-Schulz steps in each, and
-    applied from the step it completes (`tf_overparam.refresh`), so no step after the first
-    pays a whole refresh of a large kernel.
+    the refresh of a large kernel (`preconditioning.NEWTON_SCHULZ_MIN_COLUMNS` columns or more
+    under `method="auto"`) takes Newton-Schulz on every device, spread over the next steps of
+    the kernel's window, a few steps of the iteration in each, and is applied from the step it
+    completes (`tf_overparam.refresh`), so no step after the first pays a whole refresh of a
+    large kernel. What is computed in one step (exact steps, other refreshes, step 0) takes
+    Newton-Schulz under "auto" only on an accelerator
+    (`preconditioning.auto_tries_newton_schulz`), the eigh on a CPU.
 
     Inner optimizer options: `clipnorm`, `clipvalue`, `global_clipnorm`, `use_ema`, Keras'
     `weight_decay` and `gradient_accumulation_steps` act as usual, on the preconditioned
@@ -128,7 +131,8 @@ class EndToEnd(keras.optimizers.Optimizer):
             steps. k = 1 is the exact rule.
         variables: None (the default rule) or a list of `fnmatch` patterns on variable paths.
         method: "auto", "eigh" or "newton_schulz" (depth <= 2): how a step computes the direction
-            and a refresh the preconditioner (`tf_overparam.preconditioning`).
+            and a refresh the preconditioner (`tf_overparam.preconditioning`; spread refreshes
+            above).
         model: the model whose kernels are preconditioned, read through its layers (see above).
             Not saved; the maps read from it are.
         linear_maps: {variable path: `LinearMap` config}, the maps read from a model, as

@@ -7,11 +7,14 @@ model's trainable variables) refreshes at the steps t with t mod k = i mod k, an
 at step 0, so that after the first step no step refreshes them all. A refresh done in one step
 computes P(W_t) of the current kernel, which that step and the next k - 1 apply.
 
-Spread refreshes. At depth 2 with k >= 2, a kernel whose refresh takes Newton-Schulz
-(`method="auto"` from `preconditioning.NEWTON_SCHULZ_MIN_COLUMNS` columns on, `"newton_schulz"`
-for every kernel with two columns or more) would cost its Gram matrix, a Lanczos estimate and up
-to `NEWTON_SCHULZ_MAX_STEPS + NEWTON_SCHULZ_SPARE_STEPS` steps of three b x b products in one
-step. Its refreshes after step 0 are spread over its window instead:
+Spread refreshes. At depth 2 with k >= 2, the refreshes after step 0 of a kernel of
+`preconditioning.NEWTON_SCHULZ_MIN_COLUMNS` columns or more under `method="auto"`, or of two
+columns or more under `"newton_schulz"`, take Newton-Schulz spread over the kernel's window, on
+every device: an eigh cannot be split over steps, and the iteration can, so that no step pays a
+large kernel's whole refresh (its Gram matrix, a Lanczos estimate and up to
+`NEWTON_SCHULZ_MAX_STEPS + NEWTON_SCHULZ_SPARE_STEPS` steps of three b x b products). What is
+computed in one step (a refresh at step 0, or of any other kernel) follows `method` as an exact
+step does, `preconditioning.auto_tries_newton_schulz` deciding under "auto". A spread refresh:
 
 - at its refresh step s the kernel W_s is kept as a snapshot, with the iteration's start from
   its Gram matrix (`newton_schulz.start_iteration`);
@@ -126,6 +129,7 @@ class KeptPreconditioners:
         cols = oriented_shape(linear_map)[2]
         if self._depth != 2 or self._every < 2 or cols < 2 or self._method == "eigh":
             return False
+        # Not `auto_tries_newton_schulz`: spreading pays on any device, where an eigh would spike.
         return self._method == "newton_schulz" or cols >= NEWTON_SCHULZ_MIN_COLUMNS
 
     @staticmethod

@@ -156,11 +156,17 @@ def test_floor_direction_is_eq24_at_depth_2(shape):
     np.testing.assert_allclose(direction, reference_direction(w, g, 2), rtol=1e-9, atol=1e-10)
 
 
-def test_kernels_of_the_update_rule_section_take_the_paths_they_are_named_for():
-    # The Gaussian 3136 x 512 kernel (cond(W) about 2.4) takes Newton-Schulz; the conditioned one
-    # (cond(W) 1e3, singular values 1e3 apart) is built as named and declines it.
+def test_kernels_of_the_update_rule_section_take_the_paths_they_are_named_for(monkeypatch):
+    # The Gaussian 3136 x 512 kernel (cond(W) about 2.4) takes Newton-Schulz where "auto" tries
+    # it (on an accelerator: the device answer patched) and the eigh on a CPU; the conditioned
+    # one (cond(W) 1e3, singular values 1e3 apart) is built as named and declines it.
+    from tf_overparam import preconditioning
+
     rng = np.random.default_rng(0)
     kernel = benchmark_kernel(rng, (3136, 512), None)
+    monkeypatch.setattr(preconditioning, "_on_accelerator", lambda: False)
+    assert not takes_newton_schulz(tf.constant(kernel))
+    monkeypatch.setattr(preconditioning, "_on_accelerator", lambda: True)
     assert takes_newton_schulz(tf.constant(kernel))
     conditioned = benchmark_kernel(rng, (300, 128), 1e3)
     s = np.linalg.svd(conditioned, compute_uv=False)
@@ -409,6 +415,9 @@ def test_quick_ns_threshold_and_distributed_sections(tmp_path, capsys):
 
     section = results["ns_threshold"]
     quick = run.NsThreshold.quick()
+    # "auto" tries Newton-Schulz only where Keras computes on an accelerator (the documented rule).
+    on_accelerator = any(not d.startswith("cpu") for d in keras.distribution.list_devices())
+    assert section["auto_tries_newton_schulz_here"] is on_accelerator
     assert list(section["models"]) == list(quick.models) == ["tiny CNN"]
     model = section["models"]["tiny CNN"]
     keras.utils.set_random_seed(0)

@@ -87,12 +87,16 @@ def test_sgd_trajectory_is_eq24_and_equals_end_to_end_model(float64, depth, weig
     assert np.abs(wrapped.get_weights()[0] - plain[0]).max() > 1e-4
 
 
-def test_sgd_on_a_kernel_wide_enough_for_newton_schulz_is_eq24(float64):
+def test_sgd_on_a_kernel_wide_enough_for_newton_schulz_is_eq24(float64, monkeypatch):
     # A linear layer whose 600 x 256 kernel takes the depth-2 Newton-Schulz path (checked on its
-    # Gram matrix): three full-batch SGD steps equal the NumPy eq. 24 steps of the hand gradient
-    # of (1/2) mean (x W - y)^2.
+    # Gram matrix) under method="auto" on an accelerator (the device answer patched: this test
+    # runs on CPUs too): three full-batch SGD steps equal the NumPy eq. 24 steps of the hand
+    # gradient of (1/2) mean (x W - y)^2.
     from tf_overparam import preconditioning
 
+    monkeypatch.setattr(preconditioning, "_on_accelerator", lambda: True)
+    tries, rule = [], preconditioning.auto_tries_newton_schulz
+    monkeypatch.setattr(preconditioning, "auto_tries_newton_schulz", lambda cols: tries.append(rule(cols)) or tries[-1])
     rng = np.random.default_rng(12)
     x, y = rng.normal(size=(32, 600)), rng.normal(size=(32, preconditioning.NEWTON_SCHULZ_MIN_COLUMNS))
     kernel = rng.normal(size=(600, preconditioning.NEWTON_SCHULZ_MIN_COLUMNS)) * 0.05
@@ -107,6 +111,7 @@ def test_sgd_on_a_kernel_wide_enough_for_newton_schulz_is_eq24(float64):
         expected = expected - eta * reference_direction(expected, x.T @ ((x @ expected - y) / y.size), 2)
     assert np.abs(expected - kernel).max() > 1e-3  # it moved
     assert_allclose_through_keras(model.get_weights()[0], expected, rtol=1e-10, atol=1e-12)
+    assert tries and all(tries)  # "auto" chose the iteration where the step was traced
 
 
 # Which kernel refreshes at which of 7 steps: every kernel at step 0, then the i-th selected

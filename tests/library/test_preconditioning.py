@@ -8,6 +8,7 @@ through eigendecompositions of W W^T and W^T W (0^0 = 1 on null spaces), for eve
 
 import itertools
 
+import keras
 import numpy as np
 import pytest
 from _backend import compiled  # tests/ is on sys.path (rootdir-relative import)
@@ -421,9 +422,12 @@ def test_depth_two_direction_by_newton_schulz_matches_the_reference(shape):
     oriented = w if shape[0] >= shape[1] else w.T
     assert bool(newton_schulz_square_roots(_gram(oriented)).converged)
     expected = reference_direction(w, g, 2)
-    direction = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), 2))
-    assert np.linalg.norm(direction - expected) <= 1e-12 * np.linalg.norm(expected)
-    single = compiled(lambda w, g: end_to_end_direction(w, g, 2))(
+    direction, info = end_to_end_direction(
+        ops.convert_to_tensor(w), ops.convert_to_tensor(g), 2, method="newton_schulz", return_info=True
+    )
+    assert _ran(info) == "newton_schulz"
+    assert np.linalg.norm(np.asarray(direction) - expected) <= 1e-12 * np.linalg.norm(expected)
+    single = compiled(lambda w, g: end_to_end_direction(w, g, 2, method="newton_schulz"))(
         ops.convert_to_tensor(w, "float32"), ops.convert_to_tensor(g, "float32")
     )
     assert single.dtype == "float32"
@@ -439,12 +443,17 @@ def test_depth_two_direction_falls_back_to_the_eigh_where_newton_schulz_declines
         assert not bool(newton_schulz_square_roots(_gram(w)).converged)
         g = rng.normal(size=w.shape)
         expected = reference_direction(w, g, 2)
-        direction = np.asarray(end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(g), 2))
-        assert np.linalg.norm(direction - expected) <= 1e-10 * max(np.linalg.norm(expected), 1e-300)
+        direction, info = end_to_end_direction(
+            ops.convert_to_tensor(w), ops.convert_to_tensor(g), 2, method="newton_schulz", return_info=True
+        )
+        assert _ran(info) == "eigh"
+        assert np.linalg.norm(np.asarray(direction) - expected) <= 1e-10 * max(np.linalg.norm(expected), 1e-300)
     w = rng.normal(size=(400, NS_COLUMNS))
     w[5, 6] = np.inf
     direction = np.asarray(
-        end_to_end_direction(ops.convert_to_tensor(w), ops.convert_to_tensor(rng.normal(size=w.shape)), 2)
+        end_to_end_direction(
+            ops.convert_to_tensor(w), ops.convert_to_tensor(rng.normal(size=w.shape)), 2, method="newton_schulz"
+        )
     )
     assert np.all(np.isnan(direction))
 
@@ -531,6 +540,41 @@ def test_the_method_that_ran_is_reported():
         assert _ran(compute_preconditioner(w, depth, method=method, return_info=True)[1]) == ran
     # Without `return_info` the result is the direction alone.
     assert tuple(end_to_end_direction(gaussian, gaussian, 2).shape) == (40, 8)
+
+
+def _keras_computes_on_an_accelerator():
+    """What Keras reports for this process: its default devices are a GPU's or TPU's."""
+    return any(not device.startswith("cpu") for device in keras.distribution.list_devices())
+
+
+def test_auto_tries_newton_schulz_from_the_threshold_on_an_accelerator_only(monkeypatch):
+    # The documented rule: at depth 2, "auto" tries the iteration for a kernel whose smaller side
+    # has at least NEWTON_SCHULZ_MIN_COLUMNS columns where Keras computes on an accelerator, and
+    # takes the eigh otherwise (fewer columns, or a CPU). A Gaussian 600 x NS_COLUMNS kernel,
+    # tall or wide, is one the iteration converges on; one column fewer is below the threshold.
+    rng = np.random.default_rng(15)
+    w = rng.normal(size=(600, NS_COLUMNS))
+    assert bool(newton_schulz_square_roots(_gram(w)).converged)
+
+    def ran(kernel):
+        g = rng.normal(size=kernel.shape)
+        direction, info = end_to_end_direction(kernel, g, 2, return_info=True)
+        expected = reference_direction(kernel, g, 2)
+        assert np.linalg.norm(np.asarray(direction) - expected) <= 1e-12 * np.linalg.norm(expected)
+        kept = _ran(compute_preconditioner(kernel, 2, return_info=True)[1])
+        assert kept == _ran(info)
+        return kept
+
+    here = "newton_schulz" if _keras_computes_on_an_accelerator() else "eigh"
+    assert preconditioning.auto_tries_newton_schulz(NS_COLUMNS) == (here == "newton_schulz")
+    assert ran(w) == ran(w.T) == here
+    monkeypatch.setattr(preconditioning, "_on_accelerator", lambda: True)
+    assert preconditioning.auto_tries_newton_schulz(NS_COLUMNS)
+    assert ran(w) == ran(w.T) == "newton_schulz"
+    assert not preconditioning.auto_tries_newton_schulz(NS_COLUMNS - 1)
+    assert ran(w[:, : NS_COLUMNS - 1]) == "eigh"
+    monkeypatch.setattr(preconditioning, "_on_accelerator", lambda: False)
+    assert ran(w) == "eigh"
 
 
 def test_the_report_is_decided_at_run_time_inside_a_compiled_function():

@@ -23,10 +23,11 @@ The forms, one module each:
 - `reference`: P written out as a matrix, and its eigenvalues, for checking.
 
 `method` chooses: "eigh"; "newton_schulz" (depth 2 only) tries the iteration and falls back to
-the eigh where it does not converge; "auto" tries it at depth 2 for kernels whose smaller side
-is at least `NEWTON_SCHULZ_MIN_COLUMNS`, where it costs less than the eigh, and takes the eigh
-otherwise. With `return_info=True` the method that ran is returned too (`PreconditioningInfo`),
-as a tensor: the fallback is decided at run time, inside a compiled function.
+the eigh where it does not converge; "auto" tries it at depth 2 where `auto_tries_newton_schulz`
+says it pays (kernels whose smaller side is at least `NEWTON_SCHULZ_MIN_COLUMNS`, computed on an
+accelerator), and takes the eigh otherwise. With `return_info=True` the method that ran is
+returned too (`PreconditioningInfo`), as a tensor: the fallback is decided at run time, inside a
+compiled function.
 
 Amortised use (Shampoo-style): keep the preconditioner of a kernel W_r for k steps
 (`compute_preconditioner`) and apply it to each new gradient (`apply_preconditioner`),
@@ -34,8 +35,10 @@ D_t = P(W_r) G_t; a step in between costs the products with G only.
 `tf_overparam.optimizers.EndToEnd(refresh_every=k)` does that.
 """
 
+import functools
 from typing import NamedTuple
 
+import keras
 from keras import ops
 
 from tf_overparam.preconditioning import eigh, newton_schulz
@@ -67,6 +70,7 @@ __all__ = [
     "PreconditioningInfo",
     "SquareRoots",
     "apply_preconditioner",
+    "auto_tries_newton_schulz",
     "compute_preconditioner",
     "end_to_end_direction",
     "lanczos_extremes",
@@ -82,9 +86,30 @@ __all__ = [
 RAN_METHODS = ("gradient", "closed_form", "eigh", "newton_schulz")
 _GRADIENT, _CLOSED_FORM, _EIGH, _NEWTON_SCHULZ = range(4)
 
-# "auto" tries Newton-Schulz at depth 2 from this smaller side on. Below it the Lanczos estimate's
-# many small operations weigh against an eigh that is cheap at that size anyway.
+# On an accelerator, "auto" tries Newton-Schulz at depth 2 from this smaller side on. Below it the
+# Lanczos estimate's many small operations weigh against an eigh that is cheap at that size anyway.
 NEWTON_SCHULZ_MIN_COLUMNS = 256
+
+
+@functools.cache
+def _on_accelerator():
+    """Whether Keras computes on an accelerator (GPU, TPU) in this process, asked once."""
+    try:
+        devices = keras.distribution.list_devices()
+    except AttributeError:  # a backend without Keras' distribution API (torch, numpy): the CPU's rule
+        return False
+    return any(not device.lower().startswith("cpu") for device in devices)
+
+
+def auto_tries_newton_schulz(columns):
+    """Whether `method="auto"` tries Newton-Schulz at depth 2 for a kernel whose smaller side is
+    `columns`, rather than taking the eigh: from `NEWTON_SCHULZ_MIN_COLUMNS` columns on, and only
+    where the computation runs on an accelerator (`keras.distribution.list_devices()`). There the
+    eigendecomposition is the slow part and the iteration's matmuls are cheap. On a CPU a batched
+    eigh costs the same as the iteration or less at the shapes of real models' kernels (the
+    performance page measures it), so "auto" takes the eigh there. A Python bool, decided when
+    the step is traced."""
+    return columns >= NEWTON_SCHULZ_MIN_COLUMNS and _on_accelerator()
 
 
 class PreconditioningInfo(NamedTuple):
@@ -279,7 +304,7 @@ def _apply_roots(preconditioner, g):
 
 def _depth_two_roots(w, gram, method):
     """(A^{1/2}, A^{+1/2}, method code) of A = W^T W for `w` oriented tall with b >= 2."""
-    if method == "eigh" or (method == "auto" and w.shape[-1] < NEWTON_SCHULZ_MIN_COLUMNS):
+    if method == "eigh" or (method == "auto" and not auto_tries_newton_schulz(w.shape[-1])):
         return (*eigh.square_roots(w, gram), _code(_EIGH))
     roots = newton_schulz.square_roots(gram)
     root, inverse_root = ops.cond(
