@@ -98,9 +98,9 @@ def overparameterize(
         raise ValueError(f"`layer_kwargs` must be None or a function of the plain layer, got {layer_kwargs!r}.")
     converted, left = [], []
 
-    def convert(layer):
+    def plan(layer):
+        """(the new layer, None) for a layer to convert; (None, the reason) for one to copy."""
         reason = _not_converted_reason(layer, layers)
-        kwargs = None
         if reason is None:
             kwargs = {} if layer_kwargs is None else layer_kwargs(layer)
             if kwargs is None:
@@ -108,9 +108,7 @@ def overparameterize(
             elif not isinstance(kwargs, dict):
                 raise ValueError(f"`layer_kwargs` must return a dict or None, got {kwargs!r} for {layer.name!r}.")
         if reason is not None:
-            if _has_kernel(layer):
-                left.append((layer.name, type(layer).__name__, reason))
-            return layer.__class__.from_config(layer.get_config())
+            return None, reason
         overparam_class = registry.overparam_class_for(type(layer))
         chain_kwargs = {
             "depth": depth,
@@ -120,15 +118,27 @@ def overparameterize(
             **kwargs,
         }
         try:
-            new = registry.to_overparam(layer, **chain_kwargs)
+            return registry.to_overparam(layer, **chain_kwargs), None
         except TypeError as error:  # an argument the overparameterized class does not take
             raise ValueError(
                 f"`layer_kwargs` gave {overparam_class.__name__} arguments it does not take for layer "
                 f"{layer.name!r} ({error}); return only arguments of {overparam_class.__name__}."
             ) from error
-        converted.append((layer.name, type(layer).__name__, overparam_class.__name__))
-        if preserve_function:
+
+    def prepare(layer):
+        plans[id(layer)] = new, _ = plan(layer)
+        if preserve_function and new is not None:
             balanced[id(layer)] = _start_balanced(pool, layer, new, seed)
+
+    def convert(layer):
+        if id(layer) not in plans:
+            prepare(layer)
+        new, reason = plans.pop(id(layer))
+        if reason is not None:
+            if _has_kernel(layer):
+                left.append((layer.name, type(layer).__name__, reason))
+            return layer.__class__.from_config(layer.get_config())
+        converted.append((layer.name, type(layer).__name__, type(new).__name__))
         return new
 
     def copy(old, new):
@@ -141,12 +151,12 @@ def overparameterize(
             new.bias.assign(keras.ops.copy(old.bias))  # a copy: JAX's fit donates (frees) the old buffer
 
     # The balanced factors are NumPy/LAPACK work, which releases the GIL; `clone_model` is Python
-    # work. Each layer's decomposition starts on a worker thread as soon as the clone reaches the
-    # layer, so the two overlap; `copy` waits for it.
-    balanced = {}
+    # work. Every layer is planned before the clone starts, so that all decompositions run on a
+    # worker thread while the clone builds the model; `copy` waits for each.
+    plans, balanced = {}, {}
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="balanced_chain")
     try:
-        new_model = _convert_model(model, convert, copy)
+        new_model = _convert_model(model, convert, copy, prepare)
     finally:
         pool.shutdown(cancel_futures=True)
     report = ConversionReport(converted=tuple(converted), left=tuple(left))
@@ -253,7 +263,7 @@ def _assign_balanced(old, new, balanced):
         variable.assign(value)
 
 
-def _convert_model(model, convert, copy):
+def _convert_model(model, convert, copy, prepare=None):
     if not isinstance(model, (keras.Sequential, Functional)):
         raise ValueError(
             f"`model` must be a Sequential or Functional keras.Model, got {type(model).__name__}; "
@@ -266,6 +276,9 @@ def _convert_model(model, convert, copy):
     # when it is built (`EndToEnd` checks for zero kernels) would see the new layers' initial
     # values, and one selected from the source model would not fit the converted one. The
     # conversions return uncompiled models, so the source counts as uncompiled while it is cloned.
+    if prepare is not None:
+        for layer in _leaf_layers(model):
+            prepare(layer)
     compiled = [m for m in _models(model) if getattr(m, "compiled", False)]
     for m in compiled:
         m.compiled = False
@@ -284,6 +297,18 @@ def _models(model):
     for layer in model.layers:
         if isinstance(layer, keras.Model):
             yield from _models(layer)
+
+
+def _leaf_layers(model, seen=None):
+    """Each layer `clone_model(model, recursive=True)` hands its `clone_function`, once: every
+    layer but the inputs, through nested Sequential and Functional models."""
+    seen = set() if seen is None else seen
+    for layer in model.layers:
+        if isinstance(layer, (keras.Sequential, Functional)):
+            yield from _leaf_layers(layer, seen)
+        elif not isinstance(layer, keras.layers.InputLayer) and id(layer) not in seen:
+            seen.add(id(layer))
+            yield layer
 
 
 def _copy_weights(old_model, new_model, copy):

@@ -341,3 +341,19 @@ def test_collapse_folds_every_registered_layer_through_the_registry():
     assert type(flat.layers[0]) is keras.layers.Dense
     with pytest.raises(ValueError, match="plain_class"):
         to.layers.registry.register(type("NoPlain", (to.layers.OverparamLayer,), {}))
+
+
+def test_preserve_function_converts_a_shared_layer_once_inside_nested_models(float64):
+    # A layer called twice and a nested Sequential called twice: `clone_model` hands each layer to
+    # the conversion once, and the clone must keep the sharing with the same balanced factors.
+    shared = keras.layers.Dense(4, activation="tanh", name="shared")
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="inner_dense")], name="inner")
+    inputs = keras.Input((4,))
+    hidden = inner(shared(inner(shared(inputs))))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+    _randomize(model, seed=3)
+    x = np.random.default_rng(1).normal(size=(5, 4))
+    deep = to.overparameterize(model, depth=2, preserve_function=True, seed=0)
+    assert sorted(name for name, _, _ in deep.conversion_report.converted) == ["head", "inner_dense", "shared"]
+    assert len(deep.weights) == len(model.weights) + 3  # one more factor per converted layer, shared once
+    np.testing.assert_allclose(_predict(deep, x), _predict(model, x), rtol=1e-10, atol=1e-10)
