@@ -151,12 +151,13 @@ def overparameterize(
             new.bias.assign(keras.ops.copy(old.bias))  # a copy: JAX's fit donates (frees) the old buffer
 
     # The balanced factors are NumPy/LAPACK work, which releases the GIL; `clone_model` is Python
-    # work. Every layer is planned before the clone starts, so that all decompositions run on a
-    # worker thread while the clone builds the model; `copy` waits for each.
+    # work. With `preserve_function`, every layer is planned before the clone starts, so that all
+    # decompositions run on a worker thread while the clone builds the model; `copy` waits for
+    # each. Otherwise each layer is planned when the clone reaches it.
     plans, balanced = {}, {}
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="balanced_chain")
     try:
-        new_model = _convert_model(model, convert, copy, prepare)
+        new_model = _convert_model(model, convert, copy, prepare if preserve_function else None)
     finally:
         pool.shutdown(cancel_futures=True)
     report = ConversionReport(converted=tuple(converted), left=tuple(left))
