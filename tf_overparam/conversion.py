@@ -272,14 +272,14 @@ def _convert_model(model, convert, copy, prepare=None):
         )
     if not model.built:
         raise ValueError("`model` must be built (call it on data or give it an Input) before conversion.")
+    if prepare is not None:
+        for layer in _leaf_layers(model):
+            prepare(layer)
     # `clone_model` compiles the clone of a compiled model as the source and builds its optimizer
     # on the new variables then, before any weight is copied: an optimizer that reads the weights
     # when it is built (`EndToEnd` checks for zero kernels) would see the new layers' initial
     # values, and one selected from the source model would not fit the converted one. The
     # conversions return uncompiled models, so the source counts as uncompiled while it is cloned.
-    if prepare is not None:
-        for layer in _leaf_layers(model):
-            prepare(layer)
     compiled = [m for m in _models(model) if getattr(m, "compiled", False)]
     for m in compiled:
         m.compiled = False
